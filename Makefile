@@ -1,0 +1,49 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else they need
+# (a virtualenv, pinned dependencies, generated stubs) is built on demand.
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTOS := $(wildcard protos/scanjobs/v1/*.proto)
+ARGS ?=
+
+.PHONY: setup proto run demo test lint fmt bench clean
+
+setup: $(VENV)/.synced
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --locked --quiet
+	touch $@
+
+proto: setup
+	rm -rf gen/scanjobs && $(PY) protos/generate.py gen
+
+run: setup
+	$(PY) -m server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" $(ARGS)
+
+demo: setup
+	$(PY) -m tools.demo
+
+test: setup
+	$(PY) -m pytest --cov --cov-report=term $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+fmt: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: setup
+	$(PY) -m bench $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache .coverage

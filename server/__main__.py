@@ -1,0 +1,57 @@
+"""``scanjobs-server`` / ``python -m server``: serve until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from server import logs
+from server.app import start
+from server.config import Config, parse_args
+from server.store import CatalogCorrupt
+
+log = logging.getLogger("server")
+
+EXIT_BAD_DATABASE = 3
+EXIT_CANNOT_LISTEN = 4
+
+
+async def _serve(config: Config) -> None:
+    app = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting at once")
+            os._exit(128 + signum)
+        log.info("signal received: draining", extra={"signal": signal.Signals(signum).name})
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()
+    await app.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server; returns the process exit code."""
+    config = parse_args(argv)
+    logs.configure(config.log_level)
+    try:
+        asyncio.run(_serve(config))
+    except CatalogCorrupt as exc:
+        log.error("cannot open the database: %s", exc)
+        return EXIT_BAD_DATABASE
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LISTEN
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Wires the server together: catalog, probe pool, queue, servicer, health and reflection."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from scanjobs.v1 import scanjobs_pb2 as pb
+from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+from server.config import Config
+from server.probe import ProbePool
+from server.queue import AsyncioJobQueue, QueueConfig
+from server.roots import RootPolicy
+from server.scan import ScanConfig, Scanner
+from server.service import ErrorInterceptor, ScanService
+from server.store import SqliteCatalog
+
+__all__ = ["App", "start"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScanService"].full_name
+_KEEPALIVE_OPTIONS = [
+    # A quiet WatchJob stream is kept honest by HTTP/2 pings: a vanished client is noticed
+    # in about 30 s instead of when the kernel gives up on the connection.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", 1 << 20),
+]
+
+
+@dataclass(slots=True)
+class App:
+    """A running server and what it owns."""
+
+    server: grpc.aio.Server
+    port: int
+    queue: AsyncioJobQueue
+    probes: ProbePool
+    catalog: SqliteCatalog
+    health: health.aio.HealthServicer
+    grace_s: float
+
+    async def stop(self) -> None:
+        """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.queue.close(self.grace_s)
+        await self.server.stop(self.grace_s)
+        await self.probes.close()
+        await self.catalog.close()
+        log.info("server stopped")
+
+
+async def start(config: Config, *, probes: ProbePool | None = None) -> App:
+    """Start serving per ``config``; returns once the port is bound.
+
+    Args:
+        config: the settings.
+        probes: a probe pool to use instead of one built from ``config`` (tests pass pools
+            whose workers can be made to hang or crash on purpose).
+
+    Raises:
+        CatalogCorrupt: the database under ``config.data_dir`` is unusable.
+        RuntimeError: the listen address could not be bound.
+    """
+    roots = RootPolicy(config.roots)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    catalog = await SqliteCatalog.open(config.data_dir / "scanjobs.db")
+    if probes is None:
+        probes = ProbePool(config.probe_processes, config.probe_timeout_s)
+    await probes.start()
+    scanner = Scanner(
+        roots,
+        probes,
+        catalog,
+        ScanConfig(extensions=config.extensions, lanes=config.probe_processes + 1),
+    )
+    queue = AsyncioJobQueue(
+        scanner,
+        QueueConfig(
+            workers=config.workers,
+            job_timeout_s=config.job_timeout_s,
+            max_pending=config.max_pending,
+        ),
+    )
+    await queue.start()
+
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_KEEPALIVE_OPTIONS)
+    pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {config.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
+    )
+    return App(server, port, queue, probes, catalog, health_servicer, config.shutdown_grace_s)

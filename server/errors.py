@@ -1,0 +1,112 @@
+"""Expected failures of the domain, each with a stable machine-readable reason.
+
+The transport maps each class to one gRPC status code in exactly one place
+(``server.service``); the core never imports grpc.
+
+ScanJobsError
+├── InvalidArgument      INVALID_ARGUMENT     (carries field violations)
+├── PermissionDenied     PERMISSION_DENIED
+├── NotFound             NOT_FOUND
+├── FailedPrecondition   FAILED_PRECONDITION
+├── AlreadyExists        ALREADY_EXISTS
+├── ResourceExhausted    RESOURCE_EXHAUSTED
+├── Unauthenticated      UNAUTHENTICATED
+└── Unavailable          UNAVAILABLE
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "AlreadyExists",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ScanJobsError",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One bad field of a request: ``field`` is its name, ``description`` what is wrong."""
+
+    field: str
+    description: str
+
+
+class ScanJobsError(Exception):
+    """Base of every expected error.
+
+    Attributes:
+        reason: UPPER_SNAKE identifier clients branch on (sent as ``google.rpc.ErrorInfo``).
+        message: human-readable text, safe to show to the caller.
+    """
+
+    reason: ClassVar[str] = "SCANJOBS_ERROR"
+
+    def __init__(self, message: str, *, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason  # type: ignore[misc]
+
+
+class InvalidArgument(ScanJobsError):
+    """The caller's input is malformed; ``violations`` name the fields."""
+
+    reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, field: str = "", reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.violations: tuple[FieldViolation, ...] = (
+            (FieldViolation(field, message),) if field else ()
+        )
+
+
+class PermissionDenied(ScanJobsError):
+    """The path lies outside every allowed root."""
+
+    reason = "PATH_OUTSIDE_ROOTS"
+
+
+class NotFound(ScanJobsError):
+    """A job or path does not exist."""
+
+    reason = "NOT_FOUND"
+
+
+class FailedPrecondition(ScanJobsError):
+    """The request is well-formed but the system is not in a state that allows it."""
+
+    reason = "FAILED_PRECONDITION"
+
+
+class AlreadyExists(ScanJobsError):
+    """A request id was reused for a different request."""
+
+    reason = "ALREADY_EXISTS"
+
+
+class ResourceExhausted(ScanJobsError):
+    """A configured limit is reached."""
+
+    reason = "RESOURCE_EXHAUSTED"
+
+
+class Unauthenticated(ScanJobsError):
+    """The call carries no valid credentials."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class Unavailable(ScanJobsError):
+    """The server is shutting down; retry elsewhere or later."""
+
+    reason = "SHUTTING_DOWN"

@@ -1,0 +1,372 @@
+"""The scan job: walk a directory, probe new or changed videos, and catalog them.
+
+::
+
+    walk (thread, os.scandir) -> bounded batches -> lanes, each: look up stamps in the catalog
+    -> probe what changed (one worker round trip) -> commit the batch -> report progress
+
+The walk streams: it never holds the tree in memory, only a few batches of candidates.
+Progress counts only what is committed, so what a job reports is what the catalog holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from server.jobs import FileError, Job, Phase, Progress, ScanResult, display_path
+from server.probe import ProbeFailure, ProbeOutcome, Prober, ProbeTarget
+from server.queue import JobContext
+from server.roots import RootPolicy
+from server.store import Catalog, FileStamp, Video
+
+__all__ = [
+    "DEFAULT_EXTENSIONS",
+    "Candidate",
+    "ScanConfig",
+    "Scanner",
+    "WalkError",
+    "walk",
+]
+
+DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A regular file with a video extension, as the walk saw it."""
+
+    path: bytes
+    stamp: FileStamp
+    target: ProbeTarget
+
+
+@dataclass(frozen=True, slots=True)
+class WalkError:
+    """Something the walk could not read: a per-file error, not a job failure."""
+
+    path: bytes
+    message: str
+
+
+WalkItem = Candidate | WalkError
+
+
+def walk(
+    root: bytes,
+    *,
+    recursive: bool,
+    extensions: frozenset[bytes],
+    roots: RootPolicy,
+    stop: threading.Event | None = None,
+) -> Iterator[WalkItem]:
+    """Yield video files below ``root``, iteratively, without following directory symlinks.
+
+    A file symlink is followed only when its target resolves inside an allowed root. FIFOs,
+    sockets and devices are skipped without being opened.
+    """
+    stack = [root]
+    while stack:
+        if stop is not None and stop.is_set():
+            return
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    item = _visit(entry, recursive, extensions, roots, stack)
+                    if item is not None:
+                        yield item
+        except OSError as exc:
+            yield WalkError(directory, f"cannot read directory: {exc.strerror}")
+
+
+def _visit(
+    entry: os.DirEntry[bytes],
+    recursive: bool,
+    extensions: frozenset[bytes],
+    roots: RootPolicy,
+    stack: list[bytes],
+) -> WalkItem | None:
+    try:
+        if entry.is_dir(follow_symlinks=False):
+            if recursive:
+                stack.append(entry.path)
+            return None
+        if os.path.splitext(entry.name)[1].lower() not in extensions:
+            return None
+        if entry.is_symlink():
+            real = os.path.realpath(entry.path)
+            if not roots.allows(real):
+                return WalkError(entry.path, "symlink points outside the allowed roots")
+            st = os.stat(real)
+        else:
+            st = entry.stat(follow_symlinks=False)
+    except OSError as exc:
+        return WalkError(entry.path, f"cannot read: {exc.strerror}")
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    target = ProbeTarget(entry.path, st.st_dev, st.st_ino)
+    return Candidate(entry.path, FileStamp(st.st_size, st.st_mtime_ns), target)
+
+
+class _Feed:
+    """Runs a walk in a thread and hands its items to the event loop in bounded batches."""
+
+    def __init__(self, items: Iterator[WalkItem], stop: threading.Event, batch_size: int):
+        self._items = items
+        self._stop = stop
+        self._batch_size = batch_size
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[list[WalkItem] | BaseException | None] = asyncio.Queue()
+        self._slots = threading.Semaphore(8)  # batches in flight: bounds memory, not speed
+        self._thread = threading.Thread(target=self._produce, name="walk", daemon=True)
+        self._thread.start()
+
+    async def next(self) -> list[WalkItem] | None:
+        """The next batch, or None once the walk ended (for every caller)."""
+        item = await self._queue.get()
+        if item is None:
+            self._queue.put_nowait(None)
+            return None
+        self._slots.release()
+        if isinstance(item, BaseException):
+            self._queue.put_nowait(None)
+            raise item
+        return item
+
+    def stop(self) -> None:
+        """Ask the walk thread to end soon; it never blocks the loop."""
+        self._stop.set()
+
+    def _produce(self) -> None:
+        batch: list[WalkItem] = []
+        try:
+            for item in self._items:
+                batch.append(item)
+                if len(batch) >= self._batch_size:
+                    self._hand(batch)
+                    batch = []
+            if batch:
+                self._hand(batch)
+        except _Stopped:
+            pass
+        except Exception as exc:  # surfaced to the job on the loop
+            self._deliver(exc)
+        finally:
+            self._deliver(None)
+
+    def _hand(self, batch: list[WalkItem]) -> None:
+        while not self._slots.acquire(timeout=0.05):
+            if self._stop.is_set():
+                raise _Stopped
+        self._deliver(batch)
+
+    def _deliver(self, item: list[WalkItem] | BaseException | None) -> None:
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+
+class _Stopped(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ScanConfig:
+    """Tunables of a scan.
+
+    Attributes:
+        extensions: lower-case file extensions, with the dot, that mark a video.
+        batch_size: files per catalog round trip and per probe round trip.
+        lanes: batches in flight at once (about the number of probe processes).
+        max_errors: per-file errors kept per job; the rest are only counted.
+    """
+
+    extensions: frozenset[str] = DEFAULT_EXTENSIONS
+    batch_size: int = 32
+    lanes: int = 3
+    max_errors: int = 50
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Running counts of one job; every update is reported at once."""
+
+    ctx: JobContext
+    max_errors: int
+    found: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    walking: bool = True
+    current: str = ""
+    errors: list[FileError] = field(default_factory=list)
+    error_count: int = 0
+
+    def found_more(self, count: int) -> None:
+        self.found += count
+        self.report()
+
+    def walk_ended(self) -> None:
+        self.walking = False
+        self.report()
+
+    def fail(self, path: bytes, message: str) -> None:
+        self.failed += 1
+        self.error_count += 1
+        if len(self.errors) < self.max_errors:
+            self.errors.append(FileError(display_path(path), message))
+
+    def result(self) -> ScanResult:
+        return ScanResult(
+            added=self.added,
+            updated=self.updated,
+            unchanged=self.unchanged,
+            failed=self.failed,
+            errors=tuple(self.errors),
+            error_count=self.error_count,
+        )
+
+    def report(self) -> None:
+        result = self.result()
+        progress = Progress(
+            phase=Phase.DISCOVERING if self.walking else Phase.PROBING,
+            files_found=self.found,
+            files_done=result.scanned,
+            current_path=self.current,
+        )
+        self.ctx.report(progress, result)
+
+
+@dataclass(slots=True)
+class _Batch:
+    """One batch on its way through a lane."""
+
+    unchanged: list[bytes] = field(default_factory=list)
+    to_probe: list[Candidate] = field(default_factory=list)
+    probed: list[Video] = field(default_factory=list)
+    failures: list[tuple[bytes, str]] = field(default_factory=list)
+    new: set[bytes] = field(default_factory=set)
+    added: int = 0
+    updated: int = 0
+
+
+class Scanner:
+    """The job handler of scan jobs.
+
+    Args:
+        roots: the allowed roots; the job's path is checked again when it starts.
+        prober: probes changed files.
+        catalog: where results go.
+        config: tunables.
+        clock_ns: wall clock in nanoseconds, for first/last-seen times.
+    """
+
+    def __init__(
+        self,
+        roots: RootPolicy,
+        prober: Prober,
+        catalog: Catalog,
+        config: ScanConfig | None = None,
+        *,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._roots = roots
+        self._prober = prober
+        self._catalog = catalog
+        self._config = config or ScanConfig()
+        self._extensions = frozenset(os.fsencode(e.lower()) for e in self._config.extensions)
+        self._clock_ns = clock_ns
+
+    async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
+        """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
+        path = await asyncio.to_thread(self._roots.check, job.spec.path)
+        tally = _Tally(ctx, self._config.max_errors)
+        tally.found_more(0)  # announces the DISCOVERING phase
+        stop = threading.Event()
+        items = walk(
+            os.fsencode(path),
+            recursive=job.spec.recursive,
+            extensions=self._extensions,
+            roots=self._roots,
+            stop=stop,
+        )
+        feed = _Feed(items, stop, self._config.batch_size)
+        try:
+            async with asyncio.TaskGroup() as lanes:
+                for _ in range(self._config.lanes):
+                    lanes.create_task(self._lane(job.id, feed, tally))
+        finally:
+            feed.stop()
+        return tally.result()
+
+    async def _lane(self, job_id: str, feed: _Feed, tally: _Tally) -> None:
+        while (items := await feed.next()) is not None:
+            tally.found_more(len(items))
+            batch = await self._prepare(items)
+            await self._probe(batch)
+            await self._commit(job_id, batch, tally, items[-1].path)
+        if tally.walking:
+            tally.walk_ended()
+
+    async def _prepare(self, items: Sequence[WalkItem]) -> _Batch:
+        batch = _Batch()
+        candidates = [i for i in items if isinstance(i, Candidate)]
+        batch.failures = [(i.path, i.message) for i in items if isinstance(i, WalkError)]
+        known = await self._catalog.lookup([c.path for c in candidates])
+        for candidate in candidates:
+            stamp = known.get(candidate.path)
+            if stamp == candidate.stamp:
+                batch.unchanged.append(candidate.path)
+            else:
+                batch.to_probe.append(candidate)
+                if stamp is None:
+                    batch.new.add(candidate.path)
+        return batch
+
+    async def _probe(self, batch: _Batch) -> None:
+        if not batch.to_probe:
+            return
+        outcomes = await self._prober.probe([c.target for c in batch.to_probe])
+        for candidate, outcome in zip(batch.to_probe, outcomes, strict=True):
+            _sort_outcome(batch, candidate, outcome)
+
+    async def _commit(self, job_id: str, batch: _Batch, tally: _Tally, last: bytes) -> None:
+        write = asyncio.ensure_future(
+            self._catalog.commit(job_id, batch.probed, batch.unchanged, self._clock_ns())
+        )
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            # A commit is short: let it land so that the report matches the catalog.
+            await write
+            _count(tally, batch, last)
+            raise
+        _count(tally, batch, last)
+
+
+def _sort_outcome(batch: _Batch, candidate: Candidate, outcome: ProbeOutcome) -> None:
+    if isinstance(outcome, ProbeFailure):
+        batch.failures.append((candidate.path, outcome.message))
+        return
+    batch.probed.append(Video(candidate.path, candidate.stamp, outcome, 0, 0, ""))
+    if candidate.path in batch.new:
+        batch.added += 1
+    else:
+        batch.updated += 1
+
+
+def _count(tally: _Tally, batch: _Batch, last: bytes) -> None:
+    tally.added += batch.added
+    tally.updated += batch.updated
+    tally.unchanged += len(batch.unchanged)
+    for path, message in batch.failures:
+        tally.fail(path, message)
+    tally.current = display_path(last)
+    tally.report()

@@ -1,0 +1,106 @@
+"""Shared fixtures: real media on disk and a real grpc.aio server on an ephemeral port."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from scanjobs.v1 import scanjobs_pb2 as pb
+from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+from server.app import App, start
+from server.config import Config
+from server.probe import ProbePool
+from server.scan import DEFAULT_EXTENSIONS
+from tests.media import write_video
+
+HERE = Path(__file__).resolve().parent
+MISBEHAVING_WORKER = (sys.executable, str(HERE / "misbehaving_worker.py"))
+
+
+@dataclasses.dataclass
+class Running:
+    """A started server and a client stub connected to it."""
+
+    app: App
+    stub: pb_grpc.ScanServiceAsyncStub
+    channel: grpc.aio.Channel
+    address: str
+
+
+def make_config(root: Path, data_dir: Path, **overrides: Any) -> Config:
+    """A Config for tests: loopback, ephemeral port, small limits."""
+    base = Config(
+        listen="127.0.0.1:0",
+        roots=(str(root),),
+        data_dir=data_dir,
+        workers=2,
+        job_timeout_s=60.0,
+        probe_processes=2,
+        probe_timeout_s=5.0,
+        extensions=DEFAULT_EXTENSIONS,
+        max_pending=100,
+        shutdown_grace_s=2.0,
+        log_level="INFO",
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+ServeFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
+    """Start servers on demand: ``await serve(root, misbehaving=True, workers=1)``."""
+    running: list[Running] = []
+
+    async def _serve(root: Path, *, misbehaving: bool = False, **overrides: Any) -> Running:
+        config = make_config(root, tmp_path / f"data{len(running)}", **overrides)
+        pool = None
+        if misbehaving:
+            pool = ProbePool(
+                config.probe_processes, config.probe_timeout_s, command=MISBEHAVING_WORKER
+            )
+        app = await start(config, probes=pool)
+        address = f"127.0.0.1:{app.port}"
+        channel = grpc.aio.insecure_channel(address)
+        r = Running(app, pb_grpc.ScanServiceStub(channel), channel, address)
+        running.append(r)
+        return r
+
+    yield _serve
+    for r in running:
+        await r.channel.close()
+        await r.app.stop()
+
+
+@pytest.fixture
+def media(tmp_path: Path) -> Path:
+    """A small library: four real videos, two broken ones, one non-video, a subfolder."""
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    write_video(root / "a.mp4")
+    write_video(root / "b.mkv", container="matroska", subtitles=True)
+    write_video(root / "sub" / "c.webm", codec="libvpx-vp9", audio="libopus")
+    write_video(root / "sub" / "d.mov", audio=None)
+    (root / "garbage.mp4").write_bytes(b"not a video at all" * 50)
+    (root / "notes.txt").write_text("not a video")
+    return root
+
+
+async def watch_all(
+    stub: pb_grpc.ScanServiceAsyncStub, job_id: str, after: int = 0
+) -> list[pb.JobEvent]:
+    """Every event of a WatchJob stream until it ends."""
+    return [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_sequence=after))]
+
+
+async def wait_terminal(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.Job:
+    """The job once it reached a terminal state."""
+    events = await watch_all(stub, job_id)
+    return events[-1].job
