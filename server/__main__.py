@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from server import logs
-from server.app import start
+from server.app import ListenError, start
 from server.config import Config, parse_args
 from server.store import CatalogCorrupt
 
@@ -21,7 +21,6 @@ EXIT_CANNOT_LISTEN = 4
 
 
 async def _serve(config: Config) -> None:
-    app = await start(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -32,8 +31,10 @@ async def _serve(config: Config) -> None:
         log.info("signal received: draining", extra={"signal": signal.Signals(signum).name})
         stop.set()
 
+    # Handlers go in before start-up, so that a signal during it still drains cleanly.
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    app = await start(config)
     await stop.wait()
     await app.stop()
 
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CatalogCorrupt as exc:
         log.error("cannot open the database: %s", exc)
         return EXIT_BAD_DATABASE
-    except RuntimeError as exc:
+    except ListenError as exc:
         log.error("%s", exc)
         return EXIT_CANNOT_LISTEN
     return 0

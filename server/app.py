@@ -19,7 +19,7 @@ from server.scan import ScanConfig, Scanner
 from server.service import ErrorInterceptor, ScanService
 from server.store import SqliteCatalog
 
-__all__ = ["App", "start"]
+__all__ = ["App", "ListenError", "start"]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,16 @@ class App:
     catalog: SqliteCatalog
     health: health.aio.HealthServicer
     grace_s: float
+    stopped: bool = False
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop."""
+        """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop.
+
+        Idempotent.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
         await self.health.enter_graceful_shutdown()
         await self.queue.close(self.grace_s)
         await self.server.stop(self.grace_s)
@@ -68,14 +75,20 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
 
     Raises:
         CatalogCorrupt: the database under ``config.data_dir`` is unusable.
-        RuntimeError: the listen address could not be bound.
+        ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_KEEPALIVE_OPTIONS)
+    port = _bind(server, config.listen)  # first: a taken port fails before anything starts
     config.data_dir.mkdir(parents=True, exist_ok=True)
     catalog = await SqliteCatalog.open(config.data_dir / "scanjobs.db")
     if probes is None:
         probes = ProbePool(config.probe_processes, config.probe_timeout_s)
-    await probes.start()
+    try:
+        await probes.start()
+    except BaseException:
+        await catalog.close()
+        raise
     scanner = Scanner(
         roots,
         probes,
@@ -92,16 +105,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     )
     await queue.start()
 
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_KEEPALIVE_OPTIONS)
     pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {config.listen}")
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -109,3 +118,17 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
     return App(server, port, queue, probes, catalog, health_servicer, config.shutdown_grace_s)
+
+
+class ListenError(RuntimeError):
+    """The listen address cannot be bound."""
+
+
+def _bind(server: grpc.aio.Server, address: str) -> int:
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise ListenError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise ListenError(f"cannot listen on {address}")
+    return port

@@ -100,6 +100,8 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
             av.open(raw, options={"format_whitelist": _FORMAT_WHITELIST}) as container,
         ):
             return _describe(container)
+    except _Swapped:
+        return ProbeFailure("the file changed between walk and probe; it was not read")
     except FileNotFoundError:
         return ProbeFailure("file disappeared before it was probed")
     except PermissionError:
@@ -108,13 +110,17 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
         return ProbeFailure(f"not a readable video: {_short(exc)}")
 
 
+class _Swapped(Exception):
+    """What the walk vetted is no longer what the name points to."""
+
+
 def _open_verified(target: ProbeTarget) -> BinaryIO:
     # O_NONBLOCK: opening a FIFO swapped in since the walk must not hang the worker.
     fd = os.open(target.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (target.device, target.inode) or not stat.S_ISREG(st.st_mode):
-            raise ValueError("the file changed between walk and probe")
+            raise _Swapped
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -17,7 +17,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import TracebackType
@@ -124,14 +124,20 @@ class Subscription:
     when the reader goes away.
     """
 
-    def __init__(self, backlog: list[JobEvent], on_close: Callable[[Subscription], None]):
+    def __init__(
+        self,
+        backlog: list[JobEvent],
+        on_close: Callable[[Subscription], None],
+        *,
+        ended: bool = False,
+    ) -> None:
         self._states: collections.deque[JobEvent] = collections.deque(backlog)
         self._progress: JobEvent | None = None
         self._wakeup = asyncio.Event()
         self._on_close = on_close
         self._closed = False
         self._error: ScanJobsError | None = None
-        self._finished = False
+        self._finished = ended
         if backlog:
             self._wakeup.set()
 
@@ -261,6 +267,12 @@ class AsyncioJobQueue:
         """Worker tasks still alive (0 after :meth:`close`)."""
         return len(self._workers)
 
+    def watcher_count(self, job_id: str | None = None) -> int:
+        """Open subscriptions, of one job or of all jobs."""
+        if job_id is not None:
+            return len(self._entry(job_id).watchers)
+        return sum(len(e.watchers) for e in self._order)
+
     # -- the JobQueue protocol -------------------------------------------------------------
 
     async def submit(self, spec: JobSpec) -> Job:
@@ -323,12 +335,16 @@ class AsyncioJobQueue:
     async def cancel(self, job_id: str) -> Job:
         """Cancel a job: a PENDING one at once, a RUNNING one at its next safe point.
 
+        Cancelling a CANCELLED job again returns it unchanged, so that retries are safe.
+
         Raises:
             NotFound: no such job.
-            FailedPrecondition: the job already ended.
+            FailedPrecondition: the job already ended COMPLETED, FAILED or TIMEOUT.
         """
         entry = self._entry(job_id)
         job = entry.job
+        if job.state is JobState.CANCELLED:
+            return job  # a retried cancel gets the same answer
         if job.terminal:
             raise FailedPrecondition(
                 f"job {job_id} already ended {job.state.value}", reason="JOB_ALREADY_ENDED"
@@ -363,8 +379,10 @@ class AsyncioJobQueue:
                 field="after_sequence",
             )
         backlog = self._backlog(entry, after_sequence)
-        subscription = Subscription(backlog, on_close=entry.watchers.discard)
-        if not (after_sequence == entry.sequence and entry.job.terminal):
+        # A client that already saw the terminal event gets an empty stream that ends at once.
+        ended = entry.job.terminal and not backlog
+        subscription = Subscription(backlog, on_close=entry.watchers.discard, ended=ended)
+        if not entry.job.terminal:
             entry.watchers.add(subscription)
         return subscription
 
@@ -515,10 +533,3 @@ def _decode_page_token(token: str, state: JobState | None) -> int:
     if version != "v1" or state_name != (state.value if state else "") or position < 0:
         raise bad
     return position
-
-
-async def iterate(subscription: Subscription) -> AsyncIterator[JobEvent]:
-    """Yield a subscription's events and close it afterwards (for tests and scripts)."""
-    async with subscription:
-        async for event in subscription:
-            yield event

@@ -1,0 +1,380 @@
+"""The job-queue contract, run over every queue implementation.
+
+The handler here is scripted by the job's path: ``/block`` reports one file and waits until the
+test releases it, ``/fail`` raises a bug, ``/refuse`` raises an expected error, ``/chatty``
+reports progress many times, anything else completes at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
+from server.queue import AsyncioJobQueue, JobContext, QueueConfig, Subscription
+
+PARTIAL = ScanResult(added=1)
+
+
+class ScriptedHandler:
+    """A job handler whose behaviour the test picks through the job's path."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, asyncio.Event] = {}
+        self.release = asyncio.Event()
+        self.ran: list[str] = []
+        self.cancelled: list[str] = []
+
+    def started_event(self, job_id: str) -> asyncio.Event:
+        return self.started.setdefault(job_id, asyncio.Event())
+
+    async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
+        self.ran.append(job.id)
+        self.started_event(job.id).set()
+        try:
+            return await self._behave(job, ctx)
+        except asyncio.CancelledError:
+            self.cancelled.append(job.id)
+            raise
+
+    async def _behave(self, job: Job, ctx: JobContext) -> ScanResult:
+        path = job.spec.path
+        if path == "/fail":
+            raise RuntimeError("boom")
+        if path == "/refuse":
+            raise NotFound("/refuse vanished")
+        if path == "/chatty":
+            for n in range(1, 2001):
+                ctx.report(Progress(Phase.PROBING, 2000, n), ScanResult(added=n))
+                if n % 100 == 0:
+                    await asyncio.sleep(0)
+            return ScanResult(added=2000)
+        if path == "/block":
+            ctx.report(Progress(Phase.PROBING, 2, 1, "/block/one"), PARTIAL)
+            await self.release.wait()
+            return ScanResult(added=2)
+        return ScanResult(added=3)
+
+
+QueueFactory = Callable[..., Awaitable[AsyncioJobQueue]]
+
+
+@pytest.fixture(params=["memory"])
+async def make_queue(request: pytest.FixtureRequest) -> AsyncIterator[QueueFactory]:
+    queues: list[AsyncioJobQueue] = []
+
+    async def _make(handler: ScriptedHandler, **config: float) -> AsyncioJobQueue:
+        queue = AsyncioJobQueue(handler, QueueConfig(**config))  # type: ignore[arg-type]
+        await queue.start()
+        queues.append(queue)
+        return queue
+
+    yield _make
+    for queue in queues:
+        await queue.close(grace_s=1.0)
+        assert queue.running_tasks == 0
+
+
+async def collect(subscription: Subscription) -> list[JobEvent]:
+    async with subscription:
+        return [e async for e in subscription]
+
+
+async def until_state(queue: AsyncioJobQueue, job_id: str, state: JobState) -> Job:
+    async with await queue.watch(job_id) as events:
+        async for event in events:
+            if event.job.state is state:
+                return event.job
+    raise AssertionError(f"job never reached {state}")
+
+
+async def test_job_goes_pending_running_completed_with_increasing_sequences(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/ok"))
+    assert job.state is JobState.PENDING
+
+    events = await collect(await queue.watch(job.id))
+
+    states = [e.job.state for e in events if e.state_change]
+    assert states[-1] is JobState.COMPLETED
+    assert [e.sequence for e in events] == sorted({e.sequence for e in events})
+    final = events[-1].job
+    assert final.result == ScanResult(added=3)
+    assert final.start_time is not None and final.end_time is not None
+    assert final.create_time <= final.start_time <= final.end_time
+
+
+async def test_watcher_that_joins_before_start_sees_every_state(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, workers=1)
+    blocker = await queue.submit(JobSpec("/block"))
+    await handler.started_event(blocker.id).wait()
+    job = await queue.submit(JobSpec("/ok"))
+    watching = asyncio.create_task(collect(await queue.watch(job.id)))
+    handler.release.set()
+
+    events = await watching
+
+    states = [e.job.state for e in events if e.state_change]
+    assert states == [JobState.PENDING, JobState.RUNNING, JobState.COMPLETED]
+
+
+async def test_cancel_of_pending_job_never_runs_it(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, workers=1)
+    blocker = await queue.submit(JobSpec("/block"))
+    await handler.started_event(blocker.id).wait()
+    pending = await queue.submit(JobSpec("/ok"))
+
+    cancelled = await queue.cancel(pending.id)
+    handler.release.set()
+    await until_state(queue, blocker.id, JobState.COMPLETED)
+
+    assert cancelled.state is JobState.CANCELLED
+    assert cancelled.end_time is not None
+    assert pending.id not in handler.ran
+    assert (await queue.get(pending.id)).state is JobState.CANCELLED
+
+
+async def test_cancel_while_running_ends_cancelled_with_partial_result(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/block"))
+    await handler.started_event(job.id).wait()
+
+    reply = await queue.cancel(job.id)
+    final = await until_state(queue, job.id, JobState.CANCELLED)
+
+    assert reply.state is JobState.RUNNING
+    assert reply.cancel_requested
+    assert final.result == PARTIAL
+    assert final.error == ""
+    assert handler.cancelled == [job.id]
+
+
+async def test_cancel_twice_gives_the_same_answer(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/block"))
+    await handler.started_event(job.id).wait()
+
+    first = await queue.cancel(job.id)
+    second = await queue.cancel(job.id)
+    await until_state(queue, job.id, JobState.CANCELLED)
+    third = await queue.cancel(job.id)
+
+    assert first.cancel_requested and second.cancel_requested
+    assert third.state is JobState.CANCELLED
+
+
+async def test_cancel_after_completion_is_failed_precondition(make_queue: QueueFactory) -> None:
+    queue = await make_queue(ScriptedHandler())
+    job = await queue.submit(JobSpec("/ok"))
+    await until_state(queue, job.id, JobState.COMPLETED)
+
+    with pytest.raises(FailedPrecondition) as caught:
+        await queue.cancel(job.id)
+    assert caught.value.reason == "JOB_ALREADY_ENDED"
+
+
+async def test_timeout_ends_in_timeout_with_partial_result(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/block", timeout_s=0.05))
+
+    final = await until_state(queue, job.id, JobState.TIMEOUT)
+
+    assert final.result == PARTIAL
+    assert "timeout" in final.error
+    assert final.timeout_s == 0.05
+
+
+async def test_default_timeout_applies_when_the_request_has_none(
+    make_queue: QueueFactory,
+) -> None:
+    queue = await make_queue(ScriptedHandler(), job_timeout_s=0.05)
+    job = await queue.submit(JobSpec("/block"))
+    assert job.timeout_s == 0.05
+    await until_state(queue, job.id, JobState.TIMEOUT)
+
+
+async def test_handler_bug_fails_the_job_without_leaking_its_text(
+    make_queue: QueueFactory,
+) -> None:
+    queue = await make_queue(ScriptedHandler())
+    job = await queue.submit(JobSpec("/fail"))
+    final = await until_state(queue, job.id, JobState.FAILED)
+    assert final.error == "internal error while scanning"
+    assert "boom" not in final.error
+
+
+async def test_expected_handler_error_fails_the_job_with_its_message(
+    make_queue: QueueFactory,
+) -> None:
+    queue = await make_queue(ScriptedHandler())
+    job = await queue.submit(JobSpec("/refuse"))
+    final = await until_state(queue, job.id, JobState.FAILED)
+    assert final.error == "/refuse vanished"
+
+
+async def test_unknown_job_is_not_found_everywhere(make_queue: QueueFactory) -> None:
+    queue = await make_queue(ScriptedHandler())
+    for call in (queue.get("nope"), queue.cancel("nope"), queue.watch("nope")):
+        with pytest.raises(NotFound):
+            await call
+
+
+async def test_many_jobs_never_run_more_than_the_worker_count(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, workers=2)
+    jobs = [await queue.submit(JobSpec("/block")) for _ in range(6)]
+    await handler.started_event(jobs[0].id).wait()
+    await handler.started_event(jobs[1].id).wait()
+    await asyncio.sleep(0.05)  # give a third worker every chance to (wrongly) start
+
+    states = [(await queue.get(j.id)).state for j in jobs]
+    assert states.count(JobState.RUNNING) == 2
+    assert states.count(JobState.PENDING) == 4
+    handler.release.set()
+    for job in jobs:
+        await until_state(queue, job.id, JobState.COMPLETED)
+    assert sorted(handler.ran) == sorted(j.id for j in jobs)
+
+
+async def test_pending_limit_is_resource_exhausted(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, workers=1, max_pending=2)
+    first = await queue.submit(JobSpec("/block"))
+    await handler.started_event(first.id).wait()
+    await queue.submit(JobSpec("/ok"))
+    waiting = await queue.submit(JobSpec("/ok"))
+    with pytest.raises(ResourceExhausted):
+        await queue.submit(JobSpec("/ok"))
+    await queue.cancel(waiting.id)  # frees a slot
+    await queue.submit(JobSpec("/ok"))
+    handler.release.set()
+
+
+async def test_watcher_joining_late_starts_with_the_current_snapshot(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/block"))
+    await handler.started_event(job.id).wait()
+    subscription = await queue.watch(job.id)
+
+    first = await anext(subscription)
+    handler.release.set()
+    rest = await collect(subscription)
+
+    assert first.job.state is JobState.RUNNING
+    assert first.job.result == PARTIAL
+    assert rest[-1].job.state is JobState.COMPLETED
+
+
+async def test_watch_of_finished_job_sends_one_snapshot(make_queue: QueueFactory) -> None:
+    queue = await make_queue(ScriptedHandler())
+    job = await queue.submit(JobSpec("/ok"))
+    await until_state(queue, job.id, JobState.COMPLETED)
+
+    events = await collect(await queue.watch(job.id))
+
+    assert len(events) == 1
+    assert events[0].job.state is JobState.COMPLETED
+    assert queue.watcher_count(job.id) == 0
+
+
+async def test_after_sequence_replays_what_was_missed(make_queue: QueueFactory) -> None:
+    queue = await make_queue(ScriptedHandler())
+    job = await queue.submit(JobSpec("/ok"))
+    full = await collect(await queue.watch(job.id))
+    everything = await collect(await queue.watch(job.id, after_sequence=1))
+    caught_up = await collect(await queue.watch(job.id, after_sequence=full[-1].sequence))
+
+    assert everything[0].sequence == 2
+    assert everything[-1] == full[-1]
+    assert caught_up == []
+    with pytest.raises(InvalidArgument):
+        await queue.watch(job.id, after_sequence=full[-1].sequence + 1)
+
+
+async def test_slow_watcher_does_not_block_the_job_and_gets_coalesced_progress(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, progress_interval_s=0.0)
+    job = await queue.submit(JobSpec("/chatty"))
+    slow = await queue.watch(job.id)  # subscribed, never read until the end
+    fast = asyncio.create_task(collect(await queue.watch(job.id)))
+
+    await until_state(queue, job.id, JobState.COMPLETED)
+    slow_events = await collect(slow)
+    fast_events = await fast
+
+    assert slow_events[-1].job.state is JobState.COMPLETED
+    assert len(slow_events) <= 4  # the snapshot, then states; progress coalesced away
+    assert len(fast_events) > len(slow_events)
+    assert [e.sequence for e in slow_events] == sorted({e.sequence for e in slow_events})
+
+
+async def test_progress_is_rate_limited_per_job(make_queue: QueueFactory) -> None:
+    queue = await make_queue(ScriptedHandler(), progress_interval_s=10.0)
+    job = await queue.submit(JobSpec("/chatty"))
+    events = await collect(await queue.watch(job.id))
+    assert events[-1].job.result == ScanResult(added=2000)
+    assert len(events) < 10
+
+
+async def test_closed_watcher_is_forgotten_at_once(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/block"))
+    await handler.started_event(job.id).wait()
+    subscription = await queue.watch(job.id)
+    assert queue.watcher_count(job.id) == 1
+
+    reader = asyncio.create_task(collect(subscription))
+    await asyncio.sleep(0)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+
+    assert queue.watcher_count() == 0
+    handler.release.set()
+
+
+async def test_close_stops_running_jobs_and_ends_watchers_with_unavailable(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler)
+    job = await queue.submit(JobSpec("/block"))
+    await handler.started_event(job.id).wait()
+    subscription = await queue.watch(job.id)
+    await anext(subscription)
+
+    await queue.close(grace_s=1.0)
+
+    with pytest.raises(Unavailable):
+        await anext(subscription)
+    with pytest.raises(Unavailable):
+        await queue.submit(JobSpec("/ok"))
+    assert handler.cancelled == [job.id]
+    assert (await queue.get(job.id)).state is JobState.RUNNING  # resumable, not terminal
+    assert queue.running_tasks == 0
+    await queue.close()  # idempotent

@@ -1,0 +1,271 @@
+"""The walk and the scan handler, on real trees with odd entries."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from server.jobs import JobSpec, JobState
+from server.probe import MediaInfo, ProbeOutcome, ProbeTarget
+from server.queue import AsyncioJobQueue, QueueConfig
+from server.roots import RootPolicy
+from server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
+from server.store import FileStamp, InMemoryCatalog, Video
+
+VIDEO_EXTS = frozenset({b".mp4", b".mkv"})
+INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
+
+
+def _walk(root: Path, *, roots: Sequence[Path] | None = None, recursive: bool = True) -> list:
+    policy = RootPolicy([str(r) for r in roots or [root]])
+    return list(walk(os.fsencode(root), recursive=recursive, extensions=VIDEO_EXTS, roots=policy))
+
+
+def _names(items: list) -> set[bytes]:
+    return {os.path.basename(i.path) for i in items if isinstance(i, Candidate)}
+
+
+def test_walk_finds_videos_by_extension_case_insensitively(tmp_path: Path) -> None:
+    (tmp_path / "a.MP4").write_bytes(b"x")
+    (tmp_path / "b.mkv").write_bytes(b"x")
+    (tmp_path / "c.txt").write_bytes(b"x")
+    (tmp_path / "mp4").write_bytes(b"x")
+    assert _names(_walk(tmp_path)) == {b"a.MP4", b"b.mkv"}
+
+
+def test_walk_reports_size_mtime_and_identity(tmp_path: Path) -> None:
+    video = tmp_path / "a.mp4"
+    video.write_bytes(b"12345")
+    (item,) = _walk(tmp_path)
+    st = video.stat()
+    assert item.stamp == FileStamp(5, st.st_mtime_ns)
+    assert (item.target.device, item.target.inode) == (st.st_dev, st.st_ino)
+
+
+def test_walk_honours_recursive(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "top.mp4").write_bytes(b"x")
+    (tmp_path / "sub" / "deep.mp4").write_bytes(b"x")
+    assert _names(_walk(tmp_path, recursive=False)) == {b"top.mp4"}
+    assert _names(_walk(tmp_path)) == {b"top.mp4", b"deep.mp4"}
+
+
+def test_walk_survives_a_very_deep_tree(tmp_path: Path) -> None:
+    # Deeper than Python's recursion limit once: the walk is iterative.
+    depth = 400
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        with open(os.open("deep.mp4", os.O_CREAT | os.O_WRONLY, dir_fd=fd), "wb") as f:
+            f.write(b"x")
+    finally:
+        os.close(fd)
+    assert _names(_walk(tmp_path)) == {b"deep.mp4"}
+
+
+def test_walk_skips_fifos_and_sockets_without_opening_them(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.mp4")  # opening it would block forever
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock.mp4"))
+    try:
+        assert _walk(tmp_path) == []
+    finally:
+        sock.close()
+
+
+def test_walk_follows_file_symlinks_only_inside_the_roots(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "real.mp4").write_bytes(b"x")
+    (outside / "secret.mp4").write_bytes(b"secret")
+    (root / "inside-link.mp4").symlink_to(root / "real.mp4")
+    (root / "escape.mp4").symlink_to(outside / "secret.mp4")
+    (root / "dirlink").symlink_to(outside, target_is_directory=True)
+
+    items = _walk(root)
+
+    assert _names(items) == {b"real.mp4", b"inside-link.mp4"}
+    errors = [i for i in items if isinstance(i, WalkError)]
+    assert [os.path.basename(e.path) for e in errors] == [b"escape.mp4"]
+    assert "outside the allowed roots" in errors[0].message
+
+
+def test_walk_reports_symlink_loops_as_per_file_errors(tmp_path: Path) -> None:
+    (tmp_path / "loop.mp4").symlink_to(tmp_path / "loop.mp4")
+    (tmp_path / "loopdir").symlink_to(tmp_path, target_is_directory=True)
+    items = _walk(tmp_path)
+    assert [type(i) for i in items] == [WalkError]
+
+
+def test_walk_keeps_non_utf8_names_exactly(tmp_path: Path) -> None:
+    name = b"caf\xe9-\xff.mp4"
+    with open(os.path.join(os.fsencode(tmp_path), name), "wb") as f:
+        f.write(b"x")
+    (item,) = _walk(tmp_path)
+    assert os.path.basename(item.path) == name
+
+
+def _walk_as_nobody(root: Path) -> list[tuple[str, bytes]]:
+    """Walk in a forked child that dropped root's privileges (root reads everything)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            items = _walk(root)
+            found = sorted((type(i).__name__, os.path.basename(i.path)) for i in items)
+            os.write(write_end, repr(found).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    return ast.literal_eval(data.decode())
+
+
+@pytest.fixture
+def world_reachable_dir() -> Iterator[Path]:
+    """A folder an unprivileged user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="scanjobs-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def test_walk_reports_unreadable_directories_as_per_file_errors(
+    world_reachable_dir: Path,
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    root = world_reachable_dir
+    (root / "locked").mkdir()
+    (root / "ok.mp4").write_bytes(b"x")
+    (root / "locked" / "hidden.mp4").write_bytes(b"x")
+    (root / "locked").chmod(0o700)
+
+    assert _walk_as_nobody(root) == [("Candidate", b"ok.mp4"), ("WalkError", b"locked")]
+
+
+# -- the handler -------------------------------------------------------------------------
+
+
+class FakeProber:
+    """Returns the same metadata for every file, counting what it was asked."""
+
+    def __init__(self) -> None:
+        self.probed: list[bytes] = []
+
+    async def probe(self, targets: Sequence[ProbeTarget]) -> list[ProbeOutcome]:
+        self.probed.extend(t.path for t in targets)
+        await asyncio.sleep(0)
+        return [INFO for _ in targets]
+
+
+class GatedCatalog(InMemoryCatalog):
+    """A catalog whose second commit waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits = 0
+        self.blocked = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def commit(
+        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
+    ) -> None:
+        self.commits += 1
+        if self.commits == 2:
+            self.blocked.set()
+            await self.gate.wait()
+        await super().commit(job_id, probed, unchanged, now_ns)
+
+
+def _tree(root: Path, count: int) -> Path:
+    root.mkdir(exist_ok=True)
+    for n in range(count):
+        (root / f"v{n:03}.mp4").write_bytes(b"x" * (n + 1))
+    return root
+
+
+async def _run(root: Path, catalog: InMemoryCatalog, prober: FakeProber, **cfg: int):
+    scanner = Scanner(RootPolicy([str(root)]), prober, catalog, ScanConfig(**cfg))  # type: ignore[arg-type]
+    queue = AsyncioJobQueue(scanner, QueueConfig())
+    await queue.start()
+    return queue
+
+
+async def _final(queue: AsyncioJobQueue, job_id: str):
+    async with await queue.watch(job_id) as events:
+        return [e async for e in events][-1].job
+
+
+async def test_rescan_counts_unchanged_and_probes_only_changes(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "lib", 10)
+    catalog, prober = InMemoryCatalog(), FakeProber()
+    queue = await _run(root, catalog, prober, batch_size=4)
+    try:
+        first = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+        prober.probed.clear()
+        (root / "v000.mp4").write_bytes(b"changed")
+        (root / "new.mp4").write_bytes(b"new")
+        second = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+    finally:
+        await queue.close()
+
+    assert (first.result.added, first.result.scanned) == (10, 10)
+    r = second.result
+    assert (r.added, r.updated, r.unchanged, r.failed) == (1, 1, 9, 0)
+    assert sorted(os.path.basename(p) for p in prober.probed) == [b"new.mp4", b"v000.mp4"]
+
+
+async def test_cancel_during_a_commit_reports_exactly_what_the_catalog_holds(
+    tmp_path: Path,
+) -> None:
+    root = _tree(tmp_path / "lib", 40)
+    catalog, prober = GatedCatalog(), FakeProber()
+    queue = await _run(root, catalog, prober, batch_size=4, lanes=1)
+    try:
+        job = await queue.submit(JobSpec(str(root)))
+        await catalog.blocked.wait()  # the second batch's commit is in flight
+        await queue.cancel(job.id)
+        await asyncio.sleep(0.01)
+        catalog.gate.set()
+        final = await _final(queue, job.id)
+        videos, _ = await catalog.list_videos(
+            path_prefix=b"", job_id=job.id, page_size=1000, page_token=""
+        )
+    finally:
+        await queue.close()
+
+    assert final.state is JobState.CANCELLED
+    assert final.result.added == len(videos) == 8
+
+
+async def test_scan_fails_when_the_directory_vanished_before_it_started(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "lib", 1)
+    queue = await _run(tmp_path, InMemoryCatalog(), FakeProber())
+    try:
+        job = await queue.submit(JobSpec(str(root)))
+        (root / "v000.mp4").unlink()
+        root.rmdir()
+        final = await _final(queue, job.id)
+    finally:
+        await queue.close()
+    assert final.state is JobState.FAILED
+    assert "does not exist" in final.error
