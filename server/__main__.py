@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from server import logs
 from server.app import ListenError, start
 from server.config import Config, parse_args
-from server.store import CatalogCorrupt
+from server.store import DatabaseCorrupt
 
 log = logging.getLogger("server")
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.log_level)
     try:
         asyncio.run(_serve(config))
-    except CatalogCorrupt as exc:
+    except DatabaseCorrupt as exc:
         log.error("cannot open the database: %s", exc)
         return EXIT_BAD_DATABASE
     except ListenError as exc:

@@ -17,7 +17,7 @@ from server.queue import AsyncioJobQueue, QueueConfig
 from server.roots import RootPolicy
 from server.scan import ScanConfig, Scanner
 from server.service import ErrorInterceptor, ScanService
-from server.store import SqliteCatalog
+from server.store import Database, SqliteCatalog, SqliteJobStore
 
 __all__ = ["App", "ListenError", "start"]
 
@@ -44,7 +44,7 @@ class App:
     port: int
     queue: AsyncioJobQueue
     probes: ProbePool
-    catalog: SqliteCatalog
+    db: Database
     health: health.aio.HealthServicer
     grace_s: float
     stopped: bool = False
@@ -61,7 +61,7 @@ class App:
         await self.queue.close(self.grace_s)
         await self.server.stop(self.grace_s)
         await self.probes.close()
-        await self.catalog.close()
+        await self.db.close()
         log.info("server stopped")
 
 
@@ -74,20 +74,21 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             whose workers can be made to hang or crash on purpose).
 
     Raises:
-        CatalogCorrupt: the database under ``config.data_dir`` is unusable.
+        DatabaseCorrupt: the database under ``config.data_dir`` is unusable.
         ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
     server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_KEEPALIVE_OPTIONS)
     port = _bind(server, config.listen)  # first: a taken port fails before anything starts
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    catalog = await SqliteCatalog.open(config.data_dir / "scanjobs.db")
+    db = await Database.open(config.data_dir / "scanjobs.db")
+    catalog = SqliteCatalog(db)
     if probes is None:
         probes = ProbePool(config.probe_processes, config.probe_timeout_s)
     try:
         await probes.start()
     except BaseException:
-        await catalog.close()
+        await db.close()
         raise
     scanner = Scanner(
         roots,
@@ -101,7 +102,9 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             workers=config.workers,
             job_timeout_s=config.job_timeout_s,
             max_pending=config.max_pending,
+            retention_s=config.job_retention_s,
         ),
+        store=SqliteJobStore(db),
     )
     await queue.start()
 
@@ -117,7 +120,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
-    return App(server, port, queue, probes, catalog, health_servicer, config.shutdown_grace_s)
+    return App(server, port, queue, probes, db, health_servicer, config.shutdown_grace_s)
 
 
 class ListenError(RuntimeError):

@@ -28,6 +28,7 @@ class Config:
     max_pending: int
     shutdown_grace_s: float
     log_level: str
+    job_retention_s: float = 7 * 24 * 3600.0
 
 
 def _env(name: str, default: str) -> str:
@@ -127,6 +128,14 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds to drain on SIGTERM before stopping hard (default %(default)s)",
     )
     p.add_argument(
+        "--job-retention",
+        type=_positive_float,
+        dest="job_retention_s",
+        default=_env("JOB_RETENTION", str(7 * 24 * 3600)),
+        help="seconds an ended job is kept before it is pruned; the catalog is never pruned "
+        "(default %(default)s = 7 days)",
+    )
+    p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -157,4 +166,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_pending=args.max_pending,
         shutdown_grace_s=args.shutdown_grace_s,
         log_level=args.log_level,
+        job_retention_s=args.job_retention_s,
     )

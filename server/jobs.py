@@ -128,7 +128,11 @@ class JobSpec:
 
 @dataclass(frozen=True, slots=True)
 class Job:
-    """An immutable snapshot of a job."""
+    """An immutable snapshot of a job.
+
+    ``attempts`` counts the times a worker started the job: more than one after a restart
+    resumed it.
+    """
 
     id: str
     spec: JobSpec
@@ -138,6 +142,7 @@ class Job:
     start_time: datetime | None = None
     end_time: datetime | None = None
     cancel_requested: bool = False
+    attempts: int = 0
     progress: Progress = field(default_factory=Progress)
     result: ScanResult = field(default_factory=ScanResult)
     error: str = ""

@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from server.catalog import Catalog, FileStamp, Video
 from server.jobs import FileError, Job, Phase, Progress, ScanResult, display_path
 from server.probe import ProbeFailure, ProbeOutcome, Prober, ProbeTarget
 from server.queue import JobContext
 from server.roots import RootPolicy
-from server.store import Catalog, FileStamp, Video
 
 __all__ = [
     "DEFAULT_EXTENSIONS",

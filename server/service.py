@@ -24,10 +24,10 @@ from grpc_status import rpc_status
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from server import errors
+from server.catalog import Catalog, Video
 from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
 from server.queue import JobQueue
 from server.roots import RootPolicy
-from server.store import Catalog, Video
 
 __all__ = ["ERROR_DOMAIN", "ErrorInterceptor", "ScanService", "job_to_proto", "video_to_proto"]
 

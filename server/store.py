@@ -1,145 +1,48 @@
-"""The video catalog: one row per video file, keyed by its absolute path (raw bytes).
+"""SQLite persistence, the embedded default: the catalog, the jobs and their events in one file.
 
-Two implementations of one :class:`Catalog` seam: :class:`SqliteCatalog`, the embedded
-default (one WAL-mode file, schema versioned with ``PRAGMA user_version``), and
-:class:`InMemoryCatalog` for tests. Paths are stored as the exact bytes the file system
-gave, so names that are not valid UTF-8 survive a round trip.
+One :class:`Database` owns one connection and one thread: every statement runs there, so the
+event loop never blocks on SQLite and writes are serialised without locks of our own. The
+schema is created and migrated by the server itself (``PRAGMA user_version``); WAL mode lets
+readers and the writer overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
+import json
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, TypeVar
 
-from server.errors import InvalidArgument
+from server.catalog import FileStamp, Video, VideoPage, decode_page_token, encode_page_token
+from server.jobs import (
+    FileError,
+    Job,
+    JobEvent,
+    JobSpec,
+    JobState,
+    Phase,
+    Progress,
+    ScanResult,
+)
 from server.probe import MediaInfo
+from server.queue import StoredJob
 
-__all__ = [
-    "Catalog",
-    "CatalogCorrupt",
-    "FileStamp",
-    "InMemoryCatalog",
-    "SqliteCatalog",
-    "Video",
-    "VideoPage",
-]
+__all__ = ["Database", "DatabaseCorrupt", "SqliteCatalog", "SqliteJobStore"]
 
 _T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
-class FileStamp:
-    """What decides whether a file changed since it was catalogued."""
-
-    size_bytes: int
-    mtime_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class Video:
-    """A catalogued video."""
-
-    path: bytes
-    stamp: FileStamp
-    info: MediaInfo
-    first_seen_ns: int
-    last_seen_ns: int
-    job_id: str
-
-
-VideoPage = tuple[list[Video], str]
-
-
-class CatalogCorrupt(RuntimeError):
+class DatabaseCorrupt(RuntimeError):
     """The database file exists but cannot be used; the server must not start on it."""
 
 
-class Catalog(Protocol):
-    """Where scans keep what they found."""
-
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, FileStamp]: ...
-
-    async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
-    ) -> None: ...
-
-    async def list_videos(
-        self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str
-    ) -> VideoPage: ...
-
-    async def close(self) -> None: ...
-
-
-def encode_page_token(path: bytes) -> str:
-    """Opaque token that resumes a listing after ``path``."""
-    return base64.urlsafe_b64encode(b"v1|" + path).decode().rstrip("=")
-
-
-def decode_page_token(token: str) -> bytes:
-    """Inverse of :func:`encode_page_token`.
-
-    Raises:
-        InvalidArgument: the token is not one this server made.
-    """
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-    except (binascii.Error, ValueError):
-        raw = b""
-    if not raw.startswith(b"v1|"):
-        raise InvalidArgument("page_token is malformed", field="page_token")
-    return raw[3:]
-
-
-class InMemoryCatalog:
-    """A catalog in a dict: the test double of :class:`SqliteCatalog`."""
-
-    def __init__(self) -> None:
-        self._videos: dict[bytes, Video] = {}
-
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, FileStamp]:
-        return {p: self._videos[p].stamp for p in paths if p in self._videos}
-
-    async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
-    ) -> None:
-        for video in probed:
-            old = self._videos.get(video.path)
-            first = old.first_seen_ns if old else now_ns
-            self._videos[video.path] = replace(
-                video, first_seen_ns=first, last_seen_ns=now_ns, job_id=job_id
-            )
-        for path in unchanged:
-            if path in self._videos:
-                self._videos[path] = replace(self._videos[path], last_seen_ns=now_ns, job_id=job_id)
-
-    async def list_videos(
-        self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str
-    ) -> VideoPage:
-        after = decode_page_token(page_token) if page_token else None
-        matching = [
-            video
-            for path, video in sorted(self._videos.items())
-            if path.startswith(path_prefix)
-            and (not job_id or video.job_id == job_id)
-            and (after is None or path > after)
-        ]
-        page = matching[:page_size]
-        more = len(matching) > page_size
-        return page, encode_page_token(page[-1].path) if more else ""
-
-    async def close(self) -> None:
-        return None
-
-
 _MIGRATIONS: tuple[str, ...] = (
+    # 1: the catalog.
     """
     CREATE TABLE videos (
         path             BLOB PRIMARY KEY,
@@ -163,7 +66,92 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX videos_by_job ON videos (job_id, path);
     """,
+    # 2: jobs and their event history; rowid keeps submission order.
+    """
+    CREATE TABLE jobs (
+        id         TEXT NOT NULL UNIQUE,
+        state      TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        end_ns     INTEGER,
+        snapshot   TEXT NOT NULL
+    );
+    CREATE INDEX jobs_by_end ON jobs (end_ns);
+    CREATE TABLE job_events (
+        job_id       TEXT NOT NULL,
+        sequence     INTEGER NOT NULL,
+        state_change INTEGER NOT NULL,
+        snapshot     TEXT NOT NULL,
+        PRIMARY KEY (job_id, sequence)
+    ) WITHOUT ROWID;
+    """,
 )
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class Database:
+    """One SQLite file, one connection, one thread."""
+
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self._conn = conn
+        self._executor = executor
+        self._closed = False
+
+    @classmethod
+    async def open(cls, path: Path) -> Database:
+        """Open (creating and migrating as needed) the database at ``path``.
+
+        Raises:
+            DatabaseCorrupt: the file is not a usable database of ours.
+        """
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            conn = await loop.run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``fn(connection)`` on the database thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
+
+    async def close(self) -> None:
+        """Close the connection and its thread; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.run(lambda conn: conn.close())
+        self._executor.shutdown(wait=True)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = NORMAL")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        if conn.execute("PRAGMA quick_check").fetchone() != ("ok",):
+            raise sqlite3.DatabaseError("integrity check failed")
+        _migrate(conn)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise DatabaseCorrupt(f"{path}: {exc}") from exc
+    conn.isolation_level = "DEFERRED"  # implicit transactions again, for `with conn:` blocks
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this server knows ({SCHEMA_VERSION})"
+        )
+    for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+
+
+# -- the catalog -----------------------------------------------------------------------------
 
 _UPSERT = """
 INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
@@ -181,34 +169,10 @@ _LOOKUP_CHUNK = 500
 
 
 class SqliteCatalog:
-    """The catalog in one SQLite file, used from one dedicated thread.
+    """The :class:`server.catalog.Catalog` in the ``videos`` table."""
 
-    All statements run on a single-thread executor, so the event loop never blocks on the
-    database and writes are serialised without locks of our own.
-    """
-
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
-        self._conn = conn
-        self._executor = executor
-
-    @classmethod
-    async def open(cls, path: Path) -> SqliteCatalog:
-        """Open (creating and migrating as needed) the catalog at ``path``.
-
-        Raises:
-            CatalogCorrupt: the file is not a usable SQLite database of ours.
-        """
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="catalog")
-        loop = asyncio.get_running_loop()
-        try:
-            conn = await loop.run_in_executor(executor, _connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(conn, executor)
-
-    async def _run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
+    def __init__(self, db: Database) -> None:
+        self._db = db
 
     async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, FileStamp]:
         def query(conn: sqlite3.Connection) -> dict[bytes, FileStamp]:
@@ -221,12 +185,12 @@ class SqliteCatalog:
                     found[path] = FileStamp(size, mtime)
             return found
 
-        return await self._run(query)
+        return await self._db.run(query)
 
     async def commit(
         self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
     ) -> None:
-        rows = [_row(v, job_id, now_ns) for v in probed]
+        rows = [_video_row(v, job_id, now_ns) for v in probed]
         touched = [(now_ns, job_id, p) for p in unchanged]
 
         def write(conn: sqlite3.Connection) -> None:
@@ -236,7 +200,7 @@ class SqliteCatalog:
                     "UPDATE videos SET last_seen_ns = ?, job_id = ? WHERE path = ?", touched
                 )
 
-        await self._run(write)
+        await self._db.run(write)
 
     async def list_videos(
         self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str
@@ -249,55 +213,19 @@ class SqliteCatalog:
                 " AND substr(path, 1, ?) = ? AND (? = '' OR job_id = ?)"
                 " ORDER BY path LIMIT ?"
             )
-            args = (
-                after,
-                path_prefix,
-                len(path_prefix),
-                path_prefix,
-                job_id,
-                job_id,
-                page_size + 1,
-            )
-            return [_video(r) for r in conn.execute(sql, args)]
+            args = (after, path_prefix, len(path_prefix), path_prefix, job_id, job_id)
+            return [_video(r) for r in conn.execute(sql, (*args, page_size + 1))]
 
-        videos = await self._run(query)
+        videos = await self._db.run(query)
         more = len(videos) > page_size
         page = videos[:page_size]
         return page, encode_page_token(page[-1].path) if more else ""
 
     async def close(self) -> None:
-        """Close the connection and its thread; idempotent."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
+        """Nothing of its own to close: the :class:`Database` is closed by its owner."""
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    try:
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute("PRAGMA synchronous = NORMAL")
-        conn.execute("PRAGMA busy_timeout = 5000")
-        if conn.execute("PRAGMA quick_check").fetchone() != ("ok",):
-            raise sqlite3.DatabaseError("integrity check failed")
-        _migrate(conn)
-    except sqlite3.DatabaseError as exc:
-        conn.close()
-        raise CatalogCorrupt(f"{path}: {exc}") from exc
-    conn.isolation_level = "DEFERRED"  # implicit transactions again, for `with conn:` blocks
-    return conn
-
-
-def _migrate(conn: sqlite3.Connection) -> None:
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > len(_MIGRATIONS):
-        raise sqlite3.DatabaseError(
-            f"schema version {version} is newer than this server knows ({len(_MIGRATIONS)})"
-        )
-    for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
-
-
-def _row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
+def _video_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
     info = video.info
     rate = info.frame_rate
     return (
@@ -309,27 +237,170 @@ def _row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def _video(row: tuple[object, ...]) -> Video:
+def _video(row: tuple[Any, ...]) -> Video:
     (path, size, mtime, container, duration, bit_rate, vcodec, width, height, num, den,
      acodec, audio_n, subs_n, data_n, first, last, job_id) = row  # fmt: skip
     info = MediaInfo(
-        container=str(container),
-        duration_s=float(duration) if isinstance(duration, float | int) else None,
-        bit_rate=int(bit_rate),  # type: ignore[call-overload]
-        video_codec=str(vcodec),
-        width=int(width),  # type: ignore[call-overload]
-        height=int(height),  # type: ignore[call-overload]
-        frame_rate=Fraction(num, den) if isinstance(num, int) and isinstance(den, int) else None,
-        audio_codec=str(acodec),
-        audio_streams=int(audio_n),  # type: ignore[call-overload]
-        subtitle_streams=int(subs_n),  # type: ignore[call-overload]
-        data_streams=int(data_n),  # type: ignore[call-overload]
+        container=container,
+        duration_s=duration,
+        bit_rate=bit_rate,
+        video_codec=vcodec,
+        width=width,
+        height=height,
+        frame_rate=Fraction(num, den) if num is not None and den else None,
+        audio_codec=acodec,
+        audio_streams=audio_n,
+        subtitle_streams=subs_n,
+        data_streams=data_n,
     )
-    return Video(
-        path=bytes(path),  # type: ignore[call-overload]
-        stamp=FileStamp(int(size), int(mtime)),  # type: ignore[call-overload]
-        info=info,
-        first_seen_ns=int(first),  # type: ignore[call-overload]
-        last_seen_ns=int(last),  # type: ignore[call-overload]
-        job_id=str(job_id),
+    return Video(bytes(path), FileStamp(size, mtime), info, first, last, job_id)
+
+
+# -- jobs and events -------------------------------------------------------------------------
+
+
+class SqliteJobStore:
+    """The :class:`server.queue.JobStore` in the ``jobs`` and ``job_events`` tables."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def load(self) -> list[StoredJob]:
+        def query(conn: sqlite3.Connection) -> list[StoredJob]:
+            loaded = []
+            for job_id, snapshot in conn.execute("SELECT id, snapshot FROM jobs ORDER BY rowid"):
+                row = conn.execute(
+                    "SELECT sequence, state_change, snapshot FROM job_events"
+                    " WHERE job_id = ? ORDER BY sequence DESC LIMIT 1",
+                    (job_id,),
+                ).fetchone()
+                job = decode_job(snapshot)
+                last = _event(job_id, row) if row else JobEvent(0, job, True)
+                loaded.append(StoredJob(job, last))
+            return loaded
+
+        return await self._db.run(query)
+
+    async def append(self, events: Sequence[JobEvent]) -> None:
+        event_rows = [
+            (e.job.id, e.sequence, int(e.state_change), encode_job(e.job)) for e in events
+        ]
+        latest = {e.job.id: e.job for e in events}
+        job_rows = [
+            (j.id, j.state.value, j.spec.request_id, _ns(j.end_time), encode_job(j))
+            for j in latest.values()
+        ]
+
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.executemany(
+                    "INSERT INTO jobs (id, state, request_id, end_ns, snapshot)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                    " state = excluded.state, end_ns = excluded.end_ns,"
+                    " snapshot = excluded.snapshot",
+                    job_rows,
+                )
+                conn.executemany("INSERT OR IGNORE INTO job_events VALUES (?, ?, ?, ?)", event_rows)
+
+        await self._db.run(write)
+
+    async def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
+        def query(conn: sqlite3.Connection) -> list[JobEvent]:
+            rows = conn.execute(
+                "SELECT sequence, state_change, snapshot FROM job_events"
+                " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
+                (job_id, after_sequence),
+            )
+            return [_event(job_id, r) for r in rows]
+
+        return await self._db.run(query)
+
+    async def thin(self, job_id: str) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                conn.execute(
+                    "DELETE FROM job_events WHERE job_id = ? AND state_change = 0", (job_id,)
+                )
+
+        await self._db.run(write)
+
+    async def prune(self, ended_before: datetime) -> list[str]:
+        cutoff = _ns(ended_before)
+
+        def write(conn: sqlite3.Connection) -> list[str]:
+            with conn:
+                ids = [
+                    r[0] for r in conn.execute("SELECT id FROM jobs WHERE end_ns < ?", (cutoff,))
+                ]
+                conn.executemany("DELETE FROM job_events WHERE job_id = ?", [(i,) for i in ids])
+                conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            return ids
+
+        return await self._db.run(write)
+
+
+def _event(job_id: str, row: tuple[int, int, str]) -> JobEvent:
+    sequence, state_change, snapshot = row
+    return JobEvent(sequence, decode_job(snapshot), bool(state_change))
+
+
+def _ns(value: datetime | None) -> int | None:
+    if value is None:
+        return None
+    return int(value.timestamp() * 1_000_000) * 1000
+
+
+def _time(ns: int | None) -> datetime | None:
+    if ns is None:
+        return None
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def encode_job(job: Job) -> str:
+    """A job snapshot as compact JSON (times in integer nanoseconds)."""
+    spec, progress, result = job.spec, job.progress, job.result
+    return json.dumps(
+        {
+            "id": job.id,
+            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id],
+            "state": job.state.value,
+            "times": [_ns(job.create_time), _ns(job.start_time), _ns(job.end_time)],
+            "timeout_s": job.timeout_s,
+            "cancel": job.cancel_requested,
+            "attempts": job.attempts,
+            "progress": [
+                progress.phase.value, progress.files_found, progress.files_done,
+                progress.current_path,
+            ],
+            "result": [
+                result.added, result.updated, result.unchanged, result.failed,
+                [[e.path, e.message] for e in result.errors], result.error_count,
+            ],
+            "error": job.error,
+        },
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def decode_job(text: str) -> Job:
+    """Inverse of :func:`encode_job`."""
+    d = json.loads(text)
+    created, started, ended = d["times"]
+    phase, found, done, current = d["progress"]
+    added, updated, unchanged, failed, errors, error_count = d["result"]
+    return Job(
+        id=d["id"],
+        spec=JobSpec(*d["spec"]),
+        state=JobState(d["state"]),
+        create_time=_time(created) or datetime.fromtimestamp(0, UTC),
+        timeout_s=d["timeout_s"],
+        start_time=_time(started),
+        end_time=_time(ended),
+        cancel_requested=d["cancel"],
+        attempts=d["attempts"],
+        progress=Progress(Phase(phase), found, done, current),
+        result=ScanResult(
+            added, updated, unchanged, failed, tuple(FileError(*e) for e in errors), error_count
+        ),
+        error=d["error"],
     )

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from server.catalog import Catalog, FileStamp, InMemoryCatalog, Video
 from server.errors import InvalidArgument
 from server.probe import MediaInfo
-from server.store import Catalog, CatalogCorrupt, FileStamp, InMemoryCatalog, SqliteCatalog, Video
+from server.store import Database, DatabaseCorrupt, SqliteCatalog
 
 INFO = MediaInfo(
     "matroska,webm", 12.5, 4000, "vp9", 640, 360, Fraction(30000, 1001), "opus", 1, 2, 0
@@ -24,13 +25,12 @@ def video(path: bytes, size: int = 10, mtime: int = 1) -> Video:
 
 @pytest.fixture(params=["memory", "sqlite"])
 async def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Catalog]:
-    c: Catalog = (
-        InMemoryCatalog()
-        if request.param == "memory"
-        else await SqliteCatalog.open(tmp_path / "c.db")
-    )
-    yield c
-    await c.close()
+    if request.param == "memory":
+        yield InMemoryCatalog()
+        return
+    db = await Database.open(tmp_path / "c.db")
+    yield SqliteCatalog(db)
+    await db.close()
 
 
 async def test_commit_then_lookup_returns_stamps(catalog: Catalog) -> None:
@@ -103,30 +103,32 @@ async def test_malformed_page_token_is_invalid_argument(catalog: Catalog) -> Non
 
 
 async def test_sqlite_catalog_survives_reopening(tmp_path: Path) -> None:
-    first = await SqliteCatalog.open(tmp_path / "c.db")
-    await first.commit("j1", [video(b"/m/a.mp4")], [], 1)
-    await first.close()
-    second = await SqliteCatalog.open(tmp_path / "c.db")
-    assert await second.lookup([b"/m/a.mp4"]) == {b"/m/a.mp4": FileStamp(10, 1)}
-    await second.close()
+    db = await Database.open(tmp_path / "c.db")
+    await SqliteCatalog(db).commit("j1", [video(b"/m/a.mp4")], [], 1)
+    await db.close()
+    db = await Database.open(tmp_path / "c.db")
+    assert await SqliteCatalog(db).lookup([b"/m/a.mp4"]) == {b"/m/a.mp4": FileStamp(10, 1)}
+    await db.close()
 
 
 async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(CatalogCorrupt):
-        await SqliteCatalog.open(path)
+    with pytest.raises(DatabaseCorrupt):
+        await Database.open(path)
 
 
 async def test_a_half_written_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
-    c = await SqliteCatalog.open(path)
-    await c.commit("j1", [video(f"/m/{n}.mp4".encode()) for n in range(2000)], [], 1)
-    await c.close()
+    db = await Database.open(path)
+    await SqliteCatalog(db).commit(
+        "j1", [video(f"/m/{n}.mp4".encode()) for n in range(2000)], [], 1
+    )
+    await db.close()
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CatalogCorrupt):
-        await SqliteCatalog.open(path)
+    with pytest.raises(DatabaseCorrupt):
+        await Database.open(path)
 
 
 async def test_a_database_from_a_newer_server_is_refused(tmp_path: Path) -> None:
@@ -134,5 +136,5 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path: Path) -> None
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(CatalogCorrupt, match="newer"):
-        await SqliteCatalog.open(path)
+    with pytest.raises(DatabaseCorrupt, match="newer"):
+        await Database.open(path)

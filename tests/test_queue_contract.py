@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from server.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -20,7 +22,15 @@ from server.errors import (
     Unavailable,
 )
 from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
-from server.queue import AsyncioJobQueue, JobContext, QueueConfig, Subscription
+from server.queue import (
+    AsyncioJobQueue,
+    InMemoryJobStore,
+    JobContext,
+    JobStore,
+    QueueConfig,
+    Subscription,
+)
+from server.store import Database, SqliteJobStore
 
 PARTIAL = ScanResult(added=1)
 
@@ -68,12 +78,26 @@ class ScriptedHandler:
 QueueFactory = Callable[..., Awaitable[AsyncioJobQueue]]
 
 
-@pytest.fixture(params=["memory"])
-async def make_queue(request: pytest.FixtureRequest) -> AsyncIterator[QueueFactory]:
+@pytest.fixture(params=["memory", "sqlite"])
+async def make_store(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[Callable[[], JobStore]]:
+    """A factory of job stores that share one backing (so a 'restart' sees the same jobs)."""
+    if request.param == "memory":
+        shared = InMemoryJobStore()
+        yield lambda: shared
+        return
+    db = await Database.open(tmp_path / "jobs.db")
+    yield lambda: SqliteJobStore(db)
+    await db.close()
+
+
+@pytest.fixture
+async def make_queue(make_store: Callable[[], JobStore]) -> AsyncIterator[QueueFactory]:
     queues: list[AsyncioJobQueue] = []
 
     async def _make(handler: ScriptedHandler, **config: float) -> AsyncioJobQueue:
-        queue = AsyncioJobQueue(handler, QueueConfig(**config))  # type: ignore[arg-type]
+        queue = AsyncioJobQueue(handler, QueueConfig(**config), store=make_store())  # type: ignore[arg-type]
         await queue.start()
         queues.append(queue)
         return queue
@@ -378,3 +402,146 @@ async def test_close_stops_running_jobs_and_ends_watchers_with_unavailable(
     assert (await queue.get(job.id)).state is JobState.RUNNING  # resumable, not terminal
     assert queue.running_tasks == 0
     await queue.close()  # idempotent
+
+
+# -- durability: a second queue on the same store is the server after a restart ----------
+
+
+async def test_restart_resumes_a_running_job_and_sequences_keep_increasing(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    first = await make_queue(handler)
+    job = await first.submit(JobSpec("/block"))
+    await handler.started_event(job.id).wait()
+    seen = await collect_until_running(first, job.id)
+    await first.close(grace_s=1.0)
+
+    again = ScriptedHandler()
+    again.release.set()
+    second = await make_queue(again)
+    final = await until_state(second, job.id, JobState.COMPLETED)
+    resumed = await collect(await second.watch(job.id, after_sequence=seen[-1].sequence))
+
+    assert again.ran == [job.id]
+    assert final.attempts == 2
+    assert final.result == ScanResult(added=2)
+    assert all(e.sequence > seen[-1].sequence for e in resumed)
+    assert resumed[-1].job.state is JobState.COMPLETED
+
+
+async def collect_until_running(queue: AsyncioJobQueue, job_id: str) -> list[JobEvent]:
+    events = []
+    async with await queue.watch(job_id, after_sequence=0) as subscription:
+        async for event in subscription:
+            events.append(event)
+            if event.job.state is JobState.RUNNING:
+                break
+    return events
+
+
+async def test_restart_keeps_pending_jobs_pending_and_runs_them(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    first = await make_queue(handler, workers=1)
+    blocker = await first.submit(JobSpec("/block"))
+    await handler.started_event(blocker.id).wait()
+    waiting = await first.submit(JobSpec("/ok"))
+    await first.close(grace_s=1.0)
+
+    again = ScriptedHandler()
+    again.release.set()
+    second = await make_queue(again, workers=1)
+    assert (await second.get(waiting.id)).state in {JobState.PENDING, JobState.RUNNING}
+    await until_state(second, waiting.id, JobState.COMPLETED)
+    await until_state(second, blocker.id, JobState.COMPLETED)
+
+
+async def test_a_job_interrupted_too_often_fails_instead_of_looping(
+    make_queue: QueueFactory,
+) -> None:
+    job_id = ""
+    for _ in range(3):
+        handler = ScriptedHandler()
+        queue = await make_queue(handler, max_attempts=3)
+        if not job_id:
+            job_id = (await queue.submit(JobSpec("/block"))).id
+        await handler.started_event(job_id).wait()
+        await queue.close(grace_s=1.0)
+
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, max_attempts=3)
+    final = await until_state(queue, job_id, JobState.FAILED)
+
+    assert handler.ran == []
+    assert final.attempts == 3
+    assert "interrupted 3 times" in final.error
+
+
+async def test_cancel_of_a_job_waiting_to_resume_ends_it_at_once(
+    make_queue: QueueFactory,
+) -> None:
+    handler = ScriptedHandler()
+    first = await make_queue(handler, workers=1)
+    a = await first.submit(JobSpec("/block"))
+    await handler.started_event(a.id).wait()
+    await first.close(grace_s=1.0)
+
+    again = ScriptedHandler()
+    second = await make_queue(again, workers=1)
+    await again.started_event(a.id).wait()
+    reply = await second.cancel(a.id)
+    final = await until_state(second, a.id, JobState.CANCELLED)
+    assert reply.cancel_requested
+    assert final.state is JobState.CANCELLED
+
+
+async def test_replay_after_the_end_comes_from_the_store(make_queue: QueueFactory) -> None:
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, progress_interval_s=0.0, history=4)
+    job = await queue.submit(JobSpec("/chatty"))
+    live = await collect(await queue.watch(job.id))
+
+    replay = await collect(await queue.watch(job.id, after_sequence=1))
+
+    states = [e.job.state for e in replay if e.state_change]
+    assert states == [JobState.RUNNING, JobState.COMPLETED]
+    assert replay[-1].sequence == live[-1].sequence
+
+
+async def test_same_request_id_returns_the_same_job_even_concurrently(
+    make_queue: QueueFactory,
+) -> None:
+    queue = await make_queue(ScriptedHandler())
+    spec = JobSpec("/ok", request_id="retry-1")
+    jobs = await asyncio.gather(*(queue.submit(spec) for _ in range(20)))
+    assert len({j.id for j in jobs}) == 1
+    page, _ = await queue.list_jobs(state=None, page_size=100, page_token="")
+    assert len(page) == 1
+
+
+async def test_same_request_id_for_another_request_is_already_exists(
+    make_queue: QueueFactory,
+) -> None:
+    queue = await make_queue(ScriptedHandler())
+    await queue.submit(JobSpec("/ok", request_id="r"))
+    with pytest.raises(AlreadyExists):
+        await queue.submit(JobSpec("/other", request_id="r"))
+
+
+async def test_request_ids_survive_a_restart(make_queue: QueueFactory) -> None:
+    first = await make_queue(ScriptedHandler())
+    job = await first.submit(JobSpec("/ok", request_id="r"))
+    await until_state(first, job.id, JobState.COMPLETED)
+    await first.close()
+    second = await make_queue(ScriptedHandler())
+    assert (await second.submit(JobSpec("/ok", request_id="r"))).id == job.id
+
+
+async def test_ended_jobs_past_retention_are_pruned(make_queue: QueueFactory) -> None:
+    first = await make_queue(ScriptedHandler())
+    job = await first.submit(JobSpec("/ok"))
+    await until_state(first, job.id, JobState.COMPLETED)
+    await first.close()
+    second = await make_queue(ScriptedHandler(), retention_s=0.0)
+    with pytest.raises(NotFound):
+        await second.get(job.id)
