@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from server.probe import ProbePool
 from server.queue import AsyncioJobQueue, QueueConfig
 from server.roots import RootPolicy
 from server.scan import ScanConfig, Scanner
-from server.service import ErrorInterceptor, ScanService
+from server.service import ScanService, ServiceInterceptor
 from server.store import Database, SqliteCatalog, SqliteJobStore
 
 __all__ = ["App", "ListenError", "start"]
@@ -46,6 +47,7 @@ class App:
     probes: ProbePool
     db: Database
     health: health.aio.HealthServicer
+    calls: ServiceInterceptor
     grace_s: float
     stopped: bool = False
 
@@ -57,9 +59,14 @@ class App:
         if self.stopped:
             return
         self.stopped = True
+        deadline = asyncio.get_running_loop().time() + self.grace_s
         await self.health.enter_graceful_shutdown()
-        await self.queue.close(self.grace_s)
-        await self.server.stop(self.grace_s)
+        await self.queue.close(self.grace_s)  # refuses submits, ends WatchJob streams
+        # Wait for our own calls only: a client's endless health Watch must not hold us up.
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        if not await self.calls.drained(left):
+            log.warning("calls still in flight at the end of the grace period")
+        await self.server.stop(None)
         await self.probes.close()
         await self.db.close()
         log.info("server stopped")
@@ -78,7 +85,8 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
-    server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=_KEEPALIVE_OPTIONS)
+    calls = ServiceInterceptor()
+    server = grpc.aio.server(interceptors=[calls], options=_KEEPALIVE_OPTIONS)
     port = _bind(server, config.listen)  # first: a taken port fails before anything starts
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(config.data_dir / "scanjobs.db")
@@ -120,7 +128,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
-    return App(server, port, queue, probes, db, health_servicer, config.shutdown_grace_s)
+    return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
 
 
 class ListenError(RuntimeError):

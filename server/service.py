@@ -12,6 +12,7 @@ import asyncio
 import collections
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -29,7 +30,7 @@ from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
 from server.queue import JobQueue
 from server.roots import RootPolicy
 
-__all__ = ["ERROR_DOMAIN", "ErrorInterceptor", "ScanService", "job_to_proto", "video_to_proto"]
+__all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +95,25 @@ def _internal_status() -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where expected errors become status codes and bugs become INTERNAL.
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every ScanService call: status mapping, one log line, in-flight accounting.
 
-    Only ScanService methods are wrapped; health and reflection keep their own behaviour.
+    This is the one place where expected errors become status codes and bugs become a bare
+    INTERNAL. Health and reflection keep their own behaviour and are not counted.
     """
+
+    def __init__(self) -> None:
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no ScanService call is in flight; False if ``timeout_s`` ran out."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def intercept_service(
         self,
@@ -108,39 +123,64 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
+        method = handler_call_details.method
+        if handler is None or not method.startswith(_METHOD_PREFIX):
             return handler
+        name = method.removeprefix(_METHOD_PREFIX)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _guarded(handler.unary_unary),
+                self._guarded(name, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _guarded(handler.unary_stream),
+                self._guarded(name, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # pragma: no cover - ScanService has no client-streaming methods
 
+    def _guarded(
+        self, name: str, behavior: Callable[[Any, Any], Any]
+    ) -> Callable[[Any, Any], Awaitable[Any]]:
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._in_flight += 1
+            self._idle.clear()
+            started = time.perf_counter()
+            code = grpc.StatusCode.CANCELLED  # unless we learn better: the client went away
+            try:
+                status = None
+                try:
+                    result = await behavior(request, context)
+                    code = grpc.StatusCode.OK
+                    return result
+                except errors.ScanJobsError as exc:
+                    status = status_of(exc)
+                except Exception:
+                    log.exception("unexpected error in %s", name, extra={"method": name})
+                    status = _internal_status()
+                code = status.code
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            finally:
+                self._in_flight -= 1
+                if not self._in_flight:
+                    self._idle.set()
+                _log_call(name, code, time.perf_counter() - started, request)
 
-def _guarded(behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
-    name = getattr(behavior, "__name__", "rpc")
+        return guarded
 
-    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        try:
-            return await behavior(request, context)
-        except errors.ScanJobsError as exc:
-            status = status_of(exc)
-        except grpc.aio.AbortError:
-            raise
-        except Exception:
-            log.exception("unexpected error in %s", name)
-            status = _internal_status()
-        await context.abort(status.code, status.details, status.trailing_metadata)
 
-    return guarded
+def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) -> None:
+    fields: dict[str, object] = {
+        "method": name,
+        "code": code.name,
+        "duration_ms": round(elapsed_s * 1000, 2),
+    }
+    job_id = getattr(request, "job_id", "")
+    if job_id:
+        fields["job_id"] = job_id
+    log.info("rpc", extra=fields)
 
 
 class ScanService(pb_grpc.ScanServiceServicer):
@@ -298,6 +338,7 @@ def job_to_proto(job: Job) -> pb.Job:
         error=job.error,
         timeout=_seconds(job.timeout_s),
         request_id=job.spec.request_id,
+        attempts=job.attempts,
     )
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import signal
+import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from server.scan import DEFAULT_EXTENSIONS
 from tests.media import write_video
 
 HERE = Path(__file__).resolve().parent
+SERVER = (sys.executable, "-m", "server")
 MISBEHAVING_WORKER = (sys.executable, str(HERE / "misbehaving_worker.py"))
 
 
@@ -104,3 +110,44 @@ async def wait_terminal(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.J
     """The job once it reached a terminal state."""
     events = await watch_all(stub, job_id)
     return events[-1].job
+
+
+class ServerProcess:
+    """``python -m server`` on an ephemeral port; its log lines are collected as they come."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [*SERVER, "--listen", "127.0.0.1:0", *args],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[dict[str, object]] = []
+        self._first = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._first.wait(timeout=30)
+        serving = [x for x in self.lines if x.get("message") == "serving"]
+        self.first = (serving or self.lines or [{"message": ""}])[0]
+        self.address = f"127.0.0.1:{self.first.get('port', 0)}"
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        with self.proc.stderr:
+            for line in self.proc.stderr:
+                if line.startswith("{"):
+                    self.lines.append(json.loads(line))
+                    if self.lines[-1].get("message") in {"serving", "cannot open the database"}:
+                        self._first.set()
+        self._first.set()
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, list[dict[str, object]]]:
+        """Send ``signum``, wait for the exit; returns the exit code and every log line."""
+        self.proc.send_signal(signum)
+        return self.wait()
+
+    def wait(self) -> tuple[int, list[dict[str, object]]]:
+        """Wait for the process to exit; returns the exit code and every log line."""
+        code = self.proc.wait(timeout=30)
+        self._reader.join(timeout=5)
+        return code, self.lines

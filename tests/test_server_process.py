@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,30 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.config import parse_args
-
-SERVER = [sys.executable, "-m", "server"]
-
-
-class ServerProcess:
-    """``python -m server`` on an ephemeral port, its address read from its first log line."""
-
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [*SERVER, "--listen", "127.0.0.1:0", *args],
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        assert self.proc.stderr is not None
-        line = self.proc.stderr.readline()
-        self.first = json.loads(line) if line.startswith("{") else {"message": line}
-        self.address = f"127.0.0.1:{self.first.get('port', 0)}"
-
-    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, list[dict[str, object]]]:
-        self.proc.send_signal(signum)
-        _, err = self.proc.communicate(timeout=20)
-        lines = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
-        return self.proc.returncode, lines
+from tests.conftest import SERVER, ServerProcess
 
 
 @pytest.fixture
