@@ -118,13 +118,21 @@ def _visit(
 class _Feed:
     """Runs a walk in a thread and hands its items to the event loop in bounded batches."""
 
-    def __init__(self, items: Iterator[WalkItem], stop: threading.Event, batch_size: int):
+    def __init__(
+        self,
+        items: Iterator[WalkItem],
+        stop: threading.Event,
+        batch_size: int,
+        on_arrival: Callable[[list[WalkItem] | None], None],
+        walk_ahead: int,
+    ) -> None:
         self._items = items
+        self._on_arrival = on_arrival
         self._stop = stop
         self._batch_size = batch_size
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[list[WalkItem] | BaseException | None] = asyncio.Queue()
-        self._slots = threading.Semaphore(8)  # batches in flight: bounds memory, not speed
+        self._slots = threading.Semaphore(max(2, walk_ahead // batch_size))
         self._thread = threading.Thread(target=self._produce, name="walk", daemon=True)
         self._thread.start()
 
@@ -169,7 +177,13 @@ class _Feed:
 
     def _deliver(self, item: list[WalkItem] | BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._arrive, item)
+
+    def _arrive(self, item: list[WalkItem] | BaseException | None) -> None:
+        """On the loop: queue what the walk found and say so (found counts, end of walk)."""
+        self._queue.put_nowait(item)
+        if not isinstance(item, BaseException):
+            self._on_arrival(item)
 
 
 class _Stopped(Exception):
@@ -185,12 +199,16 @@ class ScanConfig:
         batch_size: files per catalog round trip and per probe round trip.
         lanes: batches in flight at once (about the number of probe processes).
         max_errors: per-file errors kept per job; the rest are only counted.
+        walk_ahead: files the walk may find before the probes catch up: enough to know the
+            total of most libraries early (for a real ETA), while a huge tree still costs
+            bounded memory.
     """
 
     extensions: frozenset[str] = DEFAULT_EXTENSIONS
     batch_size: int = 32
     lanes: int = 3
     max_errors: int = 50
+    walk_ahead: int = 20_000
 
 
 @dataclass(slots=True)
@@ -209,12 +227,12 @@ class _Tally:
     errors: list[FileError] = field(default_factory=list)
     error_count: int = 0
 
-    def found_more(self, count: int) -> None:
-        self.found += count
-        self.report()
-
-    def walk_ended(self) -> None:
-        self.walking = False
+    def walked(self, items: list[WalkItem] | None) -> None:
+        """The walk found ``items``, or (None) ended."""
+        if items is None:
+            self.walking = False
+        else:
+            self.found += len(items)
         self.report()
 
     def fail(self, path: bytes, message: str) -> None:
@@ -288,7 +306,7 @@ class Scanner:
         """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
         path = await asyncio.to_thread(self._roots.check, job.spec.path)
         tally = _Tally(ctx, self._config.max_errors)
-        tally.found_more(0)  # announces the DISCOVERING phase
+        tally.report()  # announces the DISCOVERING phase
         stop = threading.Event()
         items = walk(
             os.fsencode(path),
@@ -297,7 +315,7 @@ class Scanner:
             roots=self._roots,
             stop=stop,
         )
-        feed = _Feed(items, stop, self._config.batch_size)
+        feed = _Feed(items, stop, self._config.batch_size, tally.walked, self._config.walk_ahead)
         try:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(self._config.lanes):
@@ -308,12 +326,9 @@ class Scanner:
 
     async def _lane(self, job_id: str, feed: _Feed, tally: _Tally) -> None:
         while (items := await feed.next()) is not None:
-            tally.found_more(len(items))
             batch = await self._prepare(items)
             await self._probe(batch)
             await self._commit(job_id, batch, tally, items[-1].path)
-        if tally.walking:
-            tally.walk_ended()
 
     async def _prepare(self, items: Sequence[WalkItem]) -> _Batch:
         batch = _Batch()

@@ -8,13 +8,14 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from server.catalog import FileStamp, InMemoryCatalog, Video
-from server.jobs import JobSpec, JobState
+from server.jobs import JobSpec, JobState, Phase
 from server.probe import MediaInfo, ProbeOutcome, ProbeTarget
 from server.queue import AsyncioJobQueue, QueueConfig
 from server.roots import RootPolicy
@@ -197,7 +198,7 @@ class GatedCatalog(InMemoryCatalog):
 
 
 def _tree(root: Path, count: int) -> Path:
-    root.mkdir(exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     for n in range(count):
         (root / f"v{n:03}.mp4").write_bytes(b"x" * (n + 1))
     return root
@@ -269,3 +270,61 @@ async def test_scan_fails_when_the_directory_vanished_before_it_started(tmp_path
         await queue.close()
     assert final.state is JobState.FAILED
     assert "does not exist" in final.error
+
+
+class GatedProber(FakeProber):
+    """Blocks every probe until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.entered = asyncio.Event()
+
+    async def probe(self, targets: Sequence[ProbeTarget]) -> list[ProbeOutcome]:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().probe(targets)
+
+
+async def test_cancel_during_discovery_stops_the_walk_thread(tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    for d in range(20):
+        _tree(root / f"d{d:02}", 20)
+    prober = GatedProber()
+    queue = await _run(root, InMemoryCatalog(), prober, batch_size=4, lanes=1, walk_ahead=8)
+    try:
+        job = await queue.submit(JobSpec(str(root)))
+        await prober.entered.wait()
+        running = await queue.get(job.id)
+        await queue.cancel(job.id)
+        final = await _final(queue, job.id)
+    finally:
+        await queue.close()
+    assert running.progress.phase is Phase.DISCOVERING
+    assert final.state is JobState.CANCELLED
+    assert final.progress.files_found < 400
+    for _ in range(100):
+        if not any(t.name == "walk" for t in threading.enumerate()):
+            break
+        await asyncio.sleep(0.01)
+    assert not any(t.name == "walk" for t in threading.enumerate())
+
+
+async def test_small_trees_are_counted_before_probing_ends(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "lib", 50)
+    prober = GatedProber()
+    queue = await _run(root, InMemoryCatalog(), prober, batch_size=4, lanes=1)
+    try:
+        job = await queue.submit(JobSpec(str(root)))
+        await prober.entered.wait()
+        for _ in range(100):
+            seen = await queue.get(job.id)
+            if seen.progress.phase is Phase.PROBING:
+                break
+            await asyncio.sleep(0.01)
+        prober.gate.set()
+        final = await _final(queue, job.id)
+    finally:
+        await queue.close()
+    assert (seen.progress.phase, seen.progress.files_found) == (Phase.PROBING, 50)
+    assert final.result.added == 50
