@@ -28,7 +28,7 @@ run: setup
 	$(PY) -m server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" $(ARGS)
 
 demo: setup
-	$(PY) -m tools.demo
+	$(PY) -m bench.demo
 
 test: setup
 	$(PY) -m pytest --cov --cov-report=term $(ARGS)

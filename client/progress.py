@@ -113,8 +113,10 @@ class JobDisplay:
         """The final result and the first errors."""
         r = job.result
         elapsed = time.monotonic() - self._started
+        if job.HasField("start_time") and job.HasField("end_time"):
+            elapsed = (job.end_time.ToDatetime() - job.start_time.ToDatetime()).total_seconds()
         self._console.print(
-            f"{state_name(job.state)} in {elapsed:.1f}s: {r.scanned} scanned, {r.added} added, "
+            f"{state_name(job.state)} in {elapsed:.2f}s: {r.scanned} scanned, {r.added} added, "
             f"{r.updated} updated, {r.unchanged} unchanged, {r.failed} failed",
             markup=False,
         )

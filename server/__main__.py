@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from server import logs
 from server.app import ListenError, start
 from server.config import Config, parse_args
-from server.store import DatabaseCorrupt
+from server.store import DatabaseCorrupt, DatabaseInUse
 
 log = logging.getLogger("server")
 
@@ -32,7 +32,7 @@ async def _serve(config: Config) -> None:
         stop.set()
 
     # Handlers go in before start-up, so that a signal during it still drains cleanly.
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
     app = await start(config)
     await stop.wait()
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.log_level)
     try:
         asyncio.run(_serve(config))
-    except DatabaseCorrupt as exc:
+    except (DatabaseCorrupt, DatabaseInUse) as exc:
         log.error("cannot open the database: %s", exc)
         return EXIT_BAD_DATABASE
     except ListenError as exc:

@@ -34,6 +34,8 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.max_receive_message_length", 1 << 20),
+    # Without this a second server on the same port would silently share its connections.
+    ("grpc.so_reuseport", 0),
 ]
 
 

@@ -249,7 +249,10 @@ class ProbePool:
         try:
             await worker.send(targets)
             for _ in targets:
-                outcomes.append(await asyncio.wait_for(worker.receive(), self._timeout_s))
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+                # that arrives just as the reply does, and the job would run on.
+                async with asyncio.timeout(self._timeout_s):
+                    outcomes.append(await worker.receive())
         except TimeoutError:
             outcomes.append(ProbeFailure(f"probe took longer than {self._timeout_s:g} s"))
             return False

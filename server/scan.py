@@ -319,13 +319,15 @@ class Scanner:
         try:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(self._config.lanes):
-                    lanes.create_task(self._lane(job.id, feed, tally))
+                    lanes.create_task(self._lane(job.id, feed, tally, ctx))
         finally:
             feed.stop()
         return tally.result()
 
-    async def _lane(self, job_id: str, feed: _Feed, tally: _Tally) -> None:
-        while (items := await feed.next()) is not None:
+    async def _lane(self, job_id: str, feed: _Feed, tally: _Tally, ctx: JobContext) -> None:
+        # The task cancel interrupts whatever a lane awaits; the token check between batches
+        # is the safety net should a library swallow that cancel.
+        while not ctx.cancelled and (items := await feed.next()) is not None:
             batch = await self._prepare(items)
             await self._probe(batch)
             await self._commit(job_id, batch, tally, items[-1].path)

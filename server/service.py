@@ -110,7 +110,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     async def drained(self, timeout_s: float) -> bool:
         """Wait until no ScanService call is in flight; False if ``timeout_s`` ran out."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

@@ -9,14 +9,16 @@ readers and the writer overlap.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from server.catalog import FileStamp, Video, VideoPage, decode_page_token, encode_page_token
 from server.jobs import (
@@ -32,13 +34,17 @@ from server.jobs import (
 from server.probe import MediaInfo
 from server.queue import StoredJob
 
-__all__ = ["Database", "DatabaseCorrupt", "SqliteCatalog", "SqliteJobStore"]
+__all__ = ["Database", "DatabaseCorrupt", "DatabaseInUse", "SqliteCatalog", "SqliteJobStore"]
 
 _T = TypeVar("_T")
 
 
 class DatabaseCorrupt(RuntimeError):
     """The database file exists but cannot be used; the server must not start on it."""
+
+
+class DatabaseInUse(RuntimeError):
+    """Another server process holds the database: two must never share one SQLite file."""
 
 
 _MIGRATIONS: tuple[str, ...] = (
@@ -91,9 +97,12 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 class Database:
     """One SQLite file, one connection, one thread."""
 
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, lock: BinaryIO
+    ) -> None:
         self._conn = conn
         self._executor = executor
+        self._lock = lock
         self._closed = False
 
     @classmethod
@@ -101,16 +110,19 @@ class Database:
         """Open (creating and migrating as needed) the database at ``path``.
 
         Raises:
+            DatabaseInUse: another process has it open.
             DatabaseCorrupt: the file is not a usable database of ours.
         """
+        lock = _lock(path.with_name(path.name + ".lock"))
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         loop = asyncio.get_running_loop()
         try:
             conn = await loop.run_in_executor(executor, _connect, path)
         except BaseException:
             executor.shutdown(wait=False)
+            lock.close()
             raise
-        return cls(conn, executor)
+        return cls(conn, executor, lock)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn(connection)`` on the database thread."""
@@ -123,6 +135,23 @@ class Database:
         self._closed = True
         await self.run(lambda conn: conn.close())
         self._executor.shutdown(wait=True)
+        self._lock.close()  # releases the lock
+
+
+def _lock(path: Path) -> BinaryIO:
+    """Hold an exclusive lock on ``path`` for as long as the returned file stays open."""
+    handle = path.open("a+b")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().decode(errors="replace").strip() or "another process"
+        handle.close()
+        raise DatabaseInUse(f"{path.parent} is in use by {owner}") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}".encode())
+    handle.flush()
+    return handle
 
 
 def _connect(path: Path) -> sqlite3.Connection:

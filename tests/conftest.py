@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,20 @@ async def wait_terminal(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.J
     return events[-1].job
 
 
+_PROCESSES: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_servers() -> Iterator[None]:
+    """Kill any server process a test started and left running (e.g. after a failure)."""
+    yield
+    while _PROCESSES:
+        proc = _PROCESSES.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     """``python -m server`` on an ephemeral port; its log lines are collected as they come."""
 
@@ -122,6 +136,7 @@ class ServerProcess:
             text=True,
             env={**os.environ, **(env or {})},
         )
+        _PROCESSES.append(self.proc)
         self.lines: list[dict[str, object]] = []
         self._first = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)

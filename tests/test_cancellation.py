@@ -156,3 +156,18 @@ async def test_shutdown_ends_open_streams_with_unavailable(
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert s.app.probes.background_tasks == 0
+
+
+async def test_cancel_stops_a_fast_scan_promptly(serve: ServeFactory, tmp_path: Path) -> None:
+    # Fast probes make the cancel land while replies are already in flight: the scan must
+    # still stop within a batch or two, not run on to the end.
+    root = _library(tmp_path / "lib", videos=3000, gates=0)
+    s = await serve(root)
+    job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+    await _until(s, job.id, lambda j: j.result.scanned >= 300)
+
+    await s.stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
+    final = await wait_terminal(s.stub, job.id)
+
+    assert final.state == pb.JOB_STATE_CANCELLED
+    assert final.result.scanned < 1500

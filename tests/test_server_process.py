@@ -108,3 +108,34 @@ def test_flags_and_environment_combine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.roots == ("/a", "/b")
     assert config.extensions == frozenset({".mp4", ".ts"})
     assert config.probe_timeout_s == 2.5
+
+
+def test_a_second_server_cannot_share_the_port_or_the_data_dir(
+    library: Path, tmp_path: Path
+) -> None:
+    first = ServerProcess("--root", str(library), "--data-dir", str(tmp_path / "d"))
+    try:
+        same_port = subprocess.run(
+            [*SERVER, "--root", str(library), "--data-dir", str(tmp_path / "other"),
+             "--listen", first.address],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        same_data = subprocess.run(
+            [*SERVER, "--root", str(library), "--data-dir", str(tmp_path / "d"),
+             "--listen", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        code, _ = first.stop()
+    assert code == 0
+    assert same_port.returncode == 4
+    assert f"cannot listen on {first.address}" in same_port.stderr
+    assert same_data.returncode == 3
+    assert f"is in use by pid {first.proc.pid}" in same_data.stderr
+
+
+def test_sighup_drains_like_sigterm(library: Path, tmp_path: Path) -> None:
+    server = ServerProcess("--root", str(library), "--data-dir", str(tmp_path / "d"))
+    code, lines = server.stop(signal.SIGHUP)
+    assert code == 0
+    assert lines[-1]["message"] == "server stopped"
