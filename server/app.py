@@ -25,7 +25,7 @@ __all__ = ["App", "ListenError", "start"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ScanService"].full_name
-_KEEPALIVE_OPTIONS = [
+_SERVER_OPTIONS = [
     # A quiet WatchJob stream is kept honest by HTTP/2 pings: a vanished client is noticed
     # in about 30 s instead of when the kernel gives up on the connection.
     ("grpc.keepalive_time_ms", 20_000),
@@ -33,7 +33,6 @@ _KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.max_receive_message_length", 1 << 20),
     # Without this a second server on the same port would silently share its connections.
     ("grpc.so_reuseport", 0),
 ]
@@ -87,9 +86,10 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
-    calls = ServiceInterceptor()
-    server = grpc.aio.server(interceptors=[calls], options=_KEEPALIVE_OPTIONS)
-    port = _bind(server, config.listen)  # first: a taken port fails before anything starts
+    calls = ServiceInterceptor(config.tokens)
+    options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    server = grpc.aio.server(interceptors=[calls], options=options)
+    port = _bind(server, config)  # first: a taken port fails before anything starts
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(config.data_dir / "scanjobs.db")
     catalog = SqliteCatalog(db)
@@ -104,7 +104,11 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         roots,
         probes,
         catalog,
-        ScanConfig(extensions=config.extensions, lanes=config.probe_processes + 1),
+        ScanConfig(
+            extensions=config.extensions,
+            lanes=config.probe_processes + 1,
+            max_errors=config.max_errors,
+        ),
     )
     queue = AsyncioJobQueue(
         scanner,
@@ -113,6 +117,8 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             job_timeout_s=config.job_timeout_s,
             max_pending=config.max_pending,
             retention_s=config.job_retention_s,
+            max_watchers=config.max_watchers,
+            max_watchers_per_job=config.max_watchers_per_job,
         ),
         store=SqliteJobStore(db),
     )
@@ -133,15 +139,31 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
 
 
+def _tls_credentials(config: Config) -> grpc.ServerCredentials:
+    assert config.tls_cert is not None and config.tls_key is not None  # noqa: S101
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 class ListenError(RuntimeError):
     """The listen address cannot be bound."""
 
 
-def _bind(server: grpc.aio.Server, address: str) -> int:
+def _bind(server: grpc.aio.Server, config: Config) -> int:
+    address = config.listen
     try:
-        port = server.add_insecure_port(address)
+        if config.tls_cert is not None and config.tls_key is not None:
+            port = server.add_secure_port(address, _tls_credentials(config))
+        else:
+            port = server.add_insecure_port(address)
     except RuntimeError as exc:
         raise ListenError(f"cannot listen on {address}: {exc}") from None
+    except OSError as exc:
+        raise ListenError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from None
     if port == 0:
         raise ListenError(f"cannot listen on {address}")
     return port

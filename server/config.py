@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.scan import DEFAULT_EXTENSIONS
 
-__all__ = ["Config", "parse_args"]
+__all__ = ["Config", "is_loopback", "parse_args"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,18 +21,26 @@ class Config:
     listen: str
     roots: tuple[str, ...]
     data_dir: Path
-    workers: int
-    job_timeout_s: float
-    probe_processes: int
-    probe_timeout_s: float
-    extensions: frozenset[str]
-    max_pending: int
-    shutdown_grace_s: float
-    log_level: str
+    workers: int = 2
+    job_timeout_s: float = 3600.0
+    probe_processes: int = 2
+    probe_timeout_s: float = 30.0
+    extensions: frozenset[str] = DEFAULT_EXTENSIONS
+    max_pending: int = 1000
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
     job_retention_s: float = 7 * 24 * 3600.0
+    tokens: frozenset[str] = field(default_factory=frozenset)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    max_watchers: int = 4000
+    max_watchers_per_job: int = 1000
+    max_errors: int = 50
+    max_message_bytes: int = 64 * 1024
 
 
-def _env(name: str, default: str) -> str:
+def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"SCANJOBS_{name}", default)
 
 
@@ -56,115 +65,128 @@ def _extensions(text: str) -> frozenset[str]:
     return frozenset(e if e.startswith(".") else f".{e}" for e in items)
 
 
+# (flag, environment name, type, default, help). Defaults are strings: argparse converts them.
+_FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
+    ("--listen", "LISTEN", str, "127.0.0.1:50051", "address:port to serve on"),
+    ("--data-dir", "DATA_DIR", Path, ".data", "where scanjobs.db (jobs, events, catalog) lives"),
+    ("--workers", "WORKERS", _positive_int, "2", "jobs running at once"),
+    ("--job-timeout", "JOB_TIMEOUT", _positive_float, "3600",
+     "seconds a job may run unless its request says otherwise"),
+    ("--probe-processes", "PROBE_PROCESSES", _positive_int, str(os.cpu_count() or 1),
+     "probe worker processes (default: the CPU count)"),
+    ("--probe-timeout", "PROBE_TIMEOUT", _positive_float, "30",
+     "seconds one file may take to probe before it is a per-file error"),
+    ("--extensions", "EXTENSIONS", _extensions, ",".join(sorted(DEFAULT_EXTENSIONS)),
+     "comma-separated video file extensions"),
+    ("--max-pending", "MAX_PENDING", _positive_int, "1000",
+     "pending jobs accepted before RESOURCE_EXHAUSTED"),
+    ("--max-watchers", "MAX_WATCHERS", _positive_int, "4000",
+     "open WatchJob streams in total before RESOURCE_EXHAUSTED"),
+    ("--max-watchers-per-job", "MAX_WATCHERS_PER_JOB", _positive_int, "1000",
+     "open WatchJob streams of one job before RESOURCE_EXHAUSTED"),
+    ("--max-errors", "MAX_ERRORS", _positive_int, "50",
+     "per-file errors listed per job; the rest are only counted"),
+    ("--max-message-bytes", "MAX_MESSAGE_BYTES", _positive_int, str(64 * 1024),
+     "largest request message accepted"),
+    ("--job-retention", "JOB_RETENTION", _positive_float, str(7 * 24 * 3600),
+     "seconds an ended job is kept; the catalog is never pruned"),
+    ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
+     "seconds to drain on SIGTERM before stopping hard"),
+    ("--token-file", "TOKEN_FILE", Path, None,
+     "file of bearer tokens, one per line: every ScanService call must carry one"),
+    ("--tls-cert", "TLS_CERT", Path, None, "server certificate chain (PEM): serve TLS"),
+    ("--tls-key", "TLS_KEY", Path, None, "server private key (PEM)"),
+    ("--tls-client-ca", "TLS_CLIENT_CA", Path, None,
+     "CA bundle (PEM) that client certificates must chain to: mutual TLS"),
+)  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="scanjobs-server",
         description="Serve the scanjobs.v1.ScanService gRPC API. Every flag can also be set "
-        "with an environment variable SCANJOBS_<FLAG> (e.g. SCANJOBS_LISTEN); --root takes "
-        "a colon-separated list there.",
+        "with an environment variable SCANJOBS_<FLAG> (e.g. SCANJOBS_LISTEN); SCANJOBS_ROOT "
+        "takes a colon-separated list.",
     )
-    cpus = os.cpu_count() or 1
-    p.add_argument(
-        "--listen",
-        default=_env("LISTEN", "127.0.0.1:50051"),
-        help="address:port to serve on (default %(default)s)",
-    )
-    p.add_argument(
-        "--root",
-        action="append",
-        dest="roots",
-        metavar="DIR",
-        help="allowed scan root, absolute; repeatable; required",
-    )
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=Path(_env("DATA_DIR", ".data")),
-        help="where the catalog database lives (default %(default)s)",
-    )
-    p.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=_env("WORKERS", "2"),
-        help="jobs running at once (default %(default)s)",
-    )
-    p.add_argument(
-        "--job-timeout",
-        type=_positive_float,
-        dest="job_timeout_s",
-        default=_env("JOB_TIMEOUT", "3600"),
-        help="seconds a job may run unless its request says otherwise (default %(default)s)",
-    )
-    p.add_argument(
-        "--probe-processes",
-        type=_positive_int,
-        default=_env("PROBE_PROCESSES", str(cpus)),
-        help="probe worker processes (default: CPU count, %(default)s)",
-    )
-    p.add_argument(
-        "--probe-timeout",
-        type=_positive_float,
-        dest="probe_timeout_s",
-        default=_env("PROBE_TIMEOUT", "30"),
-        help="seconds one file may take to probe (default %(default)s)",
-    )
-    p.add_argument(
-        "--extensions",
-        type=_extensions,
-        default=_env("EXTENSIONS", ",".join(sorted(DEFAULT_EXTENSIONS))),
-        help="comma-separated video file extensions (default %(default)s)",
-    )
-    p.add_argument(
-        "--max-pending",
-        type=_positive_int,
-        default=_env("MAX_PENDING", "1000"),
-        help="pending jobs accepted before RESOURCE_EXHAUSTED (default %(default)s)",
-    )
-    p.add_argument(
-        "--shutdown-grace",
-        type=_positive_float,
-        dest="shutdown_grace_s",
-        default=_env("SHUTDOWN_GRACE", "10"),
-        help="seconds to drain on SIGTERM before stopping hard (default %(default)s)",
-    )
-    p.add_argument(
-        "--job-retention",
-        type=_positive_float,
-        dest="job_retention_s",
-        default=_env("JOB_RETENTION", str(7 * 24 * 3600)),
-        help="seconds an ended job is kept before it is pruned; the catalog is never pruned "
-        "(default %(default)s = 7 days)",
-    )
+    p.add_argument("--root", action="append", dest="roots", metavar="DIR",
+                   help="allowed scan root, absolute; repeatable; required")  # fmt: skip
+    for flag, env, kind, default, text in _FLAGS:
+        shown = f" (default {default})" if default is not None else ""
+        p.add_argument(flag, type=kind, default=_env(env, default), help=text + shown)  # type: ignore[arg-type]
     p.add_argument(
         "--log-level",
         default=_env("LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log level (default %(default)s)",
+        help="log level (default INFO)",
     )
+    p.add_argument("--insecure", action="store_true", default=bool(_env("INSECURE")),
+                   help="allow a non-loopback --listen with neither TLS nor a token")  # fmt: skip
     return p
+
+
+def is_loopback(listen: str) -> bool:
+    """True if ``host:port`` only accepts connections from this machine."""
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name, or "" (every interface)
+
+
+def _tokens(path: Path | None) -> frozenset[str]:
+    if path is None:
+        return frozenset()
+    return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Parse flags (falling back to the environment); exits with usage on bad input."""
     parser = _parser()
     args = parser.parse_args(argv)
-    roots = args.roots or [r for r in _env("ROOT", "").split(":") if r]
+    roots = args.roots or [r for r in (_env("ROOT") or "").split(":") if r]
     if not roots:
         parser.error("at least one --root (or SCANJOBS_ROOT) is required")
     for root in roots:
         if not os.path.isabs(root):
             parser.error(f"--root must be an absolute path: {root}")
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        tokens = _tokens(args.token_file)
+    except OSError as exc:
+        parser.error(f"cannot read --token-file: {exc.strerror}")
+    if args.token_file is not None and not tokens:
+        parser.error("--token-file holds no token")
+    exposed = not is_loopback(args.listen) and args.tls_cert is None and not tokens
+    if exposed and not args.insecure:
+        parser.error(
+            f"refusing to listen on {args.listen} with neither TLS nor a token: anyone who "
+            "can reach it could read your file system's layout. Add --tls-cert/--tls-key, "
+            "--token-file, or --insecure if the network is trusted."
+        )
     return Config(
         listen=args.listen,
         roots=tuple(roots),
         data_dir=args.data_dir,
         workers=args.workers,
-        job_timeout_s=args.job_timeout_s,
+        job_timeout_s=args.job_timeout,
         probe_processes=args.probe_processes,
-        probe_timeout_s=args.probe_timeout_s,
+        probe_timeout_s=args.probe_timeout,
         extensions=args.extensions,
         max_pending=args.max_pending,
-        shutdown_grace_s=args.shutdown_grace_s,
+        shutdown_grace_s=args.shutdown_grace,
         log_level=args.log_level,
-        job_retention_s=args.job_retention_s,
+        job_retention_s=args.job_retention,
+        tokens=tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        max_watchers=args.max_watchers,
+        max_watchers_per_job=args.max_watchers_per_job,
+        max_errors=args.max_errors,
+        max_message_bytes=args.max_message_bytes,
     )

@@ -180,6 +180,8 @@ class QueueConfig:
         max_attempts: starts a job gets (restarts included) before it fails for good.
         retention_s: ended jobs older than this are pruned, with their events.
         prune_interval_s: how often pruning runs.
+        max_watchers: open subscriptions in total before watch answers RESOURCE_EXHAUSTED.
+        max_watchers_per_job: open subscriptions of one job before the same.
     """
 
     workers: int = 2
@@ -190,6 +192,8 @@ class QueueConfig:
     max_attempts: int = 3
     retention_s: float = 7 * 24 * 3600.0
     prune_interval_s: float = 3600.0
+    max_watchers: int = 4000
+    max_watchers_per_job: int = 1000
 
 
 class Subscription:
@@ -324,6 +328,7 @@ class AsyncioJobQueue:
         self._next_number = 0
         self._tasks: set[asyncio.Task[Any]] = set()
         self._workers: set[asyncio.Task[None]] = set()
+        self._watching = 0
         self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -379,7 +384,7 @@ class AsyncioJobQueue:
         """Open subscriptions, of one job or of all jobs."""
         if job_id is not None:
             return len(self._entry(job_id).watchers)
-        return sum(len(e.watchers) for e in self._order)
+        return self._watching
 
     # -- the JobQueue protocol -------------------------------------------------------------
 
@@ -499,11 +504,13 @@ class AsyncioJobQueue:
         Raises:
             NotFound: no such job.
             InvalidArgument: ``after_sequence`` is beyond the job's latest event.
+            ResourceExhausted: too many watchers, in total or of this job.
             Unavailable: the queue is closing.
         """
         entry = self._entry(job_id)
         if self._closing:
             raise Unavailable("the server is shutting down; resume the watch")
+        self._check_watcher_limits(entry)
         if after_sequence > entry.sequence:
             raise InvalidArgument(
                 f"after_sequence {after_sequence} is beyond the job's latest event "
@@ -513,9 +520,10 @@ class AsyncioJobQueue:
         self._flush(entry)
         await self._committed(entry)  # so that the snapshot is the current state
         last = entry.history[-1]
-        subscription = Subscription(on_close=entry.watchers.discard)
+        subscription = Subscription(on_close=lambda s: self._unwatch(entry, s))
         if not last.job.terminal:
             entry.watchers.add(subscription)
+            self._watching += 1
         if after_sequence == 0:
             subscription.seed([last])
         elif after_sequence >= last.sequence:
@@ -526,6 +534,23 @@ class AsyncioJobQueue:
             replay = await self._store.events_after(job_id, after_sequence)
             subscription.seed(replay or [entry.history[-1]])
         return subscription
+
+    def _unwatch(self, entry: _Entry, subscription: Subscription) -> None:
+        if subscription in entry.watchers:
+            entry.watchers.discard(subscription)
+            self._watching -= 1
+
+    def _check_watcher_limits(self, entry: _Entry) -> None:
+        config = self._config
+        if len(entry.watchers) >= config.max_watchers_per_job:
+            raise ResourceExhausted(
+                f"too many watchers of this job (limit {config.max_watchers_per_job})",
+                reason="TOO_MANY_WATCHERS",
+            )
+        if self._watching >= config.max_watchers:
+            raise ResourceExhausted(
+                f"too many watchers (limit {config.max_watchers})", reason="TOO_MANY_WATCHERS"
+            )
 
     # -- bookkeeping -----------------------------------------------------------------------
 
@@ -636,6 +661,7 @@ class AsyncioJobQueue:
         for watcher in entry.watchers:
             watcher.push(event)
         if event.job.terminal:
+            self._watching -= len(entry.watchers)
             entry.watchers.clear()
             entry.history = collections.deque([event])  # replays now come from the store
             self._spawn(self._store.thin(event.job.id), name=f"thin-{event.job.id}")

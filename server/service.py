@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
+import hmac
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -96,13 +100,18 @@ def _internal_status() -> grpc.Status:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every ScanService call: status mapping, one log line, in-flight accounting.
+    """Wraps every ScanService call: authentication, status mapping, one log line, and
+    in-flight accounting.
 
     This is the one place where expected errors become status codes and bugs become a bare
-    INTERNAL. Health and reflection keep their own behaviour and are not counted.
+    INTERNAL. Health and reflection stay open and keep their own behaviour.
+
+    Args:
+        tokens: bearer tokens, any of which admits a call; none means no authentication.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tokens: frozenset[str] = frozenset()) -> None:
+        self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -128,16 +137,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not method.startswith(_METHOD_PREFIX):
             return handler
         name = method.removeprefix(_METHOD_PREFIX)
+        parse = _lenient(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 self._guarded(name, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 self._guarded(name, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=parse,
                 response_serializer=handler.response_serializer,
             )
         return handler  # pragma: no cover - ScanService has no client-streaming methods
@@ -153,6 +163,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             try:
                 status = None
                 try:
+                    self._authenticate(context)
+                    if isinstance(request, _Malformed):
+                        raise errors.InvalidArgument(request.message, reason="MALFORMED_REQUEST")
                     result = await behavior(request, context)
                     code = grpc.StatusCode.OK
                     return result
@@ -170,6 +183,41 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 _log_call(name, code, time.perf_counter() - started, request)
 
         return guarded
+
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Admit the call if it carries one of the tokens, compared in constant time."""
+        if not self._tokens:
+            return
+        presented = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                presented = value.removeprefix("Bearer ").encode()
+        digest = hashlib.sha256(presented).digest()
+        match = False
+        for token in self._tokens:  # no early exit: the time does not depend on which matched
+            match |= hmac.compare_digest(digest, token)
+        if not presented or not match:
+            raise errors.Unauthenticated(
+                "missing or invalid bearer token (send 'authorization: Bearer <token>')",
+                reason="UNAUTHENTICATED",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Malformed:
+    """A request whose bytes did not parse; answered INVALID_ARGUMENT, not UNKNOWN."""
+
+    message: str
+
+
+def _lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    def lenient(data: bytes) -> Any:
+        try:
+            return parse(data) if parse is not None else data
+        except DecodeError as exc:
+            return _Malformed(f"the request could not be parsed: {exc}")
+
+    return lenient
 
 
 def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) -> None:

@@ -1,0 +1,422 @@
+"""Hostile input, authentication, TLS and limits, through a real server.
+
+The library under the allowed root holds symlinks that escape to a folder outside it, where a
+sentinel file waits. Its access time is set far in the past, so any read of it would move its
+atime (relatime updates an atime older than the mtime): after every case the test checks that
+nothing outside the roots was opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from client import ScanClient, ServiceUnavailable, TlsFiles
+from scanjobs.v1 import scanjobs_pb2 as pb
+from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+from server.config import parse_args
+from tests.certs import Authority
+from tests.conftest import Running, ServeFactory
+from tests.media import write_video
+
+TOKEN = "correct-horse-battery-staple"
+GOOD = (("authorization", f"Bearer {TOKEN}"),)
+Code = grpc.StatusCode
+
+
+@dataclass
+class World:
+    root: Path
+    outside: Path
+    sentinel: Path
+    job_id: str
+    s: Running
+
+
+@pytest.fixture
+async def world(serve: ServeFactory, tmp_path: Path) -> World:
+    root, outside = tmp_path / "lib", tmp_path / "lib-outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    write_video(root / "a.mp4")
+    sentinel = outside / "secret.mp4"
+    write_video(sentinel)
+    (root / "escape.mp4").symlink_to(sentinel)
+    (root / "escape-dir").symlink_to(outside, target_is_directory=True)
+    (root / "sub" / "up.mp4").symlink_to("../../lib-outside/secret.mp4")
+    (tmp_path / "libevil").mkdir()  # shares the root's name as a prefix
+    os.utime(sentinel, (1, time.time()))
+    s = await serve(root, tokens=frozenset({TOKEN, "second-token"}), max_message_bytes=8192)
+    job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)), metadata=GOOD)
+    async for _ in s.stub.WatchJob(pb.WatchJobRequest(job_id=job.id), metadata=GOOD):
+        pass
+    return World(root, outside, sentinel, job.id, s)
+
+
+Call = Callable[["pb_grpc.ScanServiceAsyncStub", World], Awaitable[Any]]
+
+
+def submit(path: str, **fields: Any) -> Call:
+    def call(stub: pb_grpc.ScanServiceAsyncStub, w: World) -> Awaitable[Any]:
+        request = pb.SubmitScanRequest(path=path.format(root=w.root), **fields)
+        return stub.SubmitScan(request, metadata=GOOD)
+
+    return call
+
+
+def unary(method: str, metadata: tuple[tuple[str, str], ...] = GOOD, **fields: Any) -> Call:
+    requests = {
+        "GetJob": pb.GetJobRequest,
+        "CancelJob": pb.CancelJobRequest,
+        "ListJobs": pb.ListJobsRequest,
+        "ListVideos": pb.ListVideosRequest,
+    }
+
+    def call(stub: pb_grpc.ScanServiceAsyncStub, w: World) -> Awaitable[Any]:
+        values = {
+            k: (v.format(job=w.job_id) if isinstance(v, str) else v) for k, v in fields.items()
+        }
+        return getattr(stub, method)(requests[method](**values), metadata=metadata)
+
+    return call
+
+
+def watch(job_id: str, after: int = 0) -> Call:
+    async def call(stub: pb_grpc.ScanServiceAsyncStub, w: World) -> Any:
+        request = pb.WatchJobRequest(job_id=job_id.format(job=w.job_id), after_sequence=after)
+        return [e async for e in stub.WatchJob(request, metadata=GOOD)]
+
+    return call
+
+
+def raw(method: str, payload: bytes, metadata: tuple[tuple[str, str], ...] = GOOD) -> Call:
+    async def call(stub: pb_grpc.ScanServiceAsyncStub, w: World) -> Any:
+        invoke = w.s.channel.unary_unary(f"/scanjobs.v1.ScanService/{method}")
+        return await invoke(payload, metadata=metadata)
+
+    return call
+
+
+def token(metadata: tuple[tuple[str, str], ...]) -> Call:
+    return unary("ListJobs", metadata=metadata)
+
+
+def _token_for(state: str) -> str:
+    return base64.urlsafe_b64encode(f"v1|5|{state}".encode()).decode().rstrip("=")
+
+
+CASES: list[tuple[str, Call, Code]] = [
+    # paths
+    ("empty path", submit(""), Code.INVALID_ARGUMENT),
+    ("relative path", submit("media/films"), Code.INVALID_ARGUMENT),
+    ("dot-relative path", submit("./lib"), Code.INVALID_ARGUMENT),
+    ("NUL byte", submit("{root}/a\x00b"), Code.INVALID_ARGUMENT),
+    ("over-long path", submit("/" + "a" * 5000), Code.INVALID_ARGUMENT),
+    ("outside, exists", submit("/etc"), Code.PERMISSION_DENIED),
+    ("outside, missing", submit("/etc/shadow-dir"), Code.PERMISSION_DENIED),
+    ("dot-dot escape", submit("{root}/../lib-outside"), Code.PERMISSION_DENIED),
+    ("dot-dot escape, missing", submit("{root}/../nowhere"), Code.PERMISSION_DENIED),
+    ("deep dot-dot", submit("{root}/sub/../../../../etc"), Code.PERMISSION_DENIED),
+    ("prefix sibling", submit("{root}evil"), Code.PERMISSION_DENIED),
+    ("symlinked dir escape", submit("{root}/escape-dir"), Code.PERMISSION_DENIED),
+    ("inside symlinked dir", submit("{root}/escape-dir/x"), Code.PERMISSION_DENIED),
+    ("missing inside", submit("{root}/missing"), Code.NOT_FOUND),
+    ("a file, not a folder", submit("{root}/a.mp4"), Code.FAILED_PRECONDITION),
+    ("repeated slashes are fine", submit("{root}//sub///", recursive=False), Code.OK),
+    ("the root with escaping links", submit("{root}"), Code.OK),
+    ("bad UTF-8 in path", raw("SubmitScan", b"\x0a\x03/\xff\xfe"), Code.INVALID_ARGUMENT),
+    ("not a protobuf", raw("GetJob", b"\xff\xff\xff\xff"), Code.INVALID_ARGUMENT),
+    ("negative timeout", submit("{root}", timeout=duration_pb2.Duration(seconds=-5)),
+     Code.INVALID_ARGUMENT),
+    ("absurd timeout", submit("{root}", timeout=duration_pb2.Duration(seconds=10**9)),
+     Code.INVALID_ARGUMENT),
+    ("long request_id", submit("{root}", request_id="r" * 500), Code.INVALID_ARGUMENT),
+    ("oversized message", submit("/" + "b" * 20_000), Code.RESOURCE_EXHAUSTED),
+    # ids
+    ("empty job id", unary("GetJob", job_id=""), Code.INVALID_ARGUMENT),
+    ("long job id", unary("GetJob", job_id="a" * 65), Code.INVALID_ARGUMENT),
+    ("path-like job id", unary("GetJob", job_id="../../etc/passwd"), Code.NOT_FOUND),
+    ("unknown cancel", unary("CancelJob", job_id="f" * 32), Code.NOT_FOUND),
+    ("cancel an ended job", unary("CancelJob", job_id="{job}"), Code.FAILED_PRECONDITION),
+    ("unknown watch", watch("0" * 32), Code.NOT_FOUND),
+    ("watch from the future", watch("{job}", after=10**6), Code.INVALID_ARGUMENT),
+    # pages
+    ("garbage page token", unary("ListJobs", page_token="%%%"), Code.INVALID_ARGUMENT),
+    ("token of another filter", unary("ListJobs", page_token=_token_for("COMPLETED")),
+     Code.INVALID_ARGUMENT),
+    ("garbage video token", unary("ListVideos", page_token="nope"), Code.INVALID_ARGUMENT),
+    ("negative page size", unary("ListJobs", page_size=-1), Code.INVALID_ARGUMENT),
+    ("huge page size is capped", unary("ListVideos", page_size=2**31 - 1), Code.OK),
+    ("unknown state filter", unary("ListJobs", state=99), Code.INVALID_ARGUMENT),
+    # tokens
+    ("no token", token(()), Code.UNAUTHENTICATED),
+    ("wrong token", token((("authorization", "Bearer guess"),)), Code.UNAUTHENTICATED),
+    ("empty bearer", token((("authorization", "Bearer "),)), Code.UNAUTHENTICATED),
+    ("basic auth", token((("authorization", f"Basic {TOKEN}"),)), Code.UNAUTHENTICATED),
+    ("token without scheme", token((("authorization", TOKEN),)), Code.UNAUTHENTICATED),
+    ("token with extra text", token((("authorization", f"Bearer {TOKEN}x"),)),
+     Code.UNAUTHENTICATED),
+    ("token as another header", token((("x-token", TOKEN),)), Code.UNAUTHENTICATED),
+    ("second token works", token((("authorization", "Bearer second-token"),)), Code.OK),
+    ("raw call without token", raw("ListJobs", b"", metadata=()), Code.UNAUTHENTICATED),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "call", "code"), CASES, ids=[c[0] for c in CASES])
+async def test_hostile_input(world: World, name: str, call: Call, code: Code) -> None:
+    before = world.sentinel.stat().st_atime_ns
+    try:
+        result = await call(world.s.stub, world)
+        got = Code.OK
+    except grpc.aio.AioRpcError as exc:
+        got, result = exc.code(), exc
+    if got == Code.OK and isinstance(result, pb.Job):  # let a started scan run to its end
+        async for _ in world.s.stub.WatchJob(pb.WatchJobRequest(job_id=result.id), metadata=GOOD):
+            pass
+    assert got == code, result
+    if isinstance(result, grpc.aio.AioRpcError):
+        assert "Traceback" not in (result.details() or "")
+    assert world.sentinel.stat().st_atime_ns == before, "a file outside the roots was read"
+
+
+async def test_the_sentinel_would_show_a_read(world: World) -> None:
+    """Calibrates the check above: a read of the sentinel does move its access time."""
+    before = world.sentinel.stat().st_atime_ns
+    world.sentinel.read_bytes()
+    assert world.sentinel.stat().st_atime_ns != before
+
+
+async def test_a_scan_reports_escaping_links_without_following_them(world: World) -> None:
+    job = await world.s.stub.GetJob(pb.GetJobRequest(job_id=world.job_id), metadata=GOOD)
+    errors = {Path(e.path).name: e.message for e in job.result.errors}
+    assert errors == {
+        "escape.mp4": "symlink points outside the allowed roots",
+        "up.mp4": "symlink points outside the allowed roots",
+    }
+    assert job.result.added == 1
+
+
+async def test_health_and_reflection_stay_open_without_a_token(world: World) -> None:
+    health = health_pb2_grpc.HealthStub(world.s.channel)
+    reply = await health.Check(health_pb2.HealthCheckRequest(service="scanjobs.v1.ScanService"))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(world.s.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    responses = [r async for r in reflection.ServerReflectionInfo(iter([request]))]
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert "scanjobs.v1.ScanService" in names
+
+
+async def test_tokens_never_reach_the_logs(world: World, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
+    await world.s.stub.ListJobs(pb.ListJobsRequest(), metadata=GOOD)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await world.s.stub.ListJobs(
+            pb.ListJobsRequest(), metadata=(("authorization", "Bearer wrong-guess"),)
+        )
+    text = caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+    assert TOKEN not in text and "wrong-guess" not in text
+    assert "method=ListJobs" in text or "ListJobs" in text
+
+
+# -- TLS -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Any]:
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    ca, rogue = Authority(folder, "ca"), Authority(folder, "rogue-ca")
+    return {
+        "ca": ca.pair.cert,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "rogue": rogue.issue("rogue-client", server=False),
+    }
+
+
+async def _get_jobs(address: str, tls: TlsFiles | None) -> str:
+    try:
+        async with ScanClient(address, tls=tls, timeout_s=3) as client:
+            [j async for j in client.list_jobs(limit=1)]
+    except ServiceUnavailable:
+        return "refused"
+    return "ok"
+
+
+async def test_tls_serves_only_clients_that_trust_it(
+    serve: ServeFactory, media: Path, pki: dict[str, Any]
+) -> None:
+    server = pki["server"]
+    s = await serve(media, tls_cert=server.cert, tls_key=server.key)
+    assert await _get_jobs(s.address, TlsFiles(ca=pki["ca"])) == "ok"
+    assert await _get_jobs(s.address, None) == "refused"  # plaintext
+    assert await _get_jobs(s.address, TlsFiles()) == "refused"  # system CAs do not know ours
+
+
+async def test_mutual_tls_requires_a_client_certificate_from_our_ca(
+    serve: ServeFactory, media: Path, pki: dict[str, Any]
+) -> None:
+    server, client, rogue = pki["server"], pki["client"], pki["rogue"]
+    s = await serve(media, tls_cert=server.cert, tls_key=server.key, tls_client_ca=pki["ca"])
+    good = TlsFiles(ca=pki["ca"], cert=client.cert, key=client.key)
+    assert await _get_jobs(s.address, good) == "ok"
+    assert await _get_jobs(s.address, TlsFiles(ca=pki["ca"])) == "refused"
+    assert await _get_jobs(s.address, TlsFiles(pki["ca"], rogue.cert, rogue.key)) == "refused"
+
+
+async def test_cli_speaks_mutual_tls_with_a_token(
+    serve: ServeFactory, media: Path, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    server, client = pki["server"], pki["client"]
+    s = await serve(
+        media,
+        tls_cert=server.cert,
+        tls_key=server.key,
+        tls_client_ca=pki["ca"],
+        tokens=frozenset({TOKEN}),
+    )
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "client", "--target", s.address, "--token-file", str(token_file),
+        "--tls-ca", str(pki["ca"]), "--tls-cert", str(client.cert), "--tls-key", str(client.key),
+        "scan", str(media),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert "COMPLETED" in out.decode()
+
+
+# -- start-up refusals -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "ok"),
+    [
+        ([], False),
+        (["--insecure"], True),
+        (["--token-file", "{tokens}"], True),
+    ],
+)
+def test_non_loopback_listen_needs_tls_a_token_or_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], ok: bool
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("t1\n")
+    argv = ["--root", "/srv", "--listen", "0.0.0.0:50051"] + [
+        a.format(tokens=tokens) for a in extra
+    ]
+    if ok:
+        assert parse_args(argv).listen == "0.0.0.0:50051"
+        return
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert (
+        "refusing to listen on 0.0.0.0:50051 with neither TLS nor a token"
+        in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--tls-cert", "/x.crt"],
+        ["--tls-client-ca", "/ca.crt"],
+        ["--token-file", "/no/such/file"],
+    ],
+)
+def test_inconsistent_security_flags_are_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--root", "/srv", *argv])
+
+
+# -- limits ------------------------------------------------------------------------------------
+
+
+async def test_submit_flood_respects_max_pending_and_health_keeps_answering(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "gate.mp4").write_bytes(b"x")
+    s = await serve(root, misbehaving=True, workers=1, max_pending=50)
+    first = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+    while (await s.stub.GetJob(pb.GetJobRequest(job_id=first.id))).state != pb.JOB_STATE_RUNNING:
+        await asyncio.sleep(0.01)
+    health = health_pb2_grpc.HealthStub(s.channel)
+
+    async def one() -> grpc.StatusCode:
+        try:
+            await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    async def checks() -> list[int]:
+        replies = []
+        for _ in range(20):
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+            replies.append(reply.status)
+        return replies
+
+    results, statuses = await asyncio.gather(asyncio.gather(*(one() for _ in range(500))), checks())
+    listed = await s.stub.ListJobs(pb.ListJobsRequest(page_size=1000))
+
+    assert results.count(grpc.StatusCode.OK) == 50
+    assert results.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 450
+    assert len(listed.jobs) == 51
+    assert set(statuses) == {health_pb2.HealthCheckResponse.SERVING}
+    (root / "open-gate").touch()
+
+
+async def test_watcher_limits_are_resource_exhausted(serve: ServeFactory, tmp_path: Path) -> None:
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "gate.mp4").write_bytes(b"x")
+    s = await serve(root, misbehaving=True, max_watchers=3, max_watchers_per_job=2)
+    a = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+    b = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+    open_calls = []
+    for job_id in (a.id, a.id, b.id):
+        call = s.stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+        await call.read()
+        open_calls.append(call)
+
+    codes = []
+    for job_id in (a.id, b.id):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            [e async for e in s.stub.WatchJob(pb.WatchJobRequest(job_id=job_id))]
+        codes.append(caught.value.code())
+    for call in open_calls:
+        call.cancel()
+    (root / "open-gate").touch()
+    assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 2
+
+
+async def test_errors_kept_per_job_are_bounded_and_the_rest_counted(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    root = tmp_path / "lib"
+    root.mkdir()
+    for n in range(30):
+        (root / f"junk{n:02}.mp4").write_bytes(b"junk")
+    s = await serve(root, max_errors=5)
+    job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+    events = [e async for e in s.stub.WatchJob(pb.WatchJobRequest(job_id=job.id))]
+    result = events[-1].job.result
+    assert (len(result.errors), result.error_count, result.failed) == (5, 30, 30)
