@@ -162,11 +162,13 @@ class JobEvent:
         job: the full snapshot as of this event.
         state_change: True when the state or ``cancel_requested`` changed; such events are
             never coalesced away, unlike progress.
+        time: when the event was published.
     """
 
     sequence: int
     job: Job
     state_change: bool
+    time: datetime | None = None
 
 
 def transition(job: Job, state: JobState, now: datetime, **changes: object) -> Job:

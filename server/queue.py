@@ -642,7 +642,7 @@ class AsyncioJobQueue:
             entry.flush = None
         entry.sequence += 1
         entry.published = entry.job
-        entry.outbox.append(JobEvent(entry.sequence, entry.job, state_change))
+        entry.outbox.append(JobEvent(entry.sequence, entry.job, state_change, self._clock()))
         if entry.drain is None or entry.drain.done():
             entry.drain = self._spawn(self._drain(entry), name=f"outbox-{entry.job.id}")
 

@@ -298,7 +298,11 @@ class ScanService(pb_grpc.ScanServiceServicer):
         key = (event.job.id, event.sequence)
         message = self._events.get(key)
         if message is None:
-            message = pb.JobEvent(sequence=event.sequence, job=job_to_proto(event.job))
+            message = pb.JobEvent(
+                sequence=event.sequence,
+                job=job_to_proto(event.job),
+                event_time=_timestamp(event.time),
+            )
             self._events[key] = message
             if len(self._events) > 256:
                 self._events.popitem(last=False)

@@ -90,6 +90,10 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (job_id, sequence)
     ) WITHOUT ROWID;
     """,
+    # 3: when each event was published.
+    """
+    ALTER TABLE job_events ADD COLUMN time_ns INTEGER;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -299,7 +303,7 @@ class SqliteJobStore:
             loaded = []
             for job_id, snapshot in conn.execute("SELECT id, snapshot FROM jobs ORDER BY rowid"):
                 row = conn.execute(
-                    "SELECT sequence, state_change, snapshot FROM job_events"
+                    "SELECT sequence, state_change, snapshot, time_ns FROM job_events"
                     " WHERE job_id = ? ORDER BY sequence DESC LIMIT 1",
                     (job_id,),
                 ).fetchone()
@@ -312,7 +316,8 @@ class SqliteJobStore:
 
     async def append(self, events: Sequence[JobEvent]) -> None:
         event_rows = [
-            (e.job.id, e.sequence, int(e.state_change), encode_job(e.job)) for e in events
+            (e.job.id, e.sequence, int(e.state_change), encode_job(e.job), _ns(e.time))
+            for e in events
         ]
         latest = {e.job.id: e.job for e in events}
         job_rows = [
@@ -329,14 +334,16 @@ class SqliteJobStore:
                     " snapshot = excluded.snapshot",
                     job_rows,
                 )
-                conn.executemany("INSERT OR IGNORE INTO job_events VALUES (?, ?, ?, ?)", event_rows)
+                conn.executemany(
+                    "INSERT OR IGNORE INTO job_events VALUES (?, ?, ?, ?, ?)", event_rows
+                )
 
         await self._db.run(write)
 
     async def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
         def query(conn: sqlite3.Connection) -> list[JobEvent]:
             rows = conn.execute(
-                "SELECT sequence, state_change, snapshot FROM job_events"
+                "SELECT sequence, state_change, snapshot, time_ns FROM job_events"
                 " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
                 (job_id, after_sequence),
             )
@@ -368,9 +375,9 @@ class SqliteJobStore:
         return await self._db.run(write)
 
 
-def _event(job_id: str, row: tuple[int, int, str]) -> JobEvent:
-    sequence, state_change, snapshot = row
-    return JobEvent(sequence, decode_job(snapshot), bool(state_change))
+def _event(job_id: str, row: tuple[int, int, str, int | None]) -> JobEvent:
+    sequence, state_change, snapshot, time_ns = row
+    return JobEvent(sequence, decode_job(snapshot), bool(state_change), _time(time_ns))
 
 
 def _ns(value: datetime | None) -> int | None:
