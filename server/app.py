@@ -106,7 +106,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         catalog,
         ScanConfig(
             extensions=config.extensions,
-            lanes=config.probe_processes + 1,
+            lanes=max(2, config.probe_processes),
             max_errors=config.max_errors,
         ),
     )

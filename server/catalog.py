@@ -11,7 +11,7 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from server.errors import InvalidArgument
 from server.probe import MediaInfo
@@ -20,6 +20,7 @@ __all__ = [
     "Catalog",
     "FileStamp",
     "InMemoryCatalog",
+    "Seen",
     "Video",
     "VideoPage",
     "decode_page_token",
@@ -27,17 +28,23 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class FileStamp:
+class FileStamp(NamedTuple):
     """What decides whether a file changed since it was catalogued."""
 
     size_bytes: int
     mtime_ns: int
 
 
+class Seen(NamedTuple):
+    """What the catalog knows of a file: its stamp, and when a scan last saw it."""
+
+    stamp: FileStamp
+    last_seen_ns: int
+
+
 @dataclass(frozen=True, slots=True)
 class Video:
-    """A catalogued video."""
+    """A catalogued video; ``job_id`` is the job that last probed it (added or updated)."""
 
     path: bytes
     stamp: FileStamp
@@ -53,11 +60,16 @@ VideoPage = tuple[list[Video], str]
 class Catalog(Protocol):
     """Where scans keep what they found."""
 
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, FileStamp]: ...
+    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, Seen]:
+        """What is known of those ``paths`` that are catalogued."""
+        ...
 
     async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
-    ) -> None: ...
+        self, job_id: str, probed: Sequence[Video], seen: Sequence[bytes], now_ns: int
+    ) -> None:
+        """In one transaction: store ``probed`` (as last probed by ``job_id``) and move the
+        last-seen time of the unchanged files ``seen`` to ``now_ns``."""
+        ...
 
     async def list_videos(
         self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str
@@ -92,11 +104,12 @@ class InMemoryCatalog:
     def __init__(self) -> None:
         self._videos: dict[bytes, Video] = {}
 
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, FileStamp]:
-        return {p: self._videos[p].stamp for p in paths if p in self._videos}
+    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, Seen]:
+        videos = self._videos
+        return {p: Seen(videos[p].stamp, videos[p].last_seen_ns) for p in paths if p in videos}
 
     async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
+        self, job_id: str, probed: Sequence[Video], seen: Sequence[bytes], now_ns: int
     ) -> None:
         for video in probed:
             old = self._videos.get(video.path)
@@ -104,9 +117,9 @@ class InMemoryCatalog:
             self._videos[video.path] = replace(
                 video, first_seen_ns=first, last_seen_ns=now_ns, job_id=job_id
             )
-        for path in unchanged:
+        for path in seen:
             if path in self._videos:
-                self._videos[path] = replace(self._videos[path], last_seen_ns=now_ns, job_id=job_id)
+                self._videos[path] = replace(self._videos[path], last_seen_ns=now_ns)
 
     async def list_videos(
         self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str

@@ -20,7 +20,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from server.catalog import FileStamp, Video, VideoPage, decode_page_token, encode_page_token
+from server.catalog import (
+    FileStamp,
+    Seen,
+    Video,
+    VideoPage,
+    decode_page_token,
+    encode_page_token,
+)
 from server.jobs import (
     FileError,
     Job,
@@ -207,31 +214,34 @@ class SqliteCatalog:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, FileStamp]:
-        def query(conn: sqlite3.Connection) -> dict[bytes, FileStamp]:
-            found: dict[bytes, FileStamp] = {}
+    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, Seen]:
+        def query(conn: sqlite3.Connection) -> dict[bytes, Seen]:
+            found: dict[bytes, Seen] = {}
             for start in range(0, len(paths), _LOOKUP_CHUNK):
                 chunk = paths[start : start + _LOOKUP_CHUNK]
                 marks = ",".join("?" * len(chunk))
-                sql = f"SELECT path, size_bytes, mtime_ns FROM videos WHERE path IN ({marks})"  # noqa: S608 - only placeholders are interpolated
-                for path, size, mtime in conn.execute(sql, chunk):
-                    found[path] = FileStamp(size, mtime)
+                sql = (
+                    "SELECT path, size_bytes, mtime_ns, last_seen_ns FROM videos"  # noqa: S608 - only placeholders are interpolated
+                    f" WHERE path IN ({marks})"
+                )
+                for path, size, mtime, last_seen in conn.execute(sql, chunk):
+                    found[path] = Seen(FileStamp(size, mtime), last_seen)
             return found
 
         return await self._db.run(query)
 
     async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
+        self, job_id: str, probed: Sequence[Video], seen: Sequence[bytes], now_ns: int
     ) -> None:
         rows = [_video_row(v, job_id, now_ns) for v in probed]
-        touched = [(now_ns, job_id, p) for p in unchanged]
+        touched = [(now_ns, p) for p in seen]
+        if not rows and not touched:
+            return
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
                 conn.executemany(_UPSERT, rows)
-                conn.executemany(
-                    "UPDATE videos SET last_seen_ns = ?, job_id = ? WHERE path = ?", touched
-                )
+                conn.executemany("UPDATE videos SET last_seen_ns = ? WHERE path = ?", touched)
 
         await self._db.run(write)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.catalog import Catalog, FileStamp, InMemoryCatalog, Video
+from server.catalog import Catalog, FileStamp, InMemoryCatalog, Seen, Video
 from server.errors import InvalidArgument
 from server.probe import MediaInfo
 from server.store import Database, DatabaseCorrupt, SqliteCatalog
@@ -36,7 +36,10 @@ async def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 async def test_commit_then_lookup_returns_stamps(catalog: Catalog) -> None:
     await catalog.commit("j1", [video(b"/m/a.mp4", 10, 5), video(b"/m/b.mp4", 20, 6)], [], 100)
     found = await catalog.lookup([b"/m/a.mp4", b"/m/missing.mp4", b"/m/b.mp4"])
-    assert found == {b"/m/a.mp4": FileStamp(10, 5), b"/m/b.mp4": FileStamp(20, 6)}
+    assert found == {
+        b"/m/a.mp4": Seen(FileStamp(10, 5), 100),
+        b"/m/b.mp4": Seen(FileStamp(20, 6), 100),
+    }
 
 
 async def test_lookup_handles_more_paths_than_one_statement_takes(catalog: Catalog) -> None:
@@ -55,20 +58,20 @@ async def test_metadata_round_trips_exactly(catalog: Catalog) -> None:
 async def test_recommit_keeps_first_seen_and_moves_last_seen(catalog: Catalog) -> None:
     await catalog.commit("j1", [video(b"/m/a.mp4", 1)], [], 100)
     await catalog.commit("j2", [video(b"/m/a.mp4", 2)], [], 200)
-    await catalog.commit("j3", [], [b"/m/a.mp4"], 300)
+    await catalog.commit("j3", [], [b"/m/a.mp4"], 300)  # seen unchanged: not probed by j3
     (got,), _ = await catalog.list_videos(path_prefix=b"", job_id="", page_size=10, page_token="")
     assert (got.stamp.size_bytes, got.first_seen_ns, got.last_seen_ns, got.job_id) == (
         2,
         100,
         300,
-        "j3",
+        "j2",
     )
 
 
 async def test_non_utf8_paths_survive(catalog: Catalog) -> None:
     odd = b"/m/caf\xe9\xff.mp4"
     await catalog.commit("j1", [video(odd)], [], 1)
-    assert await catalog.lookup([odd]) == {odd: FileStamp(10, 1)}
+    assert await catalog.lookup([odd]) == {odd: Seen(FileStamp(10, 1), 1)}
     (got,), _ = await catalog.list_videos(
         path_prefix=b"/m/", job_id="", page_size=10, page_token=""
     )
@@ -107,7 +110,7 @@ async def test_sqlite_catalog_survives_reopening(tmp_path: Path) -> None:
     await SqliteCatalog(db).commit("j1", [video(b"/m/a.mp4")], [], 1)
     await db.close()
     db = await Database.open(tmp_path / "c.db")
-    assert await SqliteCatalog(db).lookup([b"/m/a.mp4"]) == {b"/m/a.mp4": FileStamp(10, 1)}
+    assert await SqliteCatalog(db).lookup([b"/m/a.mp4"]) == {b"/m/a.mp4": Seen(FileStamp(10, 1), 1)}
     await db.close()
 
 

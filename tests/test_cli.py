@@ -179,7 +179,7 @@ async def test_ctrl_c_cancels_the_job_and_exits_with_the_cancelled_code(
 
 async def test_progress_bar_is_drawn_on_a_terminal(serve: ServeFactory, tmp_path: Path) -> None:
     root = _gated(tmp_path / "lib")
-    for n in range(40):
+    for n in range(400):  # several catalog batches: progress moves while the gate holds one
         (root / f"junk{n}.mp4").write_bytes(b"not video")
     s = await serve(root, misbehaving=True)
     controller, terminal = pty.openpty()
@@ -191,7 +191,7 @@ async def test_progress_bar_is_drawn_on_a_terminal(serve: ServeFactory, tmp_path
     os.close(terminal)
     screen = b""
     loop = asyncio.get_running_loop()
-    for _ in range(100):
+    for _ in range(200):
         screen += await loop.run_in_executor(None, os.read, controller, 65536)
         if b"probing" in screen and b"files/s" in screen:
             break
@@ -210,6 +210,6 @@ async def test_progress_bar_is_drawn_on_a_terminal(serve: ServeFactory, tmp_path
     text = screen.decode(errors="replace")
     assert "\u2501" in text  # the bar
     assert "probing" in text
-    assert "/41" in text  # done / found
+    assert "/401" in text  # done / found
     assert "COMPLETED in" in text
     assert proc.returncode == 0

@@ -1,0 +1,364 @@
+"""``make bench``: every performance claim as a number, against a baseline from the same run.
+
+Prints one table (ours, baseline, ratio, target) and writes ``bench/results.json``. Corpora
+are generated into ``bench/.cache`` and kept between runs. ``--quick`` runs every benchmark at
+tiny sizes (the test suite does that, so the benchmarks keep working); it measures nothing
+worth quoting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench import baselines
+from bench.corpus import make_corpus
+from bench.harness import percentile, rss_mib, server
+from client import InvalidRequest, ScanClient, is_terminal
+from scanjobs.v1 import scanjobs_pb2 as pb
+
+HERE = Path(__file__).resolve().parent
+CACHE = HERE / ".cache"
+
+
+@dataclass
+class Row:
+    """One line of the table: ours against a baseline measured in the same run."""
+
+    name: str
+    ours: float
+    baseline: float
+    baseline_name: str
+    unit: str
+    ratio: float
+    target: str
+    met: bool | None
+
+
+@dataclass
+class Sizes:
+    files: int = 2000
+    ffprobe_sample: int = 200
+    trials: int = 100
+    watchers: int = 1000
+    fan_out_files: int = 6000
+    walk_files: int = 1_000_000
+    rpc_seconds: float = 3.0
+    processes: int = 2
+
+
+QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+async def scan_once(target: str, path: Path) -> pb.Job:
+    """Submit a scan and wait for its end; returns the final job."""
+    async with ScanClient(target, timeout_s=60) as client:
+        job = await client.submit(str(path))
+        final = job
+        async for event in client.watch(job.id):
+            final = event.job
+        return final
+
+
+def _seconds(job: pb.Job) -> float:
+    return (job.end_time.ToDatetime() - job.start_time.ToDatetime()).total_seconds()
+
+
+def _touch_all(root: Path) -> None:
+    now = time.time_ns()
+    for path in baselines.video_files(root):
+        os.utime(path, ns=(now, now))
+
+
+# -- 1 and 2: scan and rescan throughput ---------------------------------------------------------
+
+
+def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
+    files = baselines.video_files(corpus)
+    with server(corpus, "--probe-processes", str(sizes.processes)) as s:
+        started = time.perf_counter()
+        cold = asyncio.run(scan_once(s.target, corpus))
+        cold_s = time.perf_counter() - started
+        started = time.perf_counter()
+        asyncio.run(scan_once(s.target, corpus))
+        warm_s = time.perf_counter() - started
+    assert cold.result.scanned == len(files), cold.result
+    ours = len(files) / cold_s
+    bare = baselines.bare_pyav_rate(files, sizes.processes)
+    floor = baselines.io_floor_rate(corpus)
+    stat_s = min(baselines.walk_stat_seconds(corpus) for _ in range(3))
+    rows = [
+        Row("scan throughput", ours, bare, f"bare PyAV loop, {sizes.processes} procs", "files/s",
+            ours / bare, ">= 0.8x", ours / bare >= 0.8),
+        Row("scan throughput", ours, floor, "I/O floor (walk+open+read 64K)", "files/s",
+            ours / floor, "(context)", None),
+        Row("rescan (all unchanged)", warm_s, stat_s, "walk + stat floor", "s",
+            warm_s / stat_s, "<= 2x", warm_s / stat_s <= 2),
+    ]  # fmt: skip
+    ffprobe = None if skip_ffprobe else baselines.ensure_ffprobe()
+    if ffprobe is not None:
+        seed = baselines.ffprobe_rate(ffprobe, files, sizes.ffprobe_sample)
+        rows.insert(0, Row("scan throughput", ours, seed, "ffprobe per file, sequential",
+                           "files/s", ours / seed, ">= 100x", ours / seed >= 100))  # fmt: skip
+    return rows
+
+
+# -- 3: cancel latency ---------------------------------------------------------------------------
+
+
+async def _cancel_trial(client: ScanClient, path: Path, *, wait_files: bool) -> float | None:
+    """Milliseconds from the CancelJob reply to the terminal event; None if the job ended
+    before the cancel reached it."""
+    job = await client.submit(str(path))
+    events = client.watch(job.id).__aiter__()
+    async for event in events:
+        running = event.job.state == pb.JOB_STATE_RUNNING
+        if running and (not wait_files or event.job.progress.files_done > 0):
+            break
+    if not wait_files:
+        await asyncio.sleep(random.uniform(0.002, 0.02))
+    try:
+        await client.cancel(job.id)
+    except InvalidRequest:
+        return None
+    replied = time.perf_counter()
+    async for event in events:
+        if is_terminal(event.job):
+            return (time.perf_counter() - replied) * 1000
+    raise RuntimeError("no terminal event")
+
+
+def cancel_latency(sizes: Sizes, small: Path, large: Path) -> list[Row]:
+    rows = []
+    for name, root, wait_files in (
+        ("between small files", small, True),
+        ("large-file probes in flight", large, False),
+    ):
+        with server(root, "--probe-processes", str(sizes.processes)) as s:
+
+            async def trials(
+                target: str = s.target, root: Path = root, wait: bool = wait_files
+            ) -> list[float]:
+                async with ScanClient(target) as client:
+                    out: list[float] = []
+                    for _ in range(sizes.trials * 3):
+                        _touch_all(root)  # so that every trial probes again
+                        latency = await _cancel_trial(client, root, wait_files=wait)
+                        if latency is not None:
+                            out.append(latency)
+                        if len(out) == sizes.trials:
+                            break
+                    return out
+
+            latencies = asyncio.run(trials())
+        p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+        target = f"p99 <= 30 ms (p50 {p50:.1f} ms, n={len(latencies)})"
+        rows.append(
+            Row(
+                f"cancel latency p99, {name}",
+                p99,
+                30.0,
+                "target",
+                "ms",
+                p99 / 30,
+                target,
+                p99 <= 30,
+            )
+        )
+    return rows
+
+
+# -- 4: watch fan-out ------------------------------------------------------------------------
+
+
+async def _fan_out_run(target: str, blocker: Path, measured: Path, watchers: int, pid: int):  # type: ignore[no-untyped-def]
+    async with ScanClient(target) as client:
+        first = await client.submit(str(blocker))
+        job = await client.submit(str(measured))  # waits behind the blocker (--workers 1)
+        rss_before = rss_mib(pid)
+        load = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.load", "--watch", target, job.id, str(watchers),
+            stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert load.stdout is not None
+        await load.stdout.readline()  # every watcher is connected
+        rss_peak = rss_mib(pid)
+        with contextlib.suppress(InvalidRequest):  # it may have ended on its own
+            await client.cancel(first.id)
+        final = job
+        async for event in client.watch(job.id):
+            rss_peak = max(rss_peak, rss_mib(pid))
+            final = event.job
+        out, _ = await load.communicate()
+        delays = json.loads(out)["delays"]
+    return final, delays, rss_before, rss_peak
+
+
+def fan_out(sizes: Sizes, blocker: Path, measured: Path) -> list[Row]:
+    """The measured job waits behind a slow blocker (large files) until every watcher is on."""
+    with server(CACHE, "--workers", "1", "--probe-processes", str(sizes.processes)) as s:
+        alone = asyncio.run(scan_once(s.target, measured))
+    with server(CACHE, "--workers", "1", "--probe-processes", str(sizes.processes)) as s:
+        final, delays, before, peak = asyncio.run(
+            _fan_out_run(s.target, blocker, measured, sizes.watchers, s.proc.pid)
+        )
+    p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
+    slowdown = _seconds(final) / _seconds(alone)
+    return [
+        Row(f"fan-out delay p99, {sizes.watchers} watchers", p99, 100.0, "target", "ms", p99 / 100,
+            f"p99 <= 100 ms (p50 {p50:.1f} ms, {len(delays)} deliveries)", p99 <= 100),
+        Row("fan-out extra RSS", peak - before, 50.0, "target", "MiB", (peak - before) / 50,
+            f"<= 50 MiB (before {before:.0f} MiB)", peak - before <= 50),
+        Row("job time with watchers", _seconds(final), _seconds(alone), "same job, no watchers",
+            "s", slowdown, "<= 1.25x", slowdown <= 1.25),
+    ]  # fmt: skip
+
+
+# -- 5: RPC overhead -----------------------------------------------------------------------------
+
+
+def rpc_overhead(sizes: Sizes, corpus: Path) -> list[Row]:
+    with server(corpus) as s:
+        job = asyncio.run(scan_once(s.target, corpus))
+        ours = baselines.unary_rate_in_subprocess(s.target, job.id, sizes.rpc_seconds, 64)
+    payload = job.SerializeToString()
+
+    async def bare() -> float:
+        srv, target = await baselines.serve_bare(payload)
+        try:
+            return await asyncio.to_thread(
+                baselines.unary_rate_in_subprocess, target, job.id, sizes.rpc_seconds, 64
+            )
+        finally:
+            await srv.stop(None)
+
+    base = asyncio.run(bare())
+    name = f"GetJob calls/s, 64 in flight ({len(payload)} B)"
+    bare_name = "bare grpc.aio server, same size"
+    return [Row(name, ours, base, bare_name, "calls/s", ours / base, ">= 0.7x", ours / base >= 0.7)]
+
+
+# -- 6: scale ------------------------------------------------------------------------------------
+
+
+def _tiny_tree(root: Path, files: int) -> Path:
+    marker = root / f".complete-{files}"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for n in range(files):
+        folder = root / f"d{n // 1000:04}"
+        if n % 1000 == 0:
+            folder.mkdir()
+        (folder / f"f{n:07}.txt").touch()
+    marker.touch()
+    return root
+
+
+def scale(sizes: Sizes) -> list[Row]:
+    root = _tiny_tree(CACHE / f"tiny-{sizes.walk_files}", sizes.walk_files)
+    walk_s = min(baselines.walk_seconds(root) for _ in range(2))
+    with server(root) as s:
+        job = asyncio.run(scan_once(s.target, root))
+        peak = rss_mib(s.proc.pid, "VmHWM")
+    ours = _seconds(job)
+    return [
+        Row(f"walk-only scan of {sizes.walk_files:,} files", ours, walk_s, "bare os.scandir walk",
+            "s", ours / walk_s, "<= 1.5x", ours / walk_s <= 1.5),
+        Row("peak server RSS during that scan", peak, 300.0, "target", "MiB", peak / 300,
+            "<= 300 MiB", peak <= 300),
+    ]  # fmt: skip
+
+
+# -- the runner ----------------------------------------------------------------------------------
+
+
+def _large_library(files: int) -> Path:
+    """Hard links to one >= 200 MB video: every probe in this tree is of a large file."""
+    root = CACHE / "large"
+    source = root / "original" / "large.avi"
+    if not source.exists():
+        source.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "bench.large", str(source)], check=True)
+    links = root / f"links-{files}"
+    if not links.exists():
+        links.mkdir()
+        for n in range(files):
+            os.link(source, links / f"large{n:03}.avi")
+    return links
+
+
+def _print(rows: list[Row]) -> None:
+    head = f"{'benchmark':<52} {'ours':>12} {'baseline':>12} {'ratio':>8}  target / baseline"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        mark = {True: "ok", False: "MISSED", None: ""}[r.met]
+        print(f"{r.name:<52} {r.ours:>12,.2f} {r.baseline:>12,.2f} {r.ratio:>7.2f}x  "
+              f"{r.target} [{r.unit}] vs {r.baseline_name} {mark}")  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--skip-ffprobe", action="store_true", help="no ffprobe baseline")
+    parser.add_argument("--only", choices=["scan", "cancel", "fanout", "rpc", "scale"],
+                        action="append", help="run only these (repeatable)")  # fmt: skip
+    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+    sizes = QUICK if args.quick else Sizes()
+    tag = "quick" if args.quick else "full"
+    corpus = make_corpus(CACHE / f"corpus-{tag}" / "library", sizes.files)
+    small = make_corpus(CACHE / f"cancel-{tag}" / "library", max(sizes.files, 1000))
+    measured = make_corpus(CACHE / f"fanout-{tag}" / "measured", sizes.fan_out_files)
+    large = _large_library(200)
+    only = set(args.only or ["scan", "cancel", "fanout", "rpc", "scale"])
+    rows: list[Row] = []
+    if "scan" in only:
+        rows += throughput(sizes, corpus, args.skip_ffprobe)
+    if "cancel" in only:
+        rows += cancel_latency(sizes, small, large)
+    if "fanout" in only:
+        rows += fan_out(sizes, large, measured)
+    if "rpc" in only:
+        rows += rpc_overhead(sizes, corpus)
+    if "scale" in only:
+        rows += scale(sizes)
+    machine = {
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "python": platform.python_version(),
+        "sizes": asdict(sizes),
+    }
+    print(f"\nmachine: {machine['cpus']} CPUs, {machine['cpu']}, Python {machine['python']}\n")
+    _print(rows)
+    args.output.write_text(
+        json.dumps({"machine": machine, "rows": [asdict(r) for r in rows]}, indent=2)
+    )
+    return 0
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Running a real server for a benchmark, and reading its memory use."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process in MiB (``VmHWM`` for the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class Server:
+    """A server process serving ``target``."""
+
+    proc: subprocess.Popen[bytes]
+    target: str
+    data_dir: Path
+
+
+def wait_serving(target: str, timeout_s: float = 30.0) -> None:
+    """Block until the health service at ``target`` says SERVING."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=0.5
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.05)
+    raise RuntimeError(f"no server at {target}")
+
+
+@contextmanager
+def server(root: Path, *extra: str) -> Iterator[Server]:
+    """``python -m server`` on a free port with a fresh data directory, stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix="scanjobs-bench-") as data:
+        target = f"127.0.0.1:{free_port()}"
+        log = (Path(data) / "server.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--root", str(root), "--data-dir", data,
+             "--listen", target, "--log-level", "WARNING", *extra],
+            stderr=log,
+        )  # fmt: skip
+        try:
+            wait_serving(target)
+            yield Server(proc, target, Path(data))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """The ``pct`` percentile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[rank]

@@ -1,0 +1,32 @@
+"""The benchmarks at tiny sizes, so that they keep working; no figure is checked here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--skip-ffprobe", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    names = {r["name"].split(",")[0] for r in rows}
+    assert {
+        "scan throughput",
+        "rescan (all unchanged)",
+        "cancel latency p99",
+        "fan-out delay p99",
+        "GetJob calls/s",
+        "peak server RSS during that scan",
+    } <= names
+    assert all(r["ours"] >= 0 and r["baseline"] > 0 for r in rows)
+    assert "benchmark" in proc.stdout and "ratio" in proc.stdout
