@@ -48,7 +48,7 @@ class Row:
 
 @dataclass
 class Sizes:
-    files: int = 2000
+    files: int = 10_000
     ffprobe_sample: int = 200
     trials: int = 100
     watchers: int = 1000

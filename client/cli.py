@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
 
     videos = sub.add_parser("videos", help="list the video catalog")
     videos.add_argument("--prefix", default="", help="only paths starting with this")
-    videos.add_argument("--job", default="", help="only videos last touched by this job")
+    videos.add_argument("--job", default="", help="only videos last probed by this job")
     videos.add_argument("--limit", type=int, default=None, help="at most this many")
     return p  # fmt: skip
 

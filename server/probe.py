@@ -42,6 +42,13 @@ _FORMAT_WHITELIST = (
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,h264,hevc,m4v,mjpeg"
 )
 _OPTIONS = {"format_whitelist": _FORMAT_WHITELIST}
+# The demuxer a name suggests, as FFmpeg names it (the first alias is what av.open takes).
+_MOV, _MKV = "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"
+_FORMAT_BY_SUFFIX = {
+    b".mp4": _MOV, b".m4v": _MOV, b".mov": _MOV, b".3gp": _MOV,
+    b".mkv": _MKV, b".webm": _MKV,
+    b".avi": "avi", b".ts": "mpegts", b".flv": "flv", b".wmv": "asf", b".ogv": "ogg",
+}  # fmt: skip
 _FRAME = struct.Struct("!I")
 
 
@@ -98,10 +105,7 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
     try:
         fd = _open_verified(target)
         try:
-            # FFmpeg reads natively through /proc/self/fd: the very file that was verified,
-            # whatever the name points to by now (a Python file object would be ~10% slower).
-            with av.open(f"/proc/self/fd/{fd}", options=_OPTIONS) as container:
-                return _describe(container)
+            return _probe_fd(fd, _FORMAT_BY_SUFFIX.get(os.path.splitext(target.path)[1].lower()))
         finally:
             os.close(fd)
     except _Swapped:
@@ -112,6 +116,25 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
         return ProbeFailure("permission denied")
     except (av.FFmpegError, OSError, ValueError, UnicodeError) as exc:
         return ProbeFailure(f"not a readable video: {_short(exc)}")
+
+
+def _probe_fd(fd: int, expected: str | None) -> MediaInfo:
+    """Describe the open file ``fd``, trying the demuxer its name suggests first."""
+    import av
+
+    # FFmpeg reads natively through /proc/self/fd: the very file that was verified, whatever
+    # the name points to by now (a Python file object would be ~10% slower).
+    url = f"/proc/self/fd/{fd}"
+    if expected is not None:
+        # Naming the demuxer skips FFmpeg's format detection, the dearest part of a probe of
+        # a small file; a file whose name lies is detected among the whitelisted formats.
+        try:
+            with av.open(url, format=expected.split(",")[0]) as container:
+                return _describe(container, expected)
+        except av.FFmpegError:
+            pass
+    with av.open(url, options=_OPTIONS) as container:
+        return _describe(container, container.format.name)
 
 
 class _Swapped(Exception):
@@ -133,26 +156,38 @@ def _open_verified(target: ProbeTarget) -> int:
     return fd
 
 
-def _describe(container: object) -> MediaInfo:
+def _describe(container: object, format_name: str) -> MediaInfo:
     import av
 
     assert isinstance(container, av.container.InputContainer)  # noqa: S101 - narrows the type
-    streams = container.streams
-    video = streams.video[0] if streams.video else None
-    audio = streams.audio[0] if streams.audio else None
-    rate = (video.average_rate or video.guessed_rate) if video is not None else None
+    video: av.VideoStream | None = None
+    audio: av.AudioStream | None = None
+    counts = {"audio": 0, "subtitle": 0, "data": 0}
+    for stream in container.streams:  # one pass: each accessor builds a new tuple
+        kind = stream.type
+        if kind == "video" and video is None:
+            video = stream  # type: ignore[assignment]
+        elif kind in counts:
+            counts[kind] += 1
+            if kind == "audio" and audio is None:
+                audio = stream  # type: ignore[assignment]
+    name, width, height, rate = "", 0, 0, None
+    if video is not None:
+        name, width, height = video.codec_context.name, video.width or 0, video.height or 0
+        rate = video.average_rate or video.guessed_rate
+    duration = container.duration
     return MediaInfo(
-        container=container.format.name,
-        duration_s=container.duration / av.time_base if container.duration else None,
+        container=format_name,
+        duration_s=duration / av.time_base if duration else None,
         bit_rate=int(container.bit_rate or 0),
-        video_codec=video.codec_context.name if video is not None else "",
-        width=int(video.codec_context.width or 0) if video is not None else 0,
-        height=int(video.codec_context.height or 0) if video is not None else 0,
+        video_codec=name,
+        width=width,
+        height=height,
         frame_rate=Fraction(rate) if rate else None,
         audio_codec=audio.codec_context.name if audio is not None else "",
-        audio_streams=len(streams.audio),
-        subtitle_streams=len(streams.subtitles),
-        data_streams=len(streams.data),
+        audio_streams=counts["audio"],
+        subtitle_streams=counts["subtitle"],
+        data_streams=counts["data"],
     )
 
 

@@ -187,7 +187,7 @@ class QueueConfig:
     workers: int = 2
     job_timeout_s: float = 3600.0
     max_pending: int = 1000
-    progress_interval_s: float = 0.05
+    progress_interval_s: float = 0.1
     history: int = 256
     max_attempts: int = 3
     retention_s: float = 7 * 24 * 3600.0

@@ -148,7 +148,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 self._guarded(name, handler.unary_stream),
                 request_deserializer=parse,
-                response_serializer=handler.response_serializer,
+                response_serializer=_passing_bytes(handler.response_serializer),
             )
         return handler  # pragma: no cover - ScanService has no client-streaming methods
 
@@ -220,7 +220,21 @@ def _lenient(parse: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
     return lenient
 
 
+def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], bytes]:
+    """A serializer that lets already serialised messages through, so that one event is
+    serialised once for all of its watchers."""
+
+    def serializer(message: Any) -> bytes:
+        if isinstance(message, bytes):
+            return message
+        return serialize(message) if serialize is not None else message
+
+    return serializer
+
+
 def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) -> None:
+    if not log.isEnabledFor(logging.INFO):
+        return
     fields: dict[str, object] = {
         "method": name,
         "code": code.name,
@@ -239,9 +253,10 @@ class ScanService(pb_grpc.ScanServiceServicer):
         self._queue = queue
         self._catalog = catalog
         self._roots = roots
-        self._events: collections.OrderedDict[tuple[str, int], pb.JobEvent] = (
-            collections.OrderedDict()
-        )
+        self._events: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+        # The wire form of recent job snapshots, by identity: snapshots are immutable, and a
+        # busy job is asked for the same snapshot many times between two changes.
+        self._jobs: collections.OrderedDict[int, tuple[Job, pb.Job]] = collections.OrderedDict()
 
     async def SubmitScan(self, request: pb.SubmitScanRequest, context: _Context) -> pb.Job:
         spec = _spec_of(request)
@@ -252,7 +267,7 @@ class ScanService(pb_grpc.ScanServiceServicer):
         return job_to_proto(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.Job:
-        return job_to_proto(await self._queue.get(_job_id(request.job_id)))
+        return self._job_proto(await self._queue.get(_job_id(request.job_id)))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: _Context) -> pb.Job:
         return job_to_proto(await self._queue.cancel(_job_id(request.job_id)))
@@ -289,23 +304,34 @@ class ScanService(pb_grpc.ScanServiceServicer):
         subscription = await self._queue.watch(_job_id(request.job_id), request.after_sequence)
         try:
             async for event in subscription:
-                await context.write(self._event_proto(event))
+                # Bytes pass the stream's serializer untouched (see ServiceInterceptor).
+                await context.write(self._event_bytes(event))
         finally:
             subscription.close()
 
-    def _event_proto(self, event: JobEvent) -> pb.JobEvent:
-        """Convert an event once, however many watchers send it."""
+    def _event_bytes(self, event: JobEvent) -> bytes:
+        """Convert and serialise an event once, however many watchers send it."""
         key = (event.job.id, event.sequence)
-        message = self._events.get(key)
-        if message is None:
+        data = self._events.get(key)
+        if data is None:
             message = pb.JobEvent(
                 sequence=event.sequence,
-                job=job_to_proto(event.job),
+                job=self._job_proto(event.job),
                 event_time=_timestamp(event.time),
             )
-            self._events[key] = message
+            data = self._events[key] = message.SerializeToString()
             if len(self._events) > 256:
                 self._events.popitem(last=False)
+        return data
+
+    def _job_proto(self, job: Job) -> pb.Job:
+        cached = self._jobs.get(id(job))
+        if cached is not None and cached[0] is job:
+            return cached[1]
+        message = job_to_proto(job)
+        self._jobs[id(job)] = (job, message)  # holding the job keeps its id from being reused
+        if len(self._jobs) > 256:
+            self._jobs.popitem(last=False)
         return message
 
 

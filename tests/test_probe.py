@@ -193,3 +193,11 @@ async def test_cancel_kills_the_worker_instead_of_waiting(pool: ProbePool, tmp_p
     pids_after = {w.proc.pid for w in pool._all}
     assert len(pids_after) == 2
     assert len(pids_before - pids_after) == 1
+
+
+def test_a_file_whose_name_lies_is_still_described(tmp_path: Path) -> None:
+    # A Matroska file named .mp4: the demuxer the name suggests fails, detection finds it.
+    path = write_video(tmp_path / "really-mkv.mp4", container="matroska", subtitles=True)
+    info = probe_file(target(path))
+    assert isinstance(info, MediaInfo)
+    assert (info.container, info.subtitle_streams) == ("matroska,webm", 1)

@@ -275,7 +275,7 @@ class ListVideosRequest(_message.Message):
     path_prefix: _builtins.str
     """Only videos whose path starts with this string."""
     job_id: _builtins.str
-    """Only videos last touched by this job."""
+    """Only videos last probed (added or updated) by this job."""
     def __init__(
         self,
         *,
@@ -605,7 +605,7 @@ class Video(_message.Message):
     bit_rate: _builtins.int
     """Overall bit rate in bits per second; 0 when unknown."""
     job_id: _builtins.str
-    """The job that last touched this file."""
+    """The job that last probed this file (added or updated it)."""
     @_builtins.property
     def mtime(self) -> _timestamp_pb2.Timestamp:
         """Modification time of the file."""
@@ -620,7 +620,9 @@ class Video(_message.Message):
 
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
-        """When a scan last saw this file."""
+        """When a scan last saw this file, to within an hour (a rescan less than an hour after the
+        last one writes nothing for unchanged files).
+        """
 
     def __init__(
         self,
