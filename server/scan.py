@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from server.catalog import Catalog, FileStamp, Video
 from server.jobs import FileError, Job, Phase, Progress, ScanResult, display_path
@@ -38,13 +39,25 @@ __all__ = [
 DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """A regular file with a video extension, as the walk saw it."""
+class Candidate(NamedTuple):
+    """A regular file with a video extension, as the walk saw it (a tuple: the walk makes
+    one per file, and a rescan is mostly this)."""
 
     path: bytes
-    stamp: FileStamp
-    target: ProbeTarget
+    size_bytes: int
+    mtime_ns: int
+    device: int
+    inode: int
+
+    @property
+    def stamp(self) -> FileStamp:
+        """Size and mtime, compared with the catalog's."""
+        return FileStamp(self.size_bytes, self.mtime_ns)
+
+    @property
+    def target(self) -> ProbeTarget:
+        """What the probe worker opens and verifies."""
+        return ProbeTarget(self.path, self.device, self.inode)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +123,7 @@ def _candidate(entry: os.DirEntry[bytes], roots: RootPolicy) -> WalkItem | None:
         return WalkError(entry.path, f"cannot read: {exc.strerror}")
     if not stat.S_ISREG(st.st_mode):
         return None
-    target = ProbeTarget(entry.path, st.st_dev, st.st_ino)
-    return Candidate(entry.path, FileStamp(st.st_size, st.st_mtime_ns), target)
+    return Candidate(entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
 class _Feed:
@@ -349,7 +361,7 @@ class Scanner:
             if seen is None:
                 batch.new.add(candidate.path)
                 batch.to_probe.append(candidate)
-            elif seen.stamp != candidate.stamp:
+            elif seen.stamp != candidate[1:3]:  # (size, mtime): tuples compare in C
                 batch.to_probe.append(candidate)
             else:
                 batch.unchanged += 1

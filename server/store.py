@@ -224,7 +224,7 @@ class SqliteCatalog:
                     "SELECT path, size_bytes, mtime_ns, last_seen_ns FROM videos"  # noqa: S608 - only placeholders are interpolated
                     f" WHERE path IN ({marks})"
                 )
-                for path, size, mtime, last_seen in conn.execute(sql, chunk):
+                for path, size, mtime, last_seen in conn.execute(sql, chunk).fetchall():
                     found[path] = Seen(FileStamp(size, mtime), last_seen)
             return found
 
