@@ -222,6 +222,43 @@ class _Worker:
             self.proc.kill()
 
 
+class _Watchdog:
+    """Cancels the current task when no file finished for ``limit_s`` seconds.
+
+    One timer per batch, re-armed only when it fires: marking progress is a float store,
+    where moving a timeout after every file showed up in the server's profile. (Not
+    ``asyncio.wait_for``, which on Python 3.11 can swallow a cancel that arrives as the reply
+    does.)
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._limit_s = limit_s
+        self._last = self._loop.time()
+        self._fired = False
+        self._handle = self._loop.call_at(self._last + limit_s, self._check)
+
+    def progress(self) -> None:
+        """A file finished: its successor gets the full limit."""
+        self._last = self._loop.time()
+
+    def timed_out(self) -> bool:
+        """True if the cancel being handled is ours and no other cancel is pending."""
+        return self._fired and self._task is not None and self._task.uncancel() == 0
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        due = self._last + self._limit_s
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._check)
+        elif self._task is not None:
+            self._fired = True
+            self._task.cancel()
+
+
 class ProbePool:
     """A fixed number of probe worker processes shared by all jobs.
 
@@ -283,26 +320,25 @@ class ProbePool:
         self, worker: _Worker, targets: Sequence[ProbeTarget], outcomes: list[ProbeOutcome]
     ) -> bool:
         """Probe on ``worker``, appending to ``outcomes``; False when the worker must go."""
-        loop = asyncio.get_running_loop()
+        watchdog = _Watchdog(self._timeout_s)
         try:
             await worker.send(targets)
-            # One timeout for the batch, moved on after every file: each file gets the full
-            # limit. asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-            # cancel that arrives just as the reply does, and the job would run on.
-            async with asyncio.timeout_at(loop.time() + self._timeout_s) as limit:
-                for _ in targets:
-                    outcomes.append(await worker.receive())
-                    limit.reschedule(loop.time() + self._timeout_s)
-        except TimeoutError:
+            for _ in targets:
+                outcomes.append(await worker.receive())
+                watchdog.progress()
+        except asyncio.CancelledError:
+            if not watchdog.timed_out():
+                # Abort the probe in flight rather than wait for it: latency must not grow
+                # with file size.
+                self._replace(worker)
+                raise
             outcomes.append(ProbeFailure(f"probe took longer than {self._timeout_s:g} s"))
             return False
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, pickle.PickleError):
             outcomes.append(ProbeFailure("the file crashed the probe worker"))
             return False
-        except asyncio.CancelledError:
-            # Abort the probe in flight rather than wait for it: latency must not grow with size.
-            self._replace(worker)
-            raise
+        finally:
+            watchdog.stop()
         return True
 
     def _replace(self, worker: _Worker) -> None:

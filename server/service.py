@@ -113,6 +113,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: frozenset[str] = frozenset()) -> None:
         self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
         self._in_flight = 0
+        self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -132,11 +133,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
         method = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:  # the same wrapper serves every call of a method
+            return wrapped
+        handler = await continuation(handler_call_details)
         if handler is None or not method.startswith(_METHOD_PREFIX):
             return handler
-        name = method.removeprefix(_METHOD_PREFIX)
+        wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _wrap(
+        self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         parse = _lenient(handler.request_deserializer)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
