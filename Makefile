@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/scanjobs/v1/*.proto)
 ARGS ?=
 
-.PHONY: setup proto run demo test lint fmt bench clean
+.PHONY: setup proto run demo test lint buf fmt bench clean
 
 setup: $(VENV)/.synced
 
@@ -37,6 +37,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+
+# buf lint and buf format on protos/ (the buf binary comes from npm as @bufbuild/buf).
+BUF_VERSION := 1.75.0
+buf:
+	npx --yes @bufbuild/buf@$(BUF_VERSION) lint
+	npx --yes @bufbuild/buf@$(BUF_VERSION) format --diff --exit-code
 
 fmt: setup
 	$(VENV)/bin/ruff format .

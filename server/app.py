@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from server.config import Config
+from server.metrics import Metrics
 from server.probe import ProbePool
 from server.queue import AsyncioJobQueue, QueueConfig
 from server.roots import RootPolicy
@@ -86,7 +87,8 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
-    calls = ServiceInterceptor(config.tokens)
+    metrics = Metrics()
+    calls = ServiceInterceptor(config.tokens, on_call=metrics.on_rpc)
     options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
@@ -94,7 +96,9 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     db = await Database.open(config.data_dir / "scanjobs.db")
     catalog = SqliteCatalog(db)
     if probes is None:
-        probes = ProbePool(config.probe_processes, config.probe_timeout_s)
+        probes = ProbePool(
+            config.probe_processes, config.probe_timeout_s, on_probe=metrics.on_probe
+        )
     try:
         await probes.start()
     except BaseException:
@@ -121,8 +125,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             max_watchers_per_job=config.max_watchers_per_job,
         ),
         store=SqliteJobStore(db),
+        listeners=[metrics.on_event],
     )
+    metrics.watch_queue(queue.stats)
     await queue.start()
+    if config.metrics_listen:
+        metrics.serve(config.metrics_listen)
 
     pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
     health_servicer = health.aio.HealthServicer()

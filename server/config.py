@@ -38,6 +38,7 @@ class Config:
     max_watchers_per_job: int = 1000
     max_errors: int = 50
     max_message_bytes: int = 64 * 1024
+    metrics_listen: str | None = None
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -92,6 +93,8 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "seconds an ended job is kept; the catalog is never pruned"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
+    ("--metrics-listen", "METRICS_LISTEN", str, None,
+     "host:port to serve Prometheus metrics on (/metrics); off unless given"),
     ("--token-file", "TOKEN_FILE", Path, None,
      "file of bearer tokens, one per line: every ScanService call must carry one"),
     ("--tls-cert", "TLS_CERT", Path, None, "server certificate chain (PEM): serve TLS"),
@@ -189,4 +192,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_watchers_per_job=args.max_watchers_per_job,
         max_errors=args.max_errors,
         max_message_bytes=args.max_message_bytes,
+        metrics_listen=args.metrics_listen,
     )

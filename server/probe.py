@@ -239,9 +239,11 @@ class _Watchdog:
         self._fired = False
         self._handle = self._loop.call_at(self._last + limit_s, self._check)
 
-    def progress(self) -> None:
-        """A file finished: its successor gets the full limit."""
-        self._last = self._loop.time()
+    def progress(self) -> float:
+        """A file finished: its successor gets the full limit. Returns the file's seconds."""
+        now = self._loop.time()
+        elapsed, self._last = now - self._last, now
+        return elapsed
 
     def timed_out(self) -> bool:
         """True if the cancel being handled is ours and no other cancel is pending."""
@@ -267,6 +269,7 @@ class ProbePool:
         probe_timeout_s: longest time one file may take; then it is a per-file error and its
             worker is replaced.
         command: the worker's command line; by default this module run by this interpreter.
+        on_probe: called with the seconds each file took (metrics).
     """
 
     def __init__(
@@ -275,7 +278,9 @@ class ProbePool:
         probe_timeout_s: float = 30.0,
         *,
         command: Sequence[str] = (sys.executable, "-m", "server.probe"),
+        on_probe: Callable[[float], None] | None = None,
     ) -> None:
+        self._on_probe = on_probe
         self._command = tuple(command)
         self._size = max(1, processes)
         self._timeout_s = probe_timeout_s
@@ -325,7 +330,9 @@ class ProbePool:
             await worker.send(targets)
             for _ in targets:
                 outcomes.append(await worker.receive())
-                watchdog.progress()
+                elapsed = watchdog.progress()
+                if self._on_probe is not None:
+                    self._on_probe(elapsed)
         except asyncio.CancelledError:
             if not watchdog.timed_out():
                 # Abort the probe in flight rather than wait for it: latency must not grow

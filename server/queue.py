@@ -306,6 +306,8 @@ class AsyncioJobQueue:
         config: tunables.
         store: where jobs and events are kept; in memory only unless given.
         clock: wall clock for job times.
+        listeners: called with every committed event (metrics, for example); they must not
+            block.
     """
 
     def __init__(
@@ -315,7 +317,9 @@ class AsyncioJobQueue:
         *,
         store: JobStore | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        listeners: Sequence[Callable[[JobEvent], None]] = (),
     ) -> None:
+        self._listeners = tuple(listeners)
         self._handler = handler
         self._config = config or QueueConfig()
         self._store: JobStore = store if store is not None else InMemoryJobStore()
@@ -379,6 +383,13 @@ class AsyncioJobQueue:
     def running_tasks(self) -> int:
         """Tasks the queue still owns: workers, outboxes, the pruner (0 after :meth:`close`)."""
         return len(self._workers) + len(self._tasks)
+
+    def stats(self) -> tuple[dict[JobState, int], int, int]:
+        """Jobs kept, by state; jobs waiting for a worker; open watch streams."""
+        by_state: dict[JobState, int] = {}
+        for entry in self._order:
+            by_state[entry.job.state] = by_state.get(entry.job.state, 0) + 1
+        return by_state, self._pending_count, self._watching
 
     def watcher_count(self, job_id: str | None = None) -> int:
         """Open subscriptions, of one job or of all jobs."""
@@ -660,6 +671,8 @@ class AsyncioJobQueue:
             entry.history.popleft()
         for watcher in entry.watchers:
             watcher.push(event)
+        for listener in self._listeners:
+            listener(event)
         if event.job.terminal:
             self._watching -= len(entry.watchers)
             entry.watchers.clear()

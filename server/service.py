@@ -108,9 +108,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     Args:
         tokens: bearer tokens, any of which admits a call; none means no authentication.
+        on_call: called with the method and status code name of every call (metrics).
     """
 
-    def __init__(self, tokens: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        tokens: frozenset[str] = frozenset(),
+        on_call: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._on_call = on_call
         self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
         self._in_flight = 0
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -191,6 +197,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 if not self._in_flight:
                     self._idle.set()
                 _log_call(name, code, time.perf_counter() - started, request)
+                if self._on_call is not None:
+                    self._on_call(name, code.name)
 
         return guarded
 
