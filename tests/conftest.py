@@ -99,6 +99,21 @@ def media(tmp_path: Path) -> Path:
     return root
 
 
+def gated_library(root: Path) -> Path:
+    """A folder whose one file blocks in the misbehaving probe worker until ``open-gate``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "gate.mp4").write_bytes(b"x")
+    return root
+
+
+async def until_running(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.Job:
+    """The job once a worker started it."""
+    async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
+        if event.job.state != pb.JOB_STATE_PENDING:
+            return event.job
+    raise AssertionError(f"job {job_id} ended before it was seen running")
+
+
 async def watch_all(
     stub: pb_grpc.ScanServiceAsyncStub, job_id: str, after: int = 0
 ) -> list[pb.JobEvent]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scanjobs.v1 import scanjobs_pb2 as pb
-from tests.conftest import Running, ServeFactory
+from tests.conftest import Running, ServeFactory, gated_library
 
 CLI = (sys.executable, "-m", "client")
 
@@ -37,12 +37,6 @@ async def run_cli(s: Running, *args: str, cwd: Path | None = None) -> Result:
     out, err = await proc.communicate()
     assert proc.returncode is not None
     return Result(proc.returncode, out.decode(), err.decode())
-
-
-def _gated(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "gate.mp4").write_bytes(b"x")
-    return root
 
 
 async def _until_running(s: Running) -> pb.Job:
@@ -105,7 +99,7 @@ async def test_get_watch_jobs_and_videos(serve: ServeFactory, media: Path) -> No
 
 
 async def test_cancel_command_and_its_errors(serve: ServeFactory, tmp_path: Path) -> None:
-    root = _gated(tmp_path / "lib")
+    root = gated_library(tmp_path / "lib")
     s = await serve(root, misbehaving=True)
     job_id = json.loads((await run_cli(s, "--json", "scan", str(root), "--detach")).out)["id"]
     await _until_running(s)
@@ -148,7 +142,7 @@ async def test_an_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
 
 
 async def test_job_timeout_exits_4(serve: ServeFactory, tmp_path: Path) -> None:
-    root = _gated(tmp_path / "lib")
+    root = gated_library(tmp_path / "lib")
     s = await serve(root, misbehaving=True)
     r = await run_cli(s, "scan", str(root), "--timeout", "0.2")
     assert r.code == 4
@@ -158,7 +152,7 @@ async def test_job_timeout_exits_4(serve: ServeFactory, tmp_path: Path) -> None:
 async def test_ctrl_c_cancels_the_job_and_exits_with_the_cancelled_code(
     serve: ServeFactory, tmp_path: Path
 ) -> None:
-    root = _gated(tmp_path / "lib")
+    root = gated_library(tmp_path / "lib")
     s = await serve(root, misbehaving=True)
     proc = await asyncio.create_subprocess_exec(
         *CLI, "--target", s.address, "scan", str(root),
@@ -178,7 +172,7 @@ async def test_ctrl_c_cancels_the_job_and_exits_with_the_cancelled_code(
 
 
 async def test_progress_bar_is_drawn_on_a_terminal(serve: ServeFactory, tmp_path: Path) -> None:
-    root = _gated(tmp_path / "lib")
+    root = gated_library(tmp_path / "lib")
     for n in range(400):  # several catalog batches: progress moves while the gate holds one
         (root / f"junk{n}.mp4").write_bytes(b"not video")
     s = await serve(root, misbehaving=True)

@@ -12,7 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from scanjobs.v1 import scanjobs_pb2 as pb
-from tests.conftest import ServeFactory, wait_terminal, watch_all
+from tests.conftest import (
+    ServeFactory,
+    gated_library,
+    until_running,
+    wait_terminal,
+    watch_all,
+)
 
 TERMINAL = {
     pb.JOB_STATE_COMPLETED,
@@ -213,13 +219,10 @@ async def test_bad_page_token_and_page_size_are_invalid(serve: ServeFactory, med
 async def test_too_many_pending_jobs_is_resource_exhausted(
     serve: ServeFactory, tmp_path: Path
 ) -> None:
-    root = tmp_path / "gated"
-    root.mkdir()
-    (root / "gate.mp4").write_bytes(b"x")
+    root = gated_library(tmp_path / "gated")
     s = await serve(root, misbehaving=True, workers=1, max_pending=2)
     running = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
-    while (await s.stub.GetJob(pb.GetJobRequest(job_id=running.id))).state != pb.JOB_STATE_RUNNING:
-        pass
+    await until_running(s.stub, running.id)
     for _ in range(2):
         await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -29,7 +29,7 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from server.config import parse_args
 from tests.certs import Authority
-from tests.conftest import Running, ServeFactory
+from tests.conftest import Running, ServeFactory, gated_library, until_running
 from tests.media import write_video
 
 TOKEN = "correct-horse-battery-staple"
@@ -351,13 +351,10 @@ def test_inconsistent_security_flags_are_usage_errors(argv: list[str]) -> None:
 async def test_submit_flood_respects_max_pending_and_health_keeps_answering(
     serve: ServeFactory, tmp_path: Path
 ) -> None:
-    root = tmp_path / "lib"
-    root.mkdir()
-    (root / "gate.mp4").write_bytes(b"x")
+    root = gated_library(tmp_path / "lib")
     s = await serve(root, misbehaving=True, workers=1, max_pending=50)
     first = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
-    while (await s.stub.GetJob(pb.GetJobRequest(job_id=first.id))).state != pb.JOB_STATE_RUNNING:
-        await asyncio.sleep(0.01)
+    await until_running(s.stub, first.id)
     health = health_pb2_grpc.HealthStub(s.channel)
 
     async def one() -> grpc.StatusCode:
@@ -385,9 +382,7 @@ async def test_submit_flood_respects_max_pending_and_health_keeps_answering(
 
 
 async def test_watcher_limits_are_resource_exhausted(serve: ServeFactory, tmp_path: Path) -> None:
-    root = tmp_path / "lib"
-    root.mkdir()
-    (root / "gate.mp4").write_bytes(b"x")
+    root = gated_library(tmp_path / "lib")
     s = await serve(root, misbehaving=True, max_watchers=3, max_watchers_per_job=2)
     a = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
     b = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
