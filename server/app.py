@@ -12,10 +12,12 @@ from grpc_reflection.v1alpha import reflection
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+from server.catalog import Catalog
 from server.config import Config
 from server.metrics import Metrics
+from server.pgstore import PgCatalog, PgDatabase, PgJobStore
 from server.probe import ProbePool
-from server.queue import AsyncioJobQueue, QueueConfig
+from server.queue import AsyncioJobQueue, JobStore, QueueConfig
 from server.roots import RootPolicy
 from server.scan import ScanConfig, Scanner
 from server.service import ScanService, ServiceInterceptor
@@ -47,7 +49,7 @@ class App:
     port: int
     queue: AsyncioJobQueue
     probes: ProbePool
-    db: Database
+    db: Database | PgDatabase
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
     grace_s: float
@@ -92,9 +94,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database.open(config.data_dir / "scanjobs.db")
-    catalog = SqliteCatalog(db)
+    db, catalog, store = await _open_storage(config)
     if probes is None:
         probes = ProbePool(
             config.probe_processes, config.probe_timeout_s, on_probe=metrics.on_probe
@@ -124,7 +124,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             max_watchers=config.max_watchers,
             max_watchers_per_job=config.max_watchers_per_job,
         ),
-        store=SqliteJobStore(db),
+        store=store,
         listeners=[metrics.on_event],
     )
     metrics.watch_queue(queue.stats)
@@ -145,6 +145,18 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
     return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+
+
+async def _open_storage(
+    config: Config,
+) -> tuple[Database | PgDatabase, Catalog, JobStore]:
+    """PostgreSQL when ``--database`` names one, else SQLite under ``--data-dir``."""
+    if config.database:
+        pg = await PgDatabase.open(config.database)
+        return pg, PgCatalog(pg), PgJobStore(pg)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    db = await Database.open(config.data_dir / "scanjobs.db")
+    return db, SqliteCatalog(db), SqliteJobStore(db)
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:

@@ -39,6 +39,7 @@ class Config:
     max_errors: int = 50
     max_message_bytes: int = 64 * 1024
     metrics_listen: str | None = None
+    database: str | None = None
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -70,6 +71,8 @@ def _extensions(text: str) -> frozenset[str]:
 _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--listen", "LISTEN", str, "127.0.0.1:50051", "address:port to serve on"),
     ("--data-dir", "DATA_DIR", Path, ".data", "where scanjobs.db (jobs, events, catalog) lives"),
+    ("--database", "DATABASE", str, None,
+     "postgresql:// URL: keep jobs, events and the catalog in PostgreSQL instead of SQLite"),
     ("--workers", "WORKERS", _positive_int, "2", "jobs running at once"),
     ("--job-timeout", "JOB_TIMEOUT", _positive_float, "3600",
      "seconds a job may run unless its request says otherwise"),
@@ -154,6 +157,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     for root in roots:
         if not os.path.isabs(root):
             parser.error(f"--root must be an absolute path: {root}")
+    if args.database and not args.database.startswith(("postgresql://", "postgres://")):
+        parser.error("--database takes a postgresql:// URL")
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -193,4 +198,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_errors=args.max_errors,
         max_message_bytes=args.max_message_bytes,
         metrics_listen=args.metrics_listen,
+        database=args.database,
     )

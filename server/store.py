@@ -41,7 +41,19 @@ from server.jobs import (
 from server.probe import MediaInfo
 from server.queue import StoredJob
 
-__all__ = ["Database", "DatabaseCorrupt", "DatabaseInUse", "SqliteCatalog", "SqliteJobStore"]
+__all__ = [
+    "Database",
+    "DatabaseCorrupt",
+    "DatabaseInUse",
+    "SqliteCatalog",
+    "SqliteJobStore",
+    "decode_job",
+    "encode_job",
+    "event_from_row",
+    "row_video",
+    "time_ns",
+    "video_row",
+]
 
 _T = TypeVar("_T")
 
@@ -233,7 +245,7 @@ class SqliteCatalog:
     async def commit(
         self, job_id: str, probed: Sequence[Video], seen: Sequence[bytes], now_ns: int
     ) -> None:
-        rows = [_video_row(v, job_id, now_ns) for v in probed]
+        rows = [video_row(v, job_id, now_ns) for v in probed]
         touched = [(now_ns, p) for p in seen]
         if not rows and not touched:
             return
@@ -257,7 +269,7 @@ class SqliteCatalog:
                 " ORDER BY path LIMIT ?"
             )
             args = (after, path_prefix, len(path_prefix), path_prefix, job_id, job_id)
-            return [_video(r) for r in conn.execute(sql, (*args, page_size + 1))]
+            return [row_video(r) for r in conn.execute(sql, (*args, page_size + 1))]
 
         videos = await self._db.run(query)
         more = len(videos) > page_size
@@ -268,7 +280,8 @@ class SqliteCatalog:
         """Nothing of its own to close: the :class:`Database` is closed by its owner."""
 
 
-def _video_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
+def video_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
+    """The ``videos`` columns of a video, in table order."""
     info = video.info
     rate = info.frame_rate
     return (
@@ -280,7 +293,8 @@ def _video_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def _video(row: tuple[Any, ...]) -> Video:
+def row_video(row: tuple[Any, ...]) -> Video:
+    """Inverse of :func:`video_row`."""
     (path, size, mtime, container, duration, bit_rate, vcodec, width, height, num, den,
      acodec, audio_n, subs_n, data_n, first, last, job_id) = row  # fmt: skip
     info = MediaInfo(
@@ -318,7 +332,7 @@ class SqliteJobStore:
                     (job_id,),
                 ).fetchone()
                 job = decode_job(snapshot)
-                last = _event(job_id, row) if row else JobEvent(0, job, True)
+                last = event_from_row(row) if row else JobEvent(0, job, True)
                 loaded.append(StoredJob(job, last))
             return loaded
 
@@ -326,12 +340,12 @@ class SqliteJobStore:
 
     async def append(self, events: Sequence[JobEvent]) -> None:
         event_rows = [
-            (e.job.id, e.sequence, int(e.state_change), encode_job(e.job), _ns(e.time))
+            (e.job.id, e.sequence, int(e.state_change), encode_job(e.job), time_ns(e.time))
             for e in events
         ]
         latest = {e.job.id: e.job for e in events}
         job_rows = [
-            (j.id, j.state.value, j.spec.request_id, _ns(j.end_time), encode_job(j))
+            (j.id, j.state.value, j.spec.request_id, time_ns(j.end_time), encode_job(j))
             for j in latest.values()
         ]
 
@@ -357,7 +371,7 @@ class SqliteJobStore:
                 " WHERE job_id = ? AND sequence > ? ORDER BY sequence",
                 (job_id, after_sequence),
             )
-            return [_event(job_id, r) for r in rows]
+            return [event_from_row(r) for r in rows]
 
         return await self._db.run(query)
 
@@ -371,7 +385,7 @@ class SqliteJobStore:
         await self._db.run(write)
 
     async def prune(self, ended_before: datetime) -> list[str]:
-        cutoff = _ns(ended_before)
+        cutoff = time_ns(ended_before)
 
         def write(conn: sqlite3.Connection) -> list[str]:
             with conn:
@@ -385,12 +399,14 @@ class SqliteJobStore:
         return await self._db.run(write)
 
 
-def _event(job_id: str, row: tuple[int, int, str, int | None]) -> JobEvent:
-    sequence, state_change, snapshot, time_ns = row
-    return JobEvent(sequence, decode_job(snapshot), bool(state_change), _time(time_ns))
+def event_from_row(row: tuple[Any, ...]) -> JobEvent:
+    """An event from its stored columns: (sequence, state_change, snapshot, time_ns)."""
+    sequence, state_change, snapshot, nanos = row
+    return JobEvent(sequence, decode_job(snapshot), bool(state_change), _time(nanos))
 
 
-def _ns(value: datetime | None) -> int | None:
+def time_ns(value: datetime | None) -> int | None:
+    """A time as integer nanoseconds since the epoch (microsecond precision), or None."""
     if value is None:
         return None
     return int(value.timestamp() * 1_000_000) * 1000
@@ -410,7 +426,7 @@ def encode_job(job: Job) -> str:
             "id": job.id,
             "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id],
             "state": job.state.value,
-            "times": [_ns(job.create_time), _ns(job.start_time), _ns(job.end_time)],
+            "times": [time_ns(job.create_time), time_ns(job.start_time), time_ns(job.end_time)],
             "timeout_s": job.timeout_s,
             "cancel": job.cancel_requested,
             "attempts": job.attempts,

@@ -24,6 +24,8 @@ from server.probe import ProbePool
 from server.scan import DEFAULT_EXTENSIONS
 from tests.media import write_video
 
+pytest_plugins = ["tests.postgres"]
+
 HERE = Path(__file__).resolve().parent
 SERVER = (sys.executable, "-m", "server")
 MISBEHAVING_WORKER = (sys.executable, str(HERE / "misbehaving_worker.py"))

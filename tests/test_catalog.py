@@ -11,6 +11,7 @@ import pytest
 
 from server.catalog import Catalog, FileStamp, InMemoryCatalog, Seen, Video
 from server.errors import InvalidArgument
+from server.pgstore import PgCatalog, PgDatabase
 from server.probe import MediaInfo
 from server.store import Database, DatabaseCorrupt, SqliteCatalog
 
@@ -23,10 +24,15 @@ def video(path: bytes, size: int = 10, mtime: int = 1) -> Video:
     return Video(path, FileStamp(size, mtime), INFO, 0, 0, "")
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Catalog]:
     if request.param == "memory":
         yield InMemoryCatalog()
+        return
+    if request.param == "postgres":
+        pg = await PgDatabase.open(request.getfixturevalue("postgres_url"))
+        yield PgCatalog(pg)
+        await pg.close()
         return
     db = await Database.open(tmp_path / "c.db")
     yield SqliteCatalog(db)

@@ -49,18 +49,20 @@ async def _events_until(
     return events
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_kill_9_mid_job_then_restart_resumes_and_loses_nothing(
-    big_library: Path, tmp_path: Path
+    big_library: Path, tmp_path: Path, backend: str, request: pytest.FixtureRequest
 ) -> None:
     data = tmp_path / "data"
-    first = _start(big_library, data)
+    extra = ("--database", request.getfixturevalue("postgres_url")) if backend == "postgres" else ()
+    first = _start(big_library, data, *extra)
     async with grpc.aio.insecure_channel(first.address) as channel:
         stub = pb_grpc.ScanServiceStub(channel)
         job = await stub.SubmitScan(pb.SubmitScanRequest(path=str(big_library)))
         before = await _events_until(stub, job.id, 200)
         first.stop(signal.SIGKILL)
 
-    second = _start(big_library, data)
+    second = _start(big_library, data, *extra)
     try:
         async with grpc.aio.insecure_channel(second.address) as channel:
             stub = pb_grpc.ScanServiceStub(channel)

@@ -22,6 +22,7 @@ from server.errors import (
     Unavailable,
 )
 from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
+from server.pgstore import PgDatabase, PgJobStore
 from server.queue import (
     AsyncioJobQueue,
     InMemoryJobStore,
@@ -78,7 +79,7 @@ class ScriptedHandler:
 QueueFactory = Callable[..., Awaitable[AsyncioJobQueue]]
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def make_store(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[Callable[[], JobStore]]:
@@ -86,6 +87,11 @@ async def make_store(
     if request.param == "memory":
         shared = InMemoryJobStore()
         yield lambda: shared
+        return
+    if request.param == "postgres":
+        pg = await PgDatabase.open(request.getfixturevalue("postgres_url"))
+        yield lambda: PgJobStore(pg)
+        await pg.close()
         return
     db = await Database.open(tmp_path / "jobs.db")
     yield lambda: SqliteJobStore(db)

@@ -1,0 +1,97 @@
+"""A real PostgreSQL for the tests: initdb into a temporary folder, a free loopback port.
+
+PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user. Where
+no PostgreSQL is installed the tests that need it are skipped with one clear message;
+``.ci/run`` installs Debian's ``postgresql`` so that CI never skips them.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+
+def _bin_dir() -> Path | None:
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[4]))
+    return Path(candidates[-1]) if candidates else None
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Postgres:
+    """A running cluster; :meth:`new_database` gives each test a database of its own."""
+
+    port: int
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def new_database(self) -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        return self.url(name)
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Postgres]:
+    """Start PostgreSQL once for the session; stop and remove it afterwards."""
+    bin_dir = _bin_dir()
+    if bin_dir is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
+        pytest.skip(
+            "PostgreSQL is not installed here (apt-get install postgresql); .ci/run installs it"
+        )
+    folder = Path(tempfile.mkdtemp(prefix="scanjobs-pg-"))
+    data, sockets = folder / "data", folder / "sockets"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(folder, "postgres")
+        shutil.chown(sockets, "postgres")
+    port = _free_port()
+    subprocess.run(
+        _as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
+                      "-E", "UTF8", "--no-sync"]),
+        check=True, capture_output=True,
+    )  # fmt: skip
+    options = (
+        f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+    )
+    subprocess.run(
+        _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l",
+                      str(folder / "log"), "-w", "start"]),
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield Postgres(port)
+    finally:
+        subprocess.run(
+            _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            check=False, capture_output=True,
+        )  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Postgres) -> str:
+    """A fresh, empty database on the session's cluster."""
+    return postgres_cluster.new_database()
