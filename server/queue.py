@@ -462,7 +462,7 @@ class AsyncioJobQueue:
         Raises:
             InvalidArgument: ``page_token`` is not one this method returned for this filter.
         """
-        bound = _decode_page_token(page_token, state) if page_token else self._next_number
+        bound = decode_page_token(page_token, state) if page_token else self._next_number
         index = bisect.bisect_left(self._order, bound, key=lambda e: e.number)
         jobs: list[Job] = []
         while index > 0 and len(jobs) < page_size:
@@ -471,7 +471,7 @@ class AsyncioJobQueue:
             if state is None or job.state is state:
                 jobs.append(job)
         more = any(state is None or e.job.state is state for e in self._order[:index])
-        token = _encode_page_token(self._order[index].number, state) if more else ""
+        token = encode_page_token(self._order[index].number, state) if more else ""
         return jobs, token
 
     async def cancel(self, job_id: str) -> Job:
@@ -717,36 +717,26 @@ class AsyncioJobQueue:
             started.timeout_s, self._request_stop, entry, CancelReason.TIMEOUT
         )
         try:
-            result = await _wait_owned(task)
+            result = await wait_owned(task)
         except asyncio.CancelledError:
             if ctx.cancel_reason is None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
             result = ctx.result
         except Exception as exc:  # a handler bug or an expected failure: the job fails
-            self._finish(entry, JobState.FAILED, ctx.result, _failure_text(entry.job, exc))
+            self._finish(entry, JobState.FAILED, ctx.result, failure_text(entry.job, exc))
             return
         finally:
             timer.cancel()
         self._conclude(entry, ctx, result)
 
     def _conclude(self, entry: _Entry, ctx: JobContext, result: ScanResult) -> None:
-        reason = ctx.cancel_reason
-        if reason is CancelReason.SHUTDOWN:
-            return  # stays RUNNING: resumed by the next start
-        state = _OUTCOME[reason] if reason else JobState.COMPLETED
-        error = ""
-        if state is JobState.TIMEOUT:
-            error = f"job exceeded its timeout of {entry.job.timeout_s:g} s"
-        self._finish(entry, state, result, error)
+        done = ending(entry.job, ctx.cancel_reason, result, self._clock())
+        if done is not None:  # None: stopped by shutdown, stays RUNNING for the next start
+            self._set(entry, done, state_change=True)
 
     def _finish(self, entry: _Entry, state: JobState, result: ScanResult, error: str) -> None:
-        job = entry.job
-        progress = job.progress
-        if state is JobState.COMPLETED:
-            progress = replace(progress, files_found=progress.files_done, current_path="")
-        done = transition(job, state, self._clock(), result=result, error=error, progress=progress)
+        done = finished(entry.job, state, result, error, self._clock())
         self._set(entry, done, state_change=True)
-        log.info("job %s ended %s", job.id, state.value, extra={"job_id": job.id})
 
     def _report(self, entry: _Entry, progress: Progress | None, result: ScanResult | None) -> None:
         job = entry.job
@@ -773,7 +763,28 @@ class AsyncioJobQueue:
                 self._forget(entry)
 
 
-async def _wait_owned(task: asyncio.Task[ScanResult]) -> ScanResult:
+def ending(job: Job, reason: CancelReason | None, result: ScanResult, now: datetime) -> Job | None:
+    """How a job whose handler returned (or was cancelled for ``reason``) ends; None when a
+    shutdown stopped it, so that it stays RUNNING and resumes."""
+    if reason is CancelReason.SHUTDOWN:
+        return None
+    state = _OUTCOME[reason] if reason else JobState.COMPLETED
+    error = (
+        f"job exceeded its timeout of {job.timeout_s:g} s" if reason is CancelReason.TIMEOUT else ""
+    )
+    return finished(job, state, result, error, now)
+
+
+def finished(job: Job, state: JobState, result: ScanResult, error: str, now: datetime) -> Job:
+    """``job`` moved to the terminal ``state`` with its final result."""
+    progress = job.progress
+    if state is JobState.COMPLETED:
+        progress = replace(progress, files_found=progress.files_done, current_path="")
+    log.info("job %s ended %s", job.id, state.value, extra={"job_id": job.id})
+    return transition(job, state, now, result=result, error=error, progress=progress)
+
+
+async def wait_owned(task: asyncio.Task[ScanResult]) -> ScanResult:
     """Await ``task``; if the waiter itself is cancelled, cancel ``task`` and wait for it."""
     try:
         return await asyncio.shield(task)
@@ -784,19 +795,27 @@ async def _wait_owned(task: asyncio.Task[ScanResult]) -> ScanResult:
         raise
 
 
-def _failure_text(job: Job, exc: Exception) -> str:
+def failure_text(job: Job, exc: Exception) -> str:
+    """The error a failed job shows: an expected error's message, or a bare internal error
+    (the traceback goes to the log)."""
     if isinstance(exc, ScanJobsError):
         return exc.message
     log.error("job %s handler crashed", job.id, exc_info=exc, extra={"job_id": job.id})
     return "internal error while scanning"
 
 
-def _encode_page_token(number: int, state: JobState | None) -> str:
+def encode_page_token(number: int, state: JobState | None) -> str:
+    """Opaque ListJobs token: resume below job ``number``, for this filter only."""
     raw = f"v1|{number}|{state.value if state else ''}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_page_token(token: str, state: JobState | None) -> int:
+def decode_page_token(token: str, state: JobState | None) -> int:
+    """Inverse of :func:`encode_page_token`.
+
+    Raises:
+        InvalidArgument: malformed, or made for another filter.
+    """
     bad = InvalidArgument(
         "page_token is malformed or belongs to another filter", field="page_token"
     )
