@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -15,9 +17,10 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from server.catalog import Catalog
 from server.config import Config
 from server.metrics import Metrics
-from server.pgstore import PgCatalog, PgDatabase, PgJobStore
+from server.pgqueue import ClusterConfig, PgJobQueue
+from server.pgstore import PgCatalog, PgDatabase
 from server.probe import ProbePool
-from server.queue import AsyncioJobQueue, JobStore, QueueConfig
+from server.queue import AsyncioJobQueue, QueueConfig
 from server.roots import RootPolicy
 from server.scan import ScanConfig, Scanner
 from server.service import ScanService, ServiceInterceptor
@@ -47,7 +50,7 @@ class App:
 
     server: grpc.aio.Server
     port: int
-    queue: AsyncioJobQueue
+    queue: AsyncioJobQueue | PgJobQueue
     probes: ProbePool
     db: Database | PgDatabase
     health: health.aio.HealthServicer
@@ -94,7 +97,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
-    db, catalog, store = await _open_storage(config)
+    db, catalog = await _open_storage(config)
     if probes is None:
         probes = ProbePool(
             config.probe_processes, config.probe_timeout_s, on_probe=metrics.on_probe
@@ -114,19 +117,23 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             max_errors=config.max_errors,
         ),
     )
-    queue = AsyncioJobQueue(
-        scanner,
-        QueueConfig(
-            workers=config.workers,
-            job_timeout_s=config.job_timeout_s,
-            max_pending=config.max_pending,
-            retention_s=config.job_retention_s,
-            max_watchers=config.max_watchers,
-            max_watchers_per_job=config.max_watchers_per_job,
-        ),
-        store=store,
-        listeners=[metrics.on_event],
+    queue_config = QueueConfig(
+        workers=config.workers,
+        job_timeout_s=config.job_timeout_s,
+        max_pending=config.max_pending,
+        retention_s=config.job_retention_s,
+        max_watchers=config.max_watchers,
+        max_watchers_per_job=config.max_watchers_per_job,
     )
+    queue: AsyncioJobQueue | PgJobQueue
+    if isinstance(db, PgDatabase):  # replicas share the jobs through PostgreSQL
+        cluster = ClusterConfig(replica=f"{socket.gethostname()}:{os.getpid()}",
+                                lease_s=config.lease_s)  # fmt: skip
+        queue = PgJobQueue(scanner, db, queue_config, cluster, listeners=[metrics.on_event])
+    else:
+        queue = AsyncioJobQueue(
+            scanner, queue_config, store=SqliteJobStore(db), listeners=[metrics.on_event]
+        )
     metrics.watch_queue(queue.stats)
     await queue.start()
     if config.metrics_listen:
@@ -147,16 +154,15 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
 
 
-async def _open_storage(
-    config: Config,
-) -> tuple[Database | PgDatabase, Catalog, JobStore]:
-    """PostgreSQL when ``--database`` names one, else SQLite under ``--data-dir``."""
+async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:
+    """PostgreSQL (shared by replicas) when ``--database`` names one, else SQLite under
+    ``--data-dir`` (one server)."""
     if config.database:
         pg = await PgDatabase.open(config.database)
-        return pg, PgCatalog(pg), PgJobStore(pg)
+        return pg, PgCatalog(pg)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(config.data_dir / "scanjobs.db")
-    return db, SqliteCatalog(db), SqliteJobStore(db)
+    return db, SqliteCatalog(db)
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:

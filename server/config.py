@@ -40,6 +40,7 @@ class Config:
     max_message_bytes: int = 64 * 1024
     metrics_listen: str | None = None
     database: str | None = None
+    lease_s: float = 15.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -72,7 +73,11 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--listen", "LISTEN", str, "127.0.0.1:50051", "address:port to serve on"),
     ("--data-dir", "DATA_DIR", Path, ".data", "where scanjobs.db (jobs, events, catalog) lives"),
     ("--database", "DATABASE", str, None,
-     "postgresql:// URL: keep jobs, events and the catalog in PostgreSQL instead of SQLite"),
+     "postgresql:// URL: keep jobs, events and the catalog in PostgreSQL, shared by every "
+     "replica, instead of SQLite"),
+    ("--lease", "LEASE", _positive_float, "15",
+     "with --database: seconds a replica's claim on a job holds without renewal; then "
+     "another replica takes the job over"),
     ("--workers", "WORKERS", _positive_int, "2", "jobs running at once"),
     ("--job-timeout", "JOB_TIMEOUT", _positive_float, "3600",
      "seconds a job may run unless its request says otherwise"),
@@ -199,4 +204,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_message_bytes=args.max_message_bytes,
         metrics_listen=args.metrics_listen,
         database=args.database,
+        lease_s=args.lease,
     )

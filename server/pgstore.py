@@ -1,18 +1,14 @@
-"""PostgreSQL persistence: the catalog and the job store on one shared database.
+"""PostgreSQL persistence shared by every replica: the schema, its migrations, the catalog.
 
-The same schema and the same ``Catalog`` and ``JobStore`` contracts as ``server.store``
-(SQLite); one contract suite runs over both. Statements go through a psycopg 3 async
+The catalog has the same schema and the same ``Catalog`` contract as ``server.store``
+(SQLite); one contract suite runs over both. Jobs and events live here too; the replicated
+queue in ``server.pgqueue`` reads and writes them. Statements go through a psycopg 3 async
 connection pool, so nothing blocks the event loop.
-
-Until jobs are claimed row by row (``FOR UPDATE SKIP LOCKED`` with leases), one server per
-database: :meth:`PgDatabase.open` takes a session-level advisory lock and refuses to start
-when another server holds it, exactly as the SQLite data-dir lock does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -26,23 +22,16 @@ from server.catalog import (
     decode_page_token,
     encode_page_token,
 )
-from server.jobs import JobEvent
-from server.queue import StoredJob
 from server.store import (
     DatabaseCorrupt,
-    DatabaseInUse,
-    decode_job,
-    encode_job,
-    event_from_row,
     row_video,
-    time_ns,
     video_row,
 )
 
-__all__ = ["PgCatalog", "PgDatabase", "PgJobStore"]
+__all__ = ["PgCatalog", "PgDatabase"]
 
-# Any fixed number: the key of the "one server per database" advisory lock.
-_SERVER_LOCK = 0x5CA4_0B5
+# Any fixed number: the key of the advisory lock that serialises migrations.
+_MIGRATION_LOCK = 0x5CA4_0B5
 
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -87,6 +76,15 @@ _MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (job_id, sequence)
     );
     """,
+    # 3: several replicas: who runs a job, until when, and its event counter.
+    """
+    ALTER TABLE jobs ADD COLUMN owner TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_until TIMESTAMPTZ;
+    ALTER TABLE jobs ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT false;
+    CREATE INDEX jobs_claimable ON jobs (state, number);
+    CREATE INDEX jobs_by_request ON jobs (request_id) WHERE request_id <> '';
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -94,45 +92,34 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 class PgDatabase:
     """A connection pool to one PostgreSQL database, migrated and locked for this server."""
 
-    def __init__(self, pool: AsyncConnectionPool, lock: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(self, url: str, pool: AsyncConnectionPool) -> None:
+        self.url = url
         self.pool = pool
-        self._lock = lock
 
     @classmethod
-    async def open(cls, url: str, *, size: int = 4) -> PgDatabase:
-        """Connect, migrate, and take the one-server lock.
+    async def open(cls, url: str, *, size: int = 8) -> PgDatabase:
+        """Connect and migrate (replicas starting together migrate once, under a lock).
 
         Raises:
-            DatabaseInUse: another server uses this database.
             DatabaseCorrupt: the schema is newer than this server, or the database is unusable.
         """
         try:
-            lock = await psycopg.AsyncConnection.connect(url, autocommit=True)
-        except psycopg.Error as exc:
-            raise DatabaseCorrupt(f"cannot connect to the database: {exc}") from None
-        try:
-            row = await (
-                await lock.execute("SELECT pg_try_advisory_lock(%s)", (_SERVER_LOCK,))
-            ).fetchone()
-            if not row or not row[0]:
-                raise DatabaseInUse("the database is in use by another scanjobs server")
-            await _migrate(lock)
+            async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+                await _migrate(conn)
             pool = AsyncConnectionPool(url, min_size=1, max_size=size, open=False)
-            await pool.open(wait=True)
-        except BaseException:
-            await lock.close()
-            raise
-        return cls(pool, lock)
+            await pool.open(wait=True, timeout=30)
+        except psycopg.Error as exc:
+            raise DatabaseCorrupt(f"cannot use the database: {exc}") from None
+        return cls(url, pool)
 
     async def close(self) -> None:
-        """Close the pool and release the lock; idempotent."""
+        """Close the pool; idempotent."""
         await self.pool.close()
-        await self._lock.close()
 
 
 async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SERVER_LOCK + 1,))
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
         await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = await (await conn.execute("SELECT max(version) FROM schema_version")).fetchone()
         version = (row[0] if row else None) or 0
@@ -207,80 +194,3 @@ class PgCatalog:
 
     async def close(self) -> None:
         """Nothing of its own to close: the :class:`PgDatabase` is closed by its owner."""
-
-
-class PgJobStore:
-    """The :class:`server.queue.JobStore` in the ``jobs`` and ``job_events`` tables."""
-
-    def __init__(self, db: PgDatabase) -> None:
-        self._pool = db.pool
-
-    async def load(self) -> list[StoredJob]:
-        async with self._pool.connection() as conn:
-            jobs = await (
-                await conn.execute("SELECT id, snapshot FROM jobs ORDER BY number")
-            ).fetchall()
-            last = await (
-                await conn.execute(
-                    "SELECT DISTINCT ON (job_id) job_id, sequence, state_change, snapshot, time_ns"
-                    " FROM job_events ORDER BY job_id, sequence DESC"
-                )
-            ).fetchall()
-        by_job = {r[0]: r[1:] for r in last}
-        loaded = []
-        for job_id, snapshot in jobs:
-            job = decode_job(snapshot)
-            row = by_job.get(job_id)
-            event = event_from_row(row) if row else JobEvent(0, job, True)
-            loaded.append(StoredJob(job, event))
-        return loaded
-
-    async def append(self, events: Sequence[JobEvent]) -> None:
-        event_rows = [
-            (e.job.id, e.sequence, e.state_change, encode_job(e.job), time_ns(e.time))
-            for e in events
-        ]
-        latest = {e.job.id: e.job for e in events}
-        job_rows = [
-            (j.id, j.state.value, j.spec.request_id, time_ns(j.end_time), encode_job(j))
-            for j in latest.values()
-        ]
-        async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            await cur.executemany(
-                "INSERT INTO jobs (id, state, request_id, end_ns, snapshot)"
-                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET"
-                " state = excluded.state, end_ns = excluded.end_ns, snapshot = excluded.snapshot",
-                job_rows,
-            )
-            await cur.executemany(
-                "INSERT INTO job_events VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                event_rows,
-            )
-
-    async def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
-        async with self._pool.connection() as conn:
-            rows = await (
-                await conn.execute(
-                    "SELECT sequence, state_change, snapshot, time_ns FROM job_events"
-                    " WHERE job_id = %s AND sequence > %s ORDER BY sequence",
-                    (job_id, after_sequence),
-                )
-            ).fetchall()
-        return [event_from_row(tuple(r)) for r in rows]
-
-    async def thin(self, job_id: str) -> None:
-        async with self._pool.connection() as conn:
-            await conn.execute(
-                "DELETE FROM job_events WHERE job_id = %s AND NOT state_change", (job_id,)
-            )
-
-    async def prune(self, ended_before: datetime) -> list[str]:
-        async with self._pool.connection() as conn, conn.transaction():
-            rows = await (
-                await conn.execute(
-                    "DELETE FROM jobs WHERE end_ns < %s RETURNING id", (time_ns(ended_before),)
-                )
-            ).fetchall()
-            ids = [r[0] for r in rows]
-            await conn.execute("DELETE FROM job_events WHERE job_id = ANY(%s)", (ids,))
-        return ids

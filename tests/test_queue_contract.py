@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,12 +23,12 @@ from server.errors import (
     Unavailable,
 )
 from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
-from server.pgstore import PgDatabase, PgJobStore
+from server.pgqueue import ClusterConfig, PgJobQueue
+from server.pgstore import PgDatabase
 from server.queue import (
     AsyncioJobQueue,
     InMemoryJobStore,
     JobContext,
-    JobStore,
     QueueConfig,
     Subscription,
 )
@@ -80,30 +81,27 @@ QueueFactory = Callable[..., Awaitable[AsyncioJobQueue]]
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def make_store(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[Callable[[], JobStore]]:
-    """A factory of job stores that share one backing (so a 'restart' sees the same jobs)."""
-    if request.param == "memory":
-        shared = InMemoryJobStore()
-        yield lambda: shared
-        return
-    if request.param == "postgres":
-        pg = await PgDatabase.open(request.getfixturevalue("postgres_url"))
-        yield lambda: PgJobStore(pg)
-        await pg.close()
-        return
-    db = await Database.open(tmp_path / "jobs.db")
-    yield lambda: SqliteJobStore(db)
-    await db.close()
+async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueFactory]:
+    """Queues of one implementation sharing one backing, so that a second queue is the server
+    after a restart: the in-process queue over the in-memory and the SQLite job store, and
+    the replicated queue over PostgreSQL."""
+    queues: list[Any] = []
+    db: Any = None
+    shared = InMemoryJobStore()
+    if request.param == "sqlite":
+        db = await Database.open(tmp_path / "jobs.db")
+    elif request.param == "postgres":
+        db = await PgDatabase.open(request.getfixturevalue("postgres_url"))
 
-
-@pytest.fixture
-async def make_queue(make_store: Callable[[], JobStore]) -> AsyncIterator[QueueFactory]:
-    queues: list[AsyncioJobQueue] = []
-
-    async def _make(handler: ScriptedHandler, **config: float) -> AsyncioJobQueue:
-        queue = AsyncioJobQueue(handler, QueueConfig(**config), store=make_store())  # type: ignore[arg-type]
+    async def _make(handler: ScriptedHandler, **config: float) -> Any:
+        settings = QueueConfig(**config)  # type: ignore[arg-type]
+        queue: Any
+        if request.param == "postgres":
+            cluster = ClusterConfig(lease_s=5.0, poll_s=0.2)
+            queue = PgJobQueue(handler, db, settings, cluster)
+        else:
+            store = shared if db is None else SqliteJobStore(db)
+            queue = AsyncioJobQueue(handler, settings, store=store)
         await queue.start()
         queues.append(queue)
         return queue
@@ -112,6 +110,8 @@ async def make_queue(make_store: Callable[[], JobStore]) -> AsyncIterator[QueueF
     for queue in queues:
         await queue.close(grace_s=1.0)
         assert queue.running_tasks == 0
+    if db is not None:
+        await db.close()
 
 
 async def collect(subscription: Subscription) -> list[JobEvent]:
