@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,9 +57,10 @@ class Sizes:
     walk_files: int = 1_000_000
     rpc_seconds: float = 3.0
     processes: int = 2
+    replica_jobs: int = 60
 
 
-QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2)
+QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2, 6)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -285,6 +287,93 @@ def scale(sizes: Sizes) -> list[Row]:
     ]  # fmt: skip
 
 
+# -- 7: replicas on one PostgreSQL ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _replicas(root: Path, url: str, count: int) -> Iterator[list[str]]:
+    with contextlib.ExitStack() as stack:
+        targets = [
+            stack.enter_context(
+                server(root, "--database", url, "--probe-processes", "1", "--lease", "5")
+            ).target
+            for _ in range(count)
+        ]
+        yield targets
+
+
+async def _jobs_per_second(targets: list[str], folders: list[Path]) -> float:
+    clients = [ScanClient(t) for t in targets]
+    try:
+        started = time.perf_counter()
+        jobs = [
+            await clients[n % len(clients)].submit(str(folder)) for n, folder in enumerate(folders)
+        ]
+        for n, job in enumerate(jobs):
+            async for _ in clients[(n + 1) % len(clients)].watch(job.id):
+                pass
+        return len(jobs) / (time.perf_counter() - started)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def _cross_cancel(targets: list[str], root: Path, trials: int) -> list[float]:
+    """Submit on one replica, cancel through the next, watch through the one after."""
+    clients = [ScanClient(t) for t in targets]
+    latencies: list[float] = []
+    try:
+        for n in range(trials * 3):
+            if len(latencies) == trials:
+                break
+            _touch_all(root)
+            submit, cancel, watch = (clients[(n + k) % len(clients)] for k in range(3))
+            job = await submit.submit(str(root))
+            events = watch.watch(job.id).__aiter__()
+            async for event in events:
+                if event.job.progress.files_done > 0:
+                    break
+            try:
+                await cancel.cancel(job.id)
+            except InvalidRequest:
+                continue
+            replied = time.perf_counter()
+            async for event in events:
+                if is_terminal(event.job):
+                    latencies.append((time.perf_counter() - replied) * 1000)
+                    break
+    finally:
+        for client in clients:
+            await client.close()
+    return latencies
+
+
+def replicas(sizes: Sizes, small: Path) -> list[Row]:
+    from tests import postgres
+
+    if not postgres.available():
+        print("replicas: skipped, PostgreSQL is not installed (apt-get install postgresql)")
+        return []
+    folders = [make_corpus(CACHE / "jobs" / f"j{n:03}", 20) for n in range(sizes.replica_jobs)]
+    figures: dict[int, tuple[float, list[float]]] = {}
+    with postgres.running_cluster() as cluster:
+        for count in (1, 3):
+            with _replicas(CACHE, cluster.new_database(), count) as targets:
+                rate = asyncio.run(_jobs_per_second(targets, folders))
+                _touch_all(small)
+                latencies = asyncio.run(_cross_cancel(targets, small, sizes.trials))
+            figures[count] = (rate, latencies)
+    (one_rate, one_lat), (three_rate, three_lat) = figures[1], figures[3]
+    p99_one, p99_three = percentile(one_lat, 99), percentile(three_lat, 99)
+    return [
+        Row(f"jobs/s, {len(folders)} jobs of 20 files, 3 replicas", three_rate, one_rate,
+            "1 replica", "jobs/s", three_rate / one_rate, "(context: 2 cores)", None),
+        Row("cancel p99, cancel and watch on other replicas", p99_three, 100.0, "target", "ms",
+            p99_three / 100, f"p99 <= 100 ms (p50 {percentile(three_lat, 50):.1f} ms, "
+            f"1 replica p99 {p99_one:.1f} ms, n={len(three_lat)})", p99_three <= 100),
+    ]  # fmt: skip
+
+
 # -- the runner ----------------------------------------------------------------------------------
 
 
@@ -317,7 +406,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--skip-ffprobe", action="store_true", help="no ffprobe baseline")
-    parser.add_argument("--only", choices=["scan", "cancel", "fanout", "rpc", "scale"],
+    parser.add_argument("--only", choices=["scan", "cancel", "fanout", "rpc", "scale", "replicas"],
                         action="append", help="run only these (repeatable)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
@@ -327,7 +416,7 @@ def main() -> int:
     small = make_corpus(CACHE / f"cancel-{tag}" / "library", max(sizes.files, 1000))
     measured = make_corpus(CACHE / f"fanout-{tag}" / "measured", sizes.fan_out_files)
     large = _large_library(200)
-    only = set(args.only or ["scan", "cancel", "fanout", "rpc", "scale"])
+    only = set(args.only or ["scan", "cancel", "fanout", "rpc", "scale", "replicas"])
     rows: list[Row] = []
     if "scan" in only:
         rows += throughput(sizes, corpus, args.skip_ffprobe)
@@ -339,6 +428,8 @@ def main() -> int:
         rows += rpc_overhead(sizes, corpus)
     if "scale" in only:
         rows += scale(sizes)
+    if "replicas" in only:
+        rows += replicas(sizes, small)
     machine = {
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),

@@ -7,6 +7,7 @@ no PostgreSQL is installed the tests that need it are skipped with one clear mes
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -53,14 +54,16 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[Postgres]:
-    """Start PostgreSQL once for the session; stop and remove it afterwards."""
+def available() -> bool:
+    """True where a PostgreSQL server can be started here."""
+    return _bin_dir() is not None and (os.geteuid() != 0 or shutil.which("runuser") is not None)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[Postgres]:
+    """Start PostgreSQL in a temporary folder on a free loopback port; stop and remove it."""
     bin_dir = _bin_dir()
-    if bin_dir is None or (os.geteuid() == 0 and shutil.which("runuser") is None):
-        pytest.skip(
-            "PostgreSQL is not installed here (apt-get install postgresql); .ci/run installs it"
-        )
+    assert bin_dir is not None
     folder = Path(tempfile.mkdtemp(prefix="scanjobs-pg-"))
     data, sockets = folder / "data", folder / "sockets"
     sockets.mkdir()
@@ -89,6 +92,15 @@ def postgres_cluster() -> Iterator[Postgres]:
             check=False, capture_output=True,
         )  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Postgres]:
+    """PostgreSQL for the whole session."""
+    if not available():
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    with running_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture
