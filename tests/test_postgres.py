@@ -1,12 +1,17 @@
-"""The PostgreSQL backend beyond the shared contract suites: schema versions, and errors."""
+"""The PostgreSQL backend beyond the shared contract suites: schema versions, errors, and
+the polling safety net under NOTIFY."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
+from server.jobs import JobSpec, JobState
+from server.pgqueue import ClusterConfig, PgJobQueue
 from server.pgstore import PgDatabase
+from server.queue import QueueConfig
 from server.store import DatabaseCorrupt
+from tests.test_queue_contract import ScriptedHandler, until_state
 
 
 async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
@@ -30,3 +35,23 @@ async def test_a_schema_from_a_newer_server_is_refused(postgres_url: str) -> Non
 async def test_an_unreachable_database_is_a_clear_error() -> None:
     with pytest.raises(DatabaseCorrupt, match="cannot use the database"):
         await PgDatabase.open("postgresql://postgres@127.0.0.1:9/none?connect_timeout=2")
+
+
+async def test_a_cancel_whose_notification_is_lost_is_found_by_the_lease_renewal(
+    postgres_url: str,
+) -> None:
+    db = await PgDatabase.open(postgres_url)
+    handler = ScriptedHandler()
+    queue = PgJobQueue(handler, db, QueueConfig(), ClusterConfig(lease_s=3.0, poll_s=0.2))
+    await queue.start()
+    try:
+        job = await queue.submit(JobSpec("/block"))
+        await handler.started_event(job.id).wait()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:  # a cancel without NOTIFY
+            conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job.id,))
+        final = await until_state(queue, job.id, JobState.CANCELLED)
+    finally:
+        await queue.close(grace_s=1.0)
+        await db.close()
+    assert final.cancel_requested
+    assert handler.cancelled == [job.id]
