@@ -23,6 +23,7 @@ from server.catalog import (
     encode_page_token,
 )
 from server.store import (
+    VIDEO_UPSERT,
     DatabaseCorrupt,
     row_video,
     video_row,
@@ -132,18 +133,8 @@ async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute("INSERT INTO schema_version VALUES (%s)", (number,))
 
 
-_UPSERT = """
-INSERT INTO videos VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)
-ON CONFLICT (path) DO UPDATE SET
-    size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns,
-    container = excluded.container, duration_s = excluded.duration_s,
-    bit_rate = excluded.bit_rate, video_codec = excluded.video_codec,
-    width = excluded.width, height = excluded.height,
-    frame_rate_num = excluded.frame_rate_num, frame_rate_den = excluded.frame_rate_den,
-    audio_codec = excluded.audio_codec, audio_streams = excluded.audio_streams,
-    subtitle_streams = excluded.subtitle_streams, data_streams = excluded.data_streams,
-    last_seen_ns = excluded.last_seen_ns, job_id = excluded.job_id
-"""
+# The same statement as SQLite's, with psycopg's placeholders.
+_UPSERT = VIDEO_UPSERT.replace("?", "%s")
 
 
 class PgCatalog:

@@ -42,6 +42,7 @@ from server.probe import MediaInfo
 from server.queue import StoredJob
 
 __all__ = [
+    "VIDEO_UPSERT",
     "Database",
     "DatabaseCorrupt",
     "DatabaseInUse",
@@ -205,7 +206,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 # -- the catalog -----------------------------------------------------------------------------
 
-_UPSERT = """
+VIDEO_UPSERT = """
 INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
 ON CONFLICT (path) DO UPDATE SET
     size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns,
@@ -252,7 +253,7 @@ class SqliteCatalog:
 
         def write(conn: sqlite3.Connection) -> None:
             with conn:
-                conn.executemany(_UPSERT, rows)
+                conn.executemany(VIDEO_UPSERT, rows)
                 conn.executemany("UPDATE videos SET last_seen_ns = ? WHERE path = ?", touched)
 
         await self._db.run(write)
