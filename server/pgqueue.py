@@ -437,7 +437,8 @@ class PgJobQueue:
     async def _write(self, running: _Running, job: Job, *, state_change: bool) -> None:
         """Publish a change of a job this replica owns, in order with its other changes."""
         async with running.lock:
-            if running.lost:
+            ended = running.published is not None and running.published.terminal
+            if running.lost or ended:  # a late progress write must not follow the end
                 return
             async with self._db.pool.connection() as conn, conn.transaction():
                 kept = await self._append(
@@ -475,12 +476,14 @@ class PgJobQueue:
     async def _claim(self) -> Job | None:
         """Take the oldest pending job, or one whose owner's lease lapsed; None if none."""
         async with self._db.pool.connection() as conn, conn.transaction():
+            # Never a job this replica still runs, even if its lease lapsed while the event
+            # loop was stalled: the handler in flight would race its own successor.
             row = await _one(
                 conn,
-                "SELECT snapshot FROM jobs WHERE state = 'PENDING'"
-                " OR (state = 'RUNNING' AND (lease_until IS NULL OR lease_until < now()))"
-                " ORDER BY number FOR UPDATE SKIP LOCKED LIMIT 1",
-                (),
+                "SELECT snapshot FROM jobs WHERE (state = 'PENDING'"
+                " OR (state = 'RUNNING' AND (lease_until IS NULL OR lease_until < now())))"
+                " AND id <> ALL(%s) ORDER BY number FOR UPDATE SKIP LOCKED LIMIT 1",
+                (list(self._running),),
             )
             if row is None:
                 return None
