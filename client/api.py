@@ -68,6 +68,8 @@ class ScanClient:
         timeout_s: deadline of every unary call.
         reconnects: how many times in a row ``watch`` reconnects before giving up.
         backoff_s: first reconnect delay; doubles each time, capped at 5 s.
+        balance: spread calls over every address the target resolves to (gRPC's
+            round-robin balancer), for several replicas behind one DNS name.
     """
 
     def __init__(
@@ -79,11 +81,13 @@ class ScanClient:
         timeout_s: float = 10.0,
         reconnects: int = 8,
         backoff_s: float = 0.1,
+        balance: bool = False,
     ) -> None:
+        options = [*_KEEPALIVE, *([("grpc.lb_policy_name", "round_robin")] if balance else [])]
         if tls is not None:
-            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=_KEEPALIVE)
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         else:
-            self._channel = grpc.aio.insecure_channel(target, options=_KEEPALIVE)
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         self._stub = pb_grpc.ScanServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout_s = timeout_s

@@ -370,7 +370,12 @@ class AsyncioJobQueue:
                 watcher.fail(Unavailable("the server is shutting down; resume the watch"))
 
     async def _settle(self, grace_s: float) -> None:
-        """Let outboxes commit, then cancel what else is left (the pruner)."""
+        """Let outboxes commit, then cancel what else is left (the pruner). Progress not yet
+        published is dropped: a timer firing later would write to a closed store."""
+        for entry in self._order:
+            if entry.flush is not None:
+                entry.flush.cancel()
+                entry.flush = None
         drains = [e.drain for e in self._order if e.drain is not None and not e.drain.done()]
         if drains:
             await asyncio.wait(drains, timeout=grace_s)
@@ -626,7 +631,7 @@ class AsyncioJobQueue:
         entry.job = job
         if state_change:
             self._publish(entry, state_change=True)
-        elif entry.flush is None:
+        elif entry.flush is None and not self._closing:
             loop = asyncio.get_running_loop()
             entry.flush = loop.call_later(self._config.progress_interval_s, self._flush, entry)
 

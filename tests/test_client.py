@@ -100,3 +100,22 @@ async def test_watch_resumes_after_the_server_restarts(tmp_path: Path) -> None:
     assert sequences == sorted(set(sequences))
     assert events[-1].job.state == pb.JOB_STATE_COMPLETED
     assert events[-1].job.attempts == 2
+
+
+async def test_a_balanced_client_spreads_calls_over_every_address(
+    serve: ServeFactory, media: Path, tmp_path: Path
+) -> None:
+    first = await serve(media)
+    second = await serve(media)
+    target = f"ipv4:{first.address},{second.address}"  # two replicas behind one target
+    async with ScanClient(target, balance=True) as client:
+        jobs = [await client.submit(str(media)) for _ in range(4)]
+    owners = set()
+    for job in jobs:
+        for server in (first, second):
+            try:
+                await server.stub.GetJob(pb.GetJobRequest(job_id=job.id))
+                owners.add(server.address)
+            except grpc.aio.AioRpcError:
+                pass
+    assert owners == {first.address, second.address}
