@@ -20,6 +20,7 @@ import base64
 import bisect
 import collections
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -475,7 +476,8 @@ class AsyncioJobQueue:
             job = self._order[index].job
             if state is None or job.state is state:
                 jobs.append(job)
-        more = any(state is None or e.job.state is state for e in self._order[:index])
+        earlier = itertools.islice(self._order, index)  # no copy of the whole list per page
+        more = any(state is None or e.job.state is state for e in earlier)
         token = encode_page_token(self._order[index].number, state) if more else ""
         return jobs, token
 
