@@ -25,7 +25,7 @@ proto: setup
 	rm -rf gen/scanjobs && $(PY) protos/generate.py gen
 
 run: setup
-	$(PY) -m server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" $(ARGS)
+	$(PY) -m scanjobs.server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" $(ARGS)
 
 demo: setup
 	$(PY) -m bench.demo

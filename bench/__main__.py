@@ -26,7 +26,7 @@ from pathlib import Path
 from bench import baselines
 from bench.corpus import make_corpus
 from bench.harness import percentile, rss_mib, server
-from client import InvalidRequest, ScanClient, is_terminal
+from scanjobs.client import InvalidRequest, ScanClient, is_terminal
 from scanjobs.v1 import scanjobs_pb2 as pb
 
 HERE = Path(__file__).resolve().parent

@@ -17,7 +17,7 @@ def main() -> int:
     print(f"generating a library of 600 small videos in {LIBRARY} ...")
     make_corpus(LIBRARY, 600, per_folder=60)
     with server(LIBRARY.resolve()) as running:
-        cli = [sys.executable, "-m", "client", "--target", running.target]
+        cli = [sys.executable, "-m", "scanjobs.client", "--target", running.target]
         for args in (["scan", str(LIBRARY)], ["videos", "--limit", "8"], ["jobs"]):
             print(f"\n$ scanjobs {' '.join(args)}", flush=True)
             subprocess.run([*cli, *args], check=False)

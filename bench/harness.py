@@ -58,12 +58,12 @@ def wait_serving(target: str, timeout_s: float = 30.0) -> None:
 
 @contextmanager
 def server(root: Path, *extra: str) -> Iterator[Server]:
-    """``python -m server`` on a free port with a fresh data directory, stopped afterwards."""
+    """``python -m scanjobs.server`` on a free port and a fresh data directory, stopped after."""
     with tempfile.TemporaryDirectory(prefix="scanjobs-bench-") as data:
         target = f"127.0.0.1:{free_port()}"
         log = (Path(data) / "server.log").open("wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--root", str(root), "--data-dir", data,
+            [sys.executable, "-m", "scanjobs.server", "--root", str(root), "--data-dir", data,
              "--listen", target, "--log-level", "WARNING", *extra],
             stderr=log,
         )  # fmt: skip

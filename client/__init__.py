@@ -1,7 +1,7 @@
 """The scanjobs client: a typed async library (:class:`ScanClient`) and the ``scanjobs`` CLI."""
 
-from client.api import TERMINAL_STATES, ScanClient, TlsFiles, is_terminal
-from client.errors import (
+from .api import TERMINAL_STATES, ScanClient, TlsFiles, is_terminal
+from .errors import (
     InvalidRequest,
     NotAllowed,
     NotFound,

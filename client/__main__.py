@@ -1,7 +1,7 @@
-"""``python -m client``: the same as the ``scanjobs`` command."""
+"""``python -m scanjobs.client``: the same as the ``scanjobs`` command."""
 
 import sys
 
-from client.cli import main
+from .cli import main
 
 sys.exit(main())

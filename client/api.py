@@ -23,9 +23,10 @@ from typing import Self, TypeVar
 
 import grpc
 
-from client.errors import ScanClientError, ServiceUnavailable, from_rpc_error
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+
+from .errors import ScanClientError, ServiceUnavailable, from_rpc_error
 
 __all__ = ["TERMINAL_STATES", "ScanClient", "ScanClientError", "TlsFiles", "is_terminal"]
 

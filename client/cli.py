@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from client.api import ScanClient, TlsFiles
-from client.errors import InvalidRequest, ScanClientError
-from client.progress import JobDisplay, state_name
 from scanjobs.v1 import scanjobs_pb2 as pb
+
+from .api import ScanClient, TlsFiles
+from .errors import InvalidRequest, ScanClientError
+from .progress import JobDisplay, state_name
 
 __all__ = ["main"]
 

@@ -1,4 +1,4 @@
-"""``scanjobs-server`` / ``python -m server``: serve until SIGINT or SIGTERM."""
+"""``scanjobs-server`` / ``python -m scanjobs.server``: serve until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from server import logs
-from server.app import ListenError, start
-from server.config import Config, parse_args
-from server.store import DatabaseCorrupt, DatabaseInUse
+from . import logs
+from .app import ListenError, start
+from .config import Config, parse_args
+from .store import DatabaseCorrupt, DatabaseInUse
 
-log = logging.getLogger("server")
+log = logging.getLogger("scanjobs.server")
 
 EXIT_BAD_DATABASE = 3
 EXIT_CANNOT_LISTEN = 4

@@ -14,17 +14,18 @@ from grpc_reflection.v1alpha import reflection
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from server.catalog import Catalog
-from server.config import Config
-from server.metrics import Metrics
-from server.pgqueue import ClusterConfig, PgJobQueue
-from server.pgstore import PgCatalog, PgDatabase
-from server.probe import ProbePool
-from server.queue import AsyncioJobQueue, QueueConfig
-from server.roots import RootPolicy
-from server.scan import ScanConfig, Scanner
-from server.service import ScanService, ServiceInterceptor
-from server.store import Database, SqliteCatalog, SqliteJobStore
+
+from .catalog import Catalog
+from .config import Config
+from .metrics import Metrics
+from .pgqueue import ClusterConfig, PgJobQueue
+from .pgstore import PgCatalog, PgDatabase
+from .probe import ProbePool
+from .queue import AsyncioJobQueue, QueueConfig
+from .roots import RootPolicy
+from .scan import ScanConfig, Scanner
+from .service import ScanService, ServiceInterceptor
+from .store import Database, SqliteCatalog, SqliteJobStore
 
 __all__ = ["App", "ListenError", "start"]
 

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Protocol
 
-from server.errors import InvalidArgument
-from server.probe import MediaInfo
+from .errors import InvalidArgument
+from .probe import MediaInfo
 
 __all__ = [
     "Catalog",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.scan import DEFAULT_EXTENSIONS
+from .scan import DEFAULT_EXTENSIONS
 
 __all__ = ["Config", "is_loopback", "parse_args"]
 

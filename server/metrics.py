@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.jobs import JobEvent, JobState
+from .jobs import JobEvent, JobState
 
 __all__ = ["Metrics"]
 

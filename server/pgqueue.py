@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from server.errors import (
+from .errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -35,7 +35,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.jobs import (
+from .jobs import (
     CancelReason,
     Job,
     JobEvent,
@@ -45,8 +45,8 @@ from server.jobs import (
     ScanResult,
     transition,
 )
-from server.pgstore import PgDatabase
-from server.queue import (
+from .pgstore import PgDatabase
+from .queue import (
     JobContext,
     JobHandler,
     QueueConfig,
@@ -58,7 +58,7 @@ from server.queue import (
     finished,
     wait_owned,
 )
-from server.store import decode_job, encode_job, event_from_row, time_ns
+from .store import decode_job, encode_job, event_from_row, time_ns
 
 __all__ = ["ClusterConfig", "PgJobQueue"]
 

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from server.catalog import (
+from .catalog import (
     FileStamp,
     Seen,
     Video,
@@ -22,7 +22,7 @@ from server.catalog import (
     decode_page_token,
     encode_page_token,
 )
-from server.store import (
+from .store import (
     VIDEO_UPSERT,
     DatabaseCorrupt,
     row_video,

@@ -1,7 +1,7 @@
 """Media metadata from PyAV, probed in long-lived worker processes.
 
-Each worker is a fresh interpreter (``python -m server.probe``), never a fork of the server:
-gRPC does not survive a fork (grpc/grpc#17093). Workers read batches of paths on stdin and
+Each worker is a fresh interpreter (``python -m scanjobs.server.probe``), never a fork of the
+server: gRPC does not survive a fork (grpc/grpc#17093). Workers read batches of paths on stdin and
 write one framed result per file on stdout, so a file that hangs or crashes FFmpeg costs one
 per-file error: the pool kills that worker, replaces it in the background and carries on with
 the rest of the batch on another worker. A cancelled probe kills its worker instead of waiting
@@ -277,7 +277,7 @@ class ProbePool:
         processes: int,
         probe_timeout_s: float = 30.0,
         *,
-        command: Sequence[str] = (sys.executable, "-m", "server.probe"),
+        command: Sequence[str] = (sys.executable, "-m", "scanjobs.server.probe"),
         on_probe: Callable[[float], None] | None = None,
     ) -> None:
         self._on_probe = on_probe
@@ -430,7 +430,7 @@ def _serve(
 if __name__ == "__main__":
     # Run the copy imported under its real name, so that pickled outcomes name
     # ``server.probe.MediaInfo`` rather than ``__main__.MediaInfo``.
-    from server import probe
+    from . import probe
 
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
         probe._serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-from server.errors import (
+from .errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -38,7 +38,7 @@ from server.errors import (
     ScanJobsError,
     Unavailable,
 )
-from server.jobs import (
+from .jobs import (
     CancelReason,
     Job,
     JobEvent,

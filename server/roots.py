@@ -10,7 +10,7 @@ import os
 import stat
 from collections.abc import Iterable, Sequence
 
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 
 __all__ = ["MAX_PATH_BYTES", "RootPolicy"]
 

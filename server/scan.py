@@ -21,11 +21,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from server.catalog import Catalog, FileStamp, Video
-from server.jobs import FileError, Job, Phase, Progress, ScanResult, display_path
-from server.probe import ProbeFailure, ProbeOutcome, Prober, ProbeTarget
-from server.queue import JobContext
-from server.roots import RootPolicy
+from .catalog import Catalog, FileStamp, Video
+from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
+from .probe import ProbeFailure, ProbeOutcome, Prober, ProbeTarget
+from .queue import JobContext
+from .roots import RootPolicy
 
 __all__ = [
     "DEFAULT_EXTENSIONS",

@@ -28,11 +28,12 @@ from grpc_status import rpc_status
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from server import errors
-from server.catalog import Catalog, Video
-from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
-from server.queue import JobQueue
-from server.roots import RootPolicy
+
+from . import errors
+from .catalog import Catalog, Video
+from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
+from .queue import JobQueue
+from .roots import RootPolicy
 
 __all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
 

@@ -20,7 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
-from server.catalog import (
+from .catalog import (
     FileStamp,
     Seen,
     Video,
@@ -28,7 +28,7 @@ from server.catalog import (
     decode_page_token,
     encode_page_token,
 )
-from server.jobs import (
+from .jobs import (
     FileError,
     Job,
     JobEvent,
@@ -38,8 +38,8 @@ from server.jobs import (
     Progress,
     ScanResult,
 )
-from server.probe import MediaInfo
-from server.queue import StoredJob
+from .probe import MediaInfo
+from .queue import StoredJob
 
 __all__ = [
     "VIDEO_UPSERT",

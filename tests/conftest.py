@@ -16,18 +16,18 @@ from typing import Any
 import grpc
 import pytest
 
+from scanjobs.server.app import App, start
+from scanjobs.server.config import Config
+from scanjobs.server.probe import ProbePool
+from scanjobs.server.scan import DEFAULT_EXTENSIONS
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from server.app import App, start
-from server.config import Config
-from server.probe import ProbePool
-from server.scan import DEFAULT_EXTENSIONS
 from tests.media import write_video
 
 pytest_plugins = ["tests.postgres"]
 
 HERE = Path(__file__).resolve().parent
-SERVER = (sys.executable, "-m", "server")
+SERVER = (sys.executable, "-m", "scanjobs.server")
 MISBEHAVING_WORKER = (sys.executable, str(HERE / "misbehaving_worker.py"))
 
 
@@ -144,7 +144,7 @@ def _no_stray_servers() -> Iterator[None]:
 
 
 class ServerProcess:
-    """``python -m server`` on an ephemeral port; its log lines are collected as they come."""
+    """``python -m scanjobs.server`` on an ephemeral port; log lines are collected as they come."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-from server import probe
+from scanjobs.server import probe
 
 
 def _probe(target: probe.ProbeTarget) -> probe.ProbeOutcome:

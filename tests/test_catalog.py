@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from server.catalog import Catalog, FileStamp, InMemoryCatalog, Seen, Video
-from server.errors import InvalidArgument
-from server.pgstore import PgCatalog, PgDatabase
-from server.probe import MediaInfo
-from server.store import Database, DatabaseCorrupt, SqliteCatalog
+from scanjobs.server.catalog import Catalog, FileStamp, InMemoryCatalog, Seen, Video
+from scanjobs.server.errors import InvalidArgument
+from scanjobs.server.pgstore import PgCatalog, PgDatabase
+from scanjobs.server.probe import MediaInfo
+from scanjobs.server.store import Database, DatabaseCorrupt, SqliteCatalog
 
 INFO = MediaInfo(
     "matroska,webm", 12.5, 4000, "vp9", 640, 360, Fraction(30000, 1001), "opus", 1, 2, 0

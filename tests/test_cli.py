@@ -14,7 +14,7 @@ from pathlib import Path
 from scanjobs.v1 import scanjobs_pb2 as pb
 from tests.conftest import Running, ServeFactory, gated_library
 
-CLI = (sys.executable, "-m", "client")
+CLI = (sys.executable, "-m", "scanjobs.client")
 
 
 @dataclass

@@ -9,11 +9,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client import NotAllowed, NotFound, ScanClient, ServiceUnavailable, is_terminal
-from client.errors import InvalidRequest
+from scanjobs.client import NotAllowed, NotFound, ScanClient, ServiceUnavailable, is_terminal
+from scanjobs.client.errors import InvalidRequest
+from scanjobs.server.app import start
+from scanjobs.server.probe import ProbePool
 from scanjobs.v1 import scanjobs_pb2 as pb
-from server.app import start
-from server.probe import ProbePool
 from tests.conftest import MISBEHAVING_WORKER, ServeFactory, make_config
 
 

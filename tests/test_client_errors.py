@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from client.errors import (
+from scanjobs.client.errors import (
     InvalidRequest,
     NotAllowed,
     ScanClientError,

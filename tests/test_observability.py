@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 
 from bench.harness import free_port, wait_serving
-from client import ScanClient
-from server.logs import JsonFormatter, TextFormatter
+from scanjobs.client import ScanClient
+from scanjobs.server.logs import JsonFormatter, TextFormatter
 from tests.conftest import SERVER, ServeFactory, ServerProcess
 
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from server.jobs import JobSpec, JobState
-from server.pgqueue import ClusterConfig, PgJobQueue
-from server.pgstore import PgDatabase
-from server.queue import QueueConfig
-from server.store import DatabaseCorrupt
+from scanjobs.server.jobs import JobSpec, JobState
+from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
+from scanjobs.server.pgstore import PgDatabase
+from scanjobs.server.queue import QueueConfig
+from scanjobs.server.store import DatabaseCorrupt
 from tests.test_queue_contract import ScriptedHandler, until_state
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.probe import MediaInfo, ProbeFailure, ProbePool, ProbeTarget, probe_file
+from scanjobs.server.probe import MediaInfo, ProbeFailure, ProbePool, ProbeTarget, probe_file
 from tests.conftest import MISBEHAVING_WORKER
 from tests.media import write_video
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from server.errors import (
+from scanjobs.server.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -22,17 +22,17 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
-from server.pgqueue import ClusterConfig, PgJobQueue
-from server.pgstore import PgDatabase
-from server.queue import (
+from scanjobs.server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
+from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
+from scanjobs.server.pgstore import PgDatabase
+from scanjobs.server.queue import (
     AsyncioJobQueue,
     InMemoryJobStore,
     JobContext,
     QueueConfig,
     Subscription,
 )
-from server.store import Database, SqliteJobStore
+from scanjobs.server.store import Database, SqliteJobStore
 
 PARTIAL = ScanResult(added=1)
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from server.catalog import FileStamp, InMemoryCatalog, Video
-from server.jobs import JobSpec, JobState, Phase
-from server.probe import MediaInfo, ProbeOutcome, ProbeTarget
-from server.queue import AsyncioJobQueue, QueueConfig
-from server.roots import RootPolicy
-from server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
+from scanjobs.server.catalog import FileStamp, InMemoryCatalog, Video
+from scanjobs.server.jobs import JobSpec, JobState, Phase
+from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
+from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
+from scanjobs.server.roots import RootPolicy
+from scanjobs.server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
 
 VIDEO_EXTS = frozenset({b".mp4", b".mkv"})
 INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)

@@ -24,10 +24,10 @@ from google.protobuf import duration_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from client import ScanClient, ServiceUnavailable, TlsFiles
+from scanjobs.client import ScanClient, ServiceUnavailable, TlsFiles
+from scanjobs.server.config import parse_args
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from server.config import parse_args
 from tests.certs import Authority
 from tests.conftest import Running, ServeFactory, gated_library, until_running
 from tests.media import write_video
@@ -292,7 +292,8 @@ async def test_cli_speaks_mutual_tls_with_a_token(
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "client", "--target", s.address, "--token-file", str(token_file),
+        sys.executable, "-m", "scanjobs.client", "--target", s.address,
+        "--token-file", str(token_file),
         "--tls-ca", str(pki["ca"]), "--tls-cert", str(client.cert), "--tls-key", str(client.key),
         "scan", str(media),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

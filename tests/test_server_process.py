@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.config import parse_args
+from scanjobs.server.config import parse_args
 from tests.conftest import SERVER, ServerProcess
 
 

@@ -5,7 +5,7 @@ import warnings
 
 from scanjobs.v1 import scanjobs_pb2 as scanjobs_dot_v1_dot_scanjobs__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
