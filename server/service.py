@@ -30,10 +30,10 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from . import errors
-from .catalog import Catalog, Video
+from .catalog import Catalog, Failure, Video
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
 from .queue import JobQueue
-from .roots import RootPolicy
+from .roots import RootPolicy, jobs_within_roots
 
 __all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
 
@@ -281,7 +281,7 @@ class ScanService(pb_grpc.ScanServiceServicer):
         spec = _spec_of(request)
         path = await asyncio.to_thread(self._roots.check, spec.path)
         job = await self._queue.submit(
-            JobSpec(path, spec.recursive, spec.timeout_s, spec.request_id)
+            JobSpec(path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe)
         )
         return job_to_proto(job)
 
@@ -296,9 +296,10 @@ class ScanService(pb_grpc.ScanServiceServicer):
         if request.state not in _PB_TO_STATE and request.state != pb.JOB_STATE_UNSPECIFIED:
             raise errors.InvalidArgument(f"unknown state {request.state}", field="state")
         state = _PB_TO_STATE.get(request.state)
-        jobs, token = await self._queue.list_jobs(
-            state=state, page_size=page_size, page_token=request.page_token
-        )
+        jobs, token = await jobs_within_roots(
+            self._queue, self._roots, state=state, page_size=page_size,
+            page_token=request.page_token,
+        )  # fmt: skip
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def ListVideos(
@@ -310,9 +311,24 @@ class ScanService(pb_grpc.ScanServiceServicer):
             job_id=request.job_id,
             page_size=page_size,
             page_token=request.page_token,
+            include_missing=request.include_missing,
+            roots=self._roots.listed(),
         )
         return pb.ListVideosResponse(
             videos=[video_to_proto(v) for v in videos], next_page_token=token
+        )
+
+    async def ListFileErrors(
+        self, request: pb.ListFileErrorsRequest, context: _Context
+    ) -> pb.ListFileErrorsResponse:
+        failures, token = await self._catalog.list_failures(
+            path_prefix=os.fsencode(request.path_prefix),
+            page_size=_page_size(request.page_size, default=100),
+            page_token=request.page_token,
+            roots=self._roots.listed(),
+        )
+        return pb.ListFileErrorsResponse(
+            file_errors=[failure_to_proto(f) for f in failures], next_page_token=token
         )
 
     async def WatchJob(  # type: ignore[override]
@@ -382,7 +398,7 @@ def _spec_of(request: pb.SubmitScanRequest) -> JobSpec:
             f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id"
         )
     recursive = request.recursive if request.HasField("recursive") else True
-    return JobSpec(path, recursive, timeout_s or None, request.request_id)
+    return JobSpec(path, recursive, timeout_s or None, request.request_id, request.reprobe)
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -432,11 +448,15 @@ def job_to_proto(job: Job) -> pb.Job:
             failed=result.failed,
             errors=[pb.FileError(path=e.path, message=e.message) for e in result.errors],
             error_count=result.error_count,
+            removed=result.removed,
+            moved=result.moved,
+            restored=result.restored,
         ),
         error=job.error,
         timeout=_seconds(job.timeout_s),
         request_id=job.spec.request_id,
         attempts=job.attempts,
+        reprobe=job.spec.reprobe,
     )
 
 
@@ -463,4 +483,17 @@ def video_to_proto(video: Video) -> pb.Video:
         first_seen_time=_ns_timestamp(video.first_seen_ns),
         last_seen_time=_ns_timestamp(video.last_seen_ns),
         job_id=video.job_id,
+        missing_time=_ns_timestamp(video.missing_ns) if video.missing_ns is not None else None,
+    )
+
+
+def failure_to_proto(failure: Failure) -> pb.FileError:
+    """The wire form of a remembered failure."""
+    return pb.FileError(
+        path=display_path(failure.path),
+        message=failure.message,
+        size_bytes=failure.stamp.size_bytes,
+        mtime=_ns_timestamp(failure.stamp.mtime_ns),
+        job_id=failure.job_id,
+        error_time=_ns_timestamp(failure.time_ns),
     )

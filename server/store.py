@@ -535,7 +535,7 @@ def encode_job(job: Job) -> str:
     return json.dumps(
         {
             "id": job.id,
-            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id],
+            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe],
             "state": job.state.value,
             "times": [time_ns(job.create_time), time_ns(job.start_time), time_ns(job.end_time)],
             "timeout_s": job.timeout_s,
@@ -548,6 +548,7 @@ def encode_job(job: Job) -> str:
             "result": [
                 result.added, result.updated, result.unchanged, result.failed,
                 [[e.path, e.message] for e in result.errors], result.error_count,
+                result.moved, result.restored, result.removed,
             ],
             "error": job.error,
         },
@@ -560,7 +561,8 @@ def decode_job(text: str) -> Job:
     d = json.loads(text)
     created, started, ended = d["times"]
     phase, found, done, current = d["progress"]
-    added, updated, unchanged, failed, errors, error_count = d["result"]
+    # Snapshots written before reconciliation have no moved, restored and removed.
+    added, updated, unchanged, failed, errors, error_count, *reconciled = d["result"]
     return Job(
         id=d["id"],
         spec=JobSpec(*d["spec"]),
@@ -573,7 +575,13 @@ def decode_job(text: str) -> Job:
         attempts=d["attempts"],
         progress=Progress(Phase(phase), found, done, current),
         result=ScanResult(
-            added, updated, unchanged, failed, tuple(FileError(*e) for e in errors), error_count
+            added,
+            updated,
+            unchanged,
+            failed,
+            tuple(FileError(*e) for e in errors),
+            error_count,
+            *reconciled,
         ),
         error=d["error"],
     )
