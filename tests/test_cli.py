@@ -53,7 +53,10 @@ async def test_scan_prints_the_result_and_exits_0(serve: ServeFactory, media: Pa
     r = await run_cli(s, "scan", str(media))
     assert r.code == 0, r.err
     assert "COMPLETED in" in r.out
-    assert "5 scanned, 4 added, 0 updated, 0 unchanged, 1 failed" in r.out
+    assert (
+        "5 scanned, 4 added, 0 updated, 0 unchanged, 0 moved, 0 restored, 1 failed, 0 removed"
+        in r.out
+    )
     assert f"{media / 'garbage.mp4'}: not a readable video" in r.out
     assert r.err == ""
 

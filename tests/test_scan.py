@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from scanjobs.server.catalog import FileStamp, InMemoryCatalog, Video
+from scanjobs.server.catalog import DirectoryChanges, FileStamp, InMemoryCatalog, ScanCounts
 from scanjobs.server.jobs import JobSpec, JobState, Phase
 from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
 from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
@@ -27,7 +27,12 @@ INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
 
 def _walk(root: Path, *, roots: Sequence[Path] | None = None, recursive: bool = True) -> list:
     policy = RootPolicy([str(r) for r in roots or [root]])
-    return list(walk(os.fsencode(root), recursive=recursive, extensions=VIDEO_EXTS, roots=policy))
+    items: list = []
+    for listing in walk(
+        os.fsencode(root), recursive=recursive, extensions=VIDEO_EXTS, roots=policy
+    ):
+        items += [*listing.files, *listing.errors, *([listing.error] if listing.error else [])]
+    return items
 
 
 def _names(items: list) -> set[bytes]:
@@ -187,14 +192,12 @@ class GatedCatalog(InMemoryCatalog):
         self.blocked = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
-    ) -> None:
+    async def commit(self, changes: DirectoryChanges) -> ScanCounts:
         self.commits += 1
         if self.commits == 2:
             self.blocked.set()
             await self.gate.wait()
-        await super().commit(job_id, probed, unchanged, now_ns)
+        return await super().commit(changes)
 
 
 def _tree(root: Path, count: int) -> Path:
