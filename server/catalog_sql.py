@@ -136,8 +136,13 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
 def _move_steps(c: DirectoryChanges) -> list[Step]:
     moves = c.moved
     return [
-        # A no-op update that counts the moved rows this job had marked missing: those files
-        # were not removed after all.
+        # No-op updates: the first locks each moved row (in PostgreSQL a concurrent commit of
+        # another directory may be marking it missing right now), the second then counts the
+        # rows this job had marked missing: those files were not removed after all.
+        Step(
+            "UPDATE videos SET missing_ns = missing_ns WHERE path = ?",
+            [(m.old_path,) for m in moves],
+        ),
         Step(
             "UPDATE videos SET missing_ns = missing_ns WHERE path = ? AND missing_ns >= ?",
             [(m.old_path, c.since_ns) for m in moves],

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -64,17 +65,25 @@ ServeFactory = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
-    """Start servers on demand: ``await serve(root, misbehaving=True, workers=1)``."""
+    """Start servers on demand: ``await serve(root, misbehaving=True, workers=1)``; overrides
+    are Config fields (``data_dir`` and ``roots`` too)."""
     running: list[Running] = []
 
-    async def _serve(root: Path, *, misbehaving: bool = False, **overrides: Any) -> Running:
-        config = make_config(root, tmp_path / f"data{len(running)}", **overrides)
+    async def _serve(
+        root: Path,
+        *,
+        misbehaving: bool = False,
+        clock_ns: Callable[[], int] = time.time_ns,
+        **overrides: Any,
+    ) -> Running:
+        data_dir = overrides.pop("data_dir", tmp_path / f"data{len(running)}")
+        config = make_config(root, data_dir, **overrides)
         pool = None
         if misbehaving:
             pool = ProbePool(
                 config.probe_processes, config.probe_timeout_s, command=MISBEHAVING_WORKER
             )
-        app = await start(config, probes=pool)
+        app = await start(config, probes=pool, clock_ns=clock_ns)
         address = f"127.0.0.1:{app.port}"
         channel = grpc.aio.insecure_channel(address)
         r = Running(app, pb_grpc.ScanServiceStub(channel), channel, address)

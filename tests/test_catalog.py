@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from scanjobs.server import store as store_module
 from scanjobs.server.catalog import (
     Catalog,
     DirectoryChanges,
@@ -312,3 +313,30 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path: Path) -> None
     conn.close()
     with pytest.raises(DatabaseCorrupt, match="newer"):
         await Database.open(path)
+
+
+async def test_a_catalog_from_before_reconciliation_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    conn = sqlite3.connect(path)
+    for script in store_module._MIGRATIONS[:3]:
+        conn.executescript(script)
+    row = (b"/m/s/a.mp4", 10, 1, *video_row_columns())
+    conn.execute("INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+    db = await Database.open(path)
+    catalog = SqliteCatalog(db)
+    rows = await catalog.read_directory(b"/m/s")
+    above = await catalog.read_directory(b"/m")
+    await db.close()
+
+    assert list(rows.videos) == [b"/m/s/a.mp4"]
+    assert rows.videos[b"/m/s/a.mp4"].missing_ns is None
+    assert above.subdirs == {b"/m/s"}
+
+
+def video_row_columns() -> tuple[object, ...]:
+    """The 15 columns after path, size and mtime in schema version 3."""
+    return ("mov", 1.0, 1000, "h264", 64, 48, 25, 1, "", 0, 0, 0, 100, 100, "j0")
