@@ -28,5 +28,6 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
         "GetJob calls/s",
         "peak server RSS during that scan",
     } <= names
+    assert any(n.startswith("rescan of ") for n in names)
     assert all(r["ours"] >= 0 and r["baseline"] > 0 for r in rows)
     assert "benchmark" in proc.stdout and "ratio" in proc.stdout
