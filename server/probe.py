@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -22,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import BinaryIO, Protocol
+
+from .fsopen import open_beneath
 
 __all__ = [
     "MediaInfo",
@@ -71,15 +74,24 @@ class MediaInfo:
 
 @dataclass(frozen=True, slots=True)
 class ProbeTarget:
-    """A file to probe, and the identity (device, inode) the walk saw for it.
+    """A file to probe: where it lies beneath an allowed root, and the identity (device,
+    inode) the walk saw for it.
 
-    The worker probes the file only if what it opens is that very file: a name swapped for a
-    symlink, a FIFO or another file between walk and probe is refused, never read.
+    The worker opens ``relative`` beneath ``root`` without following any symlink and probes
+    the file only if what it opened is that very file: a name swapped for a symlink, a FIFO
+    or another file between walk and probe is refused, never read, and nothing outside the
+    root is ever opened.
     """
 
-    path: bytes
+    root: bytes
+    relative: bytes
     device: int
     inode: int
+
+    @property
+    def path(self) -> bytes:
+        """The file's full name."""
+        return os.path.join(self.root, self.relative)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +117,8 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
     try:
         fd = _open_verified(target)
         try:
-            return _probe_fd(fd, _FORMAT_BY_SUFFIX.get(os.path.splitext(target.path)[1].lower()))
+            suffix = os.path.splitext(target.relative)[1].lower()
+            return _probe_fd(fd, _FORMAT_BY_SUFFIX.get(suffix))
         finally:
             os.close(fd)
     except _Swapped:
@@ -143,8 +156,17 @@ class _Swapped(Exception):
 
 def _open_verified(target: ProbeTarget) -> int:
     """A descriptor of the file the walk vetted (same device and inode), or _Swapped."""
-    # O_NONBLOCK: opening a FIFO swapped in since the walk must not hang the worker.
-    fd = os.open(target.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    root_fd = os.open(target.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        # Beneath the root, no symlink followed: a folder on the way swapped for a symlink
+        # is ELOOP, not a way out. O_NONBLOCK: a FIFO swapped in must not hang the worker.
+        fd = open_beneath(root_fd, target.relative, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            raise _Swapped from None
+        raise
+    finally:
+        os.close(root_fd)
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (target.device, target.inode) or not stat.S_ISREG(st.st_mode):
@@ -209,7 +231,7 @@ class _Worker:
         self.stdout = proc.stdout
 
     async def send(self, targets: Sequence[ProbeTarget]) -> None:
-        payload = pickle.dumps([(t.path, t.device, t.inode) for t in targets])
+        payload = pickle.dumps([(t.root, t.relative, t.device, t.inode) for t in targets])
         self.stdin.write(_FRAME.pack(len(payload)) + payload)
         await self.stdin.drain()
 
@@ -420,9 +442,9 @@ def _serve(
         if len(header) < _FRAME.size:
             return  # the server closed our stdin or died
         (size,) = _FRAME.unpack(header)
-        batch: list[tuple[bytes, int, int]] = pickle.loads(stdin.read(size))  # noqa: S301
-        for path, device, inode in batch:
-            payload = pickle.dumps(_to_wire(probe(ProbeTarget(path, device, inode))))
+        batch: list[tuple[bytes, bytes, int, int]] = pickle.loads(stdin.read(size))  # noqa: S301
+        for root, relative, device, inode in batch:
+            payload = pickle.dumps(_to_wire(probe(ProbeTarget(root, relative, device, inode))))
             stdout.write(_FRAME.pack(len(payload)) + payload)
             stdout.flush()
 

@@ -16,8 +16,10 @@ from tests.media import write_video
 
 
 def target(path: Path | bytes) -> ProbeTarget:
+    """The file as the walk would hand it over, beneath its folder as the root."""
     st = os.stat(path)
-    return ProbeTarget(os.fsencode(path), st.st_dev, st.st_ino)
+    folder, name = os.path.split(os.fsencode(path))
+    return ProbeTarget(folder, name, st.st_dev, st.st_ino)
 
 
 def test_h264_aac_mp4_metadata(tmp_path: Path) -> None:
@@ -107,6 +109,19 @@ def test_a_file_swapped_after_the_walk_is_refused(tmp_path: Path) -> None:
     outcome = probe_file(seen)
     assert isinstance(outcome, ProbeFailure)
     assert "changed" in outcome.message
+
+
+def test_a_folder_swapped_for_a_symlink_before_the_probe_is_refused(tmp_path: Path) -> None:
+    # The symlink leads to the very file the walk saw (same device and inode): only opening
+    # beneath the root without following symlinks refuses it.
+    (tmp_path / "sub").mkdir()
+    path = write_video(tmp_path / "sub" / "a.mp4")
+    st = path.stat()
+    seen = ProbeTarget(os.fsencode(tmp_path), b"sub/a.mp4", st.st_dev, st.st_ino)
+    (tmp_path / "sub").rename(tmp_path / "elsewhere")
+    (tmp_path / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    outcome = probe_file(seen)
+    assert outcome == ProbeFailure("the file changed between walk and probe; it was not read")
 
 
 def test_a_vanished_file_is_a_failure(tmp_path: Path) -> None:
