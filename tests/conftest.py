@@ -73,7 +73,11 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
         pool = None
         if misbehaving:
             pool = ProbePool(
-                config.probe_processes, config.probe_timeout_s, command=MISBEHAVING_WORKER
+                config.probe_processes,
+                config.probe_timeout_s,
+                command=MISBEHAVING_WORKER,
+                memory_mib=config.probe_memory_mib,
+                user=config.probe_user,
             )
         app = await start(config, probes=pool)
         address = f"127.0.0.1:{app.port}"
