@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from .catalog import (
     Catalog,
@@ -39,10 +39,10 @@ from .catalog import (
     Video,
     under_roots,
 )
+from .fsopen import open_beneath
 from .probe import ProbeFailure, Prober
-
-if TYPE_CHECKING:
-    from .scan import Candidate, Listing
+from .roots import RootPolicy
+from .walk import Candidate, Listing
 
 __all__ = ["DirectoryScan", "Reported"]
 
@@ -72,7 +72,8 @@ class DirectoryScan:
         job_id: the job; ``since_ns`` its start.
         reprobe: probe every file again.
         recursive: the job descends, so catalogued subdirectories that are gone are missing.
-        roots: the roots as catalogued paths start: a move's old path must lie below one.
+        roots: the allowed roots: a move's old path is looked at only beneath one, by
+            descriptor, never through a symlink.
         clock_ns: wall clock.
         seen_resolution_ns: see ``ScanConfig``.
         chunk: files probed and committed together.
@@ -86,7 +87,7 @@ class DirectoryScan:
     since_ns: int
     reprobe: bool
     recursive: bool
-    roots: tuple[bytes, ...]
+    roots: RootPolicy
     clock_ns: Callable[[], int]
     seen_resolution_ns: int
     chunk: int
@@ -168,13 +169,13 @@ class DirectoryScan:
         self, file: Candidate, rows: list[Known], directory: bytes, listed: set[bytes]
     ) -> bytes | None:
         for row in rows:
-            if row.path == file.path or not under_roots(row.path, self.roots):
+            if row.path == file.path or not under_roots(row.path, self.roots.listed()):
                 continue
             if os.path.dirname(row.path) == directory:
                 gone = row.path not in listed
             else:
-                gone = row.missing_ns is not None or not await asyncio.to_thread(
-                    _holds, row.path, file.device, file.inode
+                gone = row.missing_ns is not None or await asyncio.to_thread(
+                    _gone, self.roots, row.path, file.device, file.inode
                 )
             if gone:
                 return row.path
@@ -257,10 +258,27 @@ def _merge(changes: DirectoryChanges, probed: DirectoryChanges) -> DirectoryChan
     )
 
 
-def _holds(path: bytes, device: int, inode: int) -> bool:
-    """True if ``path`` (not followed if a symlink) is the file (device, inode)."""
+def _gone(roots: RootPolicy, path: bytes, device: int, inode: int) -> bool:
+    """True if the file (device, inode) is no longer at ``path``: nothing is there, or a
+    regular file that is another one. Looked up by descriptor beneath its root, never
+    through a symlink; anything uncertain (a symlink, an error) counts as still there."""
+    where = roots.link_target(path)
+    if where is None:
+        return False
+    root, beneath = where
+    parent, name = os.path.split(beneath)
     try:
-        st = os.lstat(path)
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fd = open_beneath(root_fd, parent or b".", os.O_PATH | os.O_DIRECTORY)
+        finally:
+            os.close(root_fd)
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
     except OSError:
         return False
-    return (st.st_dev, st.st_ino) == (device, inode)
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) != (device, inode)

@@ -2,7 +2,7 @@
 
 ::
 
-    walk (thread, os.scandir) -> one listing per directory, a bounded number ahead -> lanes,
+    walk (thread, by descriptor) -> one listing per directory, a bounded number ahead -> lanes,
     each reconciles one directory at a time (server.reconcile) -> report progress
 
 The walk streams: it never holds the tree in memory, only a few directories' listings.
@@ -14,159 +14,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from .catalog import Catalog, FileStamp, ScanCounts
+from .catalog import Catalog, ScanCounts
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
-from .probe import Prober, ProbeTarget
+from .probe import Prober
 from .queue import JobContext
 from .reconcile import DirectoryScan
 from .roots import RootPolicy
+from .walk import Candidate, Listing, WalkError, listings, walk
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "Candidate",
-    "Listing",
     "ScanConfig",
     "Scanner",
     "WalkError",
-    "list_directory",
     "walk",
 ]
 
 DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
-
-
-class Candidate(NamedTuple):
-    """A regular file with a video extension, as the walk saw it (a tuple: the walk makes
-    one per file, and a rescan is mostly this)."""
-
-    path: bytes
-    size_bytes: int
-    mtime_ns: int
-    device: int
-    inode: int
-
-    @property
-    def stamp(self) -> FileStamp:
-        """Size and mtime, compared with the catalog's."""
-        return FileStamp(self.size_bytes, self.mtime_ns)
-
-    @property
-    def target(self) -> ProbeTarget:
-        """What the probe worker opens and verifies."""
-        return ProbeTarget(self.path, self.device, self.inode)
-
-
-@dataclass(frozen=True, slots=True)
-class WalkError:
-    """Something the walk could not read: a per-file error, not a job failure."""
-
-    path: bytes
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Listing:
-    """One directory as the walk listed it.
-
-    Attributes:
-        path: the directory.
-        device: the device it is on (``st_dev``): an empty mount point is on another device
-            than the videos catalogued below it.
-        complete: every entry was read; only then may the scan mark anything in it missing.
-        files: its video files.
-        subdirs: its subdirectories (full paths), whether or not the walk descends.
-        entries: how many entries of any kind it holds.
-        errors: entries that could not be read (per-file errors).
-        error: why the listing is incomplete, if it is.
-    """
-
-    path: bytes
-    device: int
-    complete: bool
-    files: list[Candidate]
-    subdirs: list[bytes]
-    entries: int
-    errors: list[WalkError]
-    error: WalkError | None = None
-
-
-def walk(
-    root: bytes,
-    *,
-    recursive: bool,
-    extensions: frozenset[bytes],
-    roots: RootPolicy,
-    stop: threading.Event | None = None,
-) -> Iterator[Listing]:
-    """Yield the directories below ``root`` (itself first), iteratively, one listing each,
-    without following directory symlinks.
-
-    A file symlink is followed only when its target resolves inside an allowed root. FIFOs,
-    sockets and devices are skipped without being opened.
-    """
-    suffixes = tuple(extensions)
-    stack = [root]
-    while stack:
-        if stop is not None and stop.is_set():
-            return
-        listing = list_directory(stack.pop(), suffixes, roots)
-        if recursive:
-            stack.extend(reversed(listing.subdirs))
-        yield listing
-
-
-def list_directory(directory: bytes, suffixes: tuple[bytes, ...], roots: RootPolicy) -> Listing:
-    """List one directory, saying whether the listing is complete."""
-    files: list[Candidate] = []
-    subdirs: list[bytes] = []
-    errors: list[WalkError] = []
-    entries, device = 0, 0
-    try:
-        device = os.stat(directory).st_dev
-        with os.scandir(directory) as it:
-            for entry in it:  # the hot loop: one cheap test per entry, then go on
-                entries += 1
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        subdirs.append(entry.path)
-                        continue
-                except OSError as exc:
-                    errors.append(WalkError(entry.path, f"cannot read: {exc.strerror}"))
-                    continue
-                if entry.name.lower().endswith(suffixes):
-                    item = _candidate(entry, roots)
-                    if isinstance(item, Candidate):
-                        files.append(item)
-                    elif item is not None:
-                        errors.append(item)
-    except OSError as exc:
-        error = WalkError(directory, f"cannot read directory: {exc.strerror}")
-        return Listing(directory, device, False, files, subdirs, entries, errors, error)
-    return Listing(directory, device, True, files, subdirs, entries, errors)
-
-
-def _candidate(entry: os.DirEntry[bytes], roots: RootPolicy) -> Candidate | WalkError | None:
-    """A file with a video name: a candidate if it is a regular file we may read."""
-    try:
-        if entry.is_symlink():
-            real = os.path.realpath(entry.path)
-            if not roots.allows(real):
-                return WalkError(entry.path, "symlink points outside the allowed roots")
-            st = os.stat(real)
-        else:
-            st = entry.stat(follow_symlinks=False)
-    except OSError as exc:
-        return WalkError(entry.path, f"cannot read: {exc.strerror}")
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return Candidate(entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
 class _Feed:
@@ -215,6 +85,9 @@ class _Feed:
         except Exception as exc:  # surfaced to the job on the loop
             self._deliver(exc)
         finally:
+            close = getattr(self._listings, "close", None)
+            if close is not None:  # a walk holds descriptors: release them in this thread
+                close()
             self._deliver(None)
 
     def _deliver(self, item: Listing | BaseException | None) -> None:
@@ -348,7 +221,7 @@ class Scanner:
 
     async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
         """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
-        path = await asyncio.to_thread(self._roots.check, job.spec.path)
+        folder = await asyncio.to_thread(self._roots.locate, job.spec.path)
         config = self._config
         started_ns = self._clock_ns()
         await self._catalog.purge_missing(started_ns - config.missing_retention_ns)
@@ -356,18 +229,18 @@ class Scanner:
         tally.report()  # announces the DISCOVERING phase
         directory_scan = DirectoryScan(
             self._catalog, self._prober, job.id, started_ns, job.spec.reprobe,
-            job.spec.recursive, self._roots.listed(), self._clock_ns,
+            job.spec.recursive, self._roots, self._clock_ns,
             config.seen_resolution_ns, config.batch_size, config.probe_batch, tally.committed,
         )  # fmt: skip
         stop = threading.Event()
-        listings = walk(
-            os.fsencode(path),
+        found = listings(
+            folder,
             recursive=job.spec.recursive,
             extensions=self._extensions,
             roots=self._roots,
             stop=stop,
         )
-        feed = _Feed(listings, stop, tally.walked, config.walk_ahead // config.batch_size)
+        feed = _Feed(found, stop, tally.walked, config.walk_ahead // config.batch_size)
         try:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(config.lanes):

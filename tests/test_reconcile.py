@@ -92,6 +92,24 @@ async def test_a_rescan_reconciles_deletes_moves_changes_and_additions(
     assert gone.HasField("missing_time") and not after[str(lib / "e.mp4")].HasField("missing_time")
 
 
+async def test_a_renamed_folder_moves_its_videos_with_their_metadata(
+    serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
+) -> None:
+    lib = tmp_path / "lib"
+    for name in ("Season 1/e1.mp4", "Season 1/extras/e0.mp4", "other.mp4"):
+        _copy(sample, lib / name)
+    s = await serve(lib, **backend)
+    first = await scan(s, lib)
+    (lib / "Season 1").rename(lib / "S01")
+    renamed = await scan(s, lib)
+    after = await listed(s)
+    assert counts(renamed) == {"unchanged": 1, "moved": 2}
+    assert sorted(os.path.relpath(p, lib) for p in after) == [
+        "S01/e1.mp4", "S01/extras/e0.mp4", "other.mp4",
+    ]  # fmt: skip
+    assert {v.job_id for v in after.values()} == {first.id}
+
+
 async def test_a_share_moved_away_and_back_is_restored_without_a_probe(
     serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
 ) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from scanjobs.server import fsopen
 from scanjobs.server.catalog import DirectoryChanges, FileStamp, InMemoryCatalog, ScanCounts
 from scanjobs.server.jobs import JobSpec, JobState, Phase
 from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
@@ -27,12 +28,8 @@ INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
 
 def _walk(root: Path, *, roots: Sequence[Path] | None = None, recursive: bool = True) -> list:
     policy = RootPolicy([str(r) for r in roots or [root]])
-    items: list = []
-    for listing in walk(
-        os.fsencode(root), recursive=recursive, extensions=VIDEO_EXTS, roots=policy
-    ):
-        items += [*listing.files, *listing.errors, *([listing.error] if listing.error else [])]
-    return items
+    folder = policy.locate(str(root))
+    return list(walk(folder, recursive=recursive, extensions=VIDEO_EXTS, roots=policy))
 
 
 def _names(items: list) -> set[bytes]:
@@ -114,6 +111,24 @@ def test_walk_reports_symlink_loops_as_per_file_errors(tmp_path: Path) -> None:
     (tmp_path / "loopdir").symlink_to(tmp_path, target_is_directory=True)
     items = _walk(tmp_path)
     assert [type(i) for i in items] == [WalkError]
+
+
+def test_walk_finds_the_same_without_openat2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "outside.mp4").write_bytes(b"outside")
+    (root / "a" / "b" / "deep.mp4").write_bytes(b"deep")
+    (root / "a" / "in.mkv").symlink_to("b/deep.mp4")
+    (root / "a" / "up.mp4").symlink_to("../../outside.mp4")
+    (root / "dirlink").symlink_to(root / "a", target_is_directory=True)
+    (root / "gone.mp4").symlink_to("missing.mp4")
+    os.mkfifo(root / "pipe.mp4")
+    with_openat2 = sorted(map(repr, _walk(root)))
+    monkeypatch.setattr(fsopen, "has_openat2", lambda: False)
+    assert sorted(map(repr, _walk(root))) == with_openat2
+    assert len(with_openat2) == 4  # deep, in (followed), up (outside), gone (missing)
 
 
 def test_walk_keeps_non_utf8_names_exactly(tmp_path: Path) -> None:
