@@ -242,11 +242,9 @@ class PgCatalog:
         counters: dict[str, int] = {}
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             for step in steps:
-                touched = 0
-                for row in step.rows:  # one at a time: each row's count is needed
-                    await cur.execute(pg(step.sql), row)
-                    touched += max(cur.rowcount, 0)
+                await cur.executemany(pg(step.sql), step.rows)  # rowcount: the sum over rows
                 if step.counter:
+                    touched = max(cur.rowcount, 0)
                     counters[step.counter] = counters.get(step.counter, 0) + touched
             counts, row = counts_row(changes, counters)
             await cur.execute(pg(COUNTS_UPSERT), row)
