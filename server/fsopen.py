@@ -25,6 +25,7 @@ _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _SYS_OPENAT2 = 437  # one number on every Linux architecture that has it (since 5.6)
 _MAX_LINKS = 40  # the kernel's limit on symlinks followed in one resolution
+_HOW_SIZE = 24  # sizeof(struct open_how)
 _STEP = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -50,15 +51,23 @@ def _syscall() -> Callable[..., int] | None:
     return call
 
 
+@functools.cache
+def _how(flags: int, resolve: int) -> tuple[_OpenHow, int]:
+    """An ``open_how`` and its address, made once per (flags, resolve): the walk opens one
+    folder after another with the same ones."""
+    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve | _RESOLVE_NO_MAGICLINKS)
+    return how, ctypes.addressof(how)
+
+
 def _openat2(dir_fd: int, path: bytes, flags: int, resolve: int) -> int:
     call = _syscall()
     if call is None:
         raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
-    how = _OpenHow(flags | os.O_CLOEXEC, 0, resolve | _RESOLVE_NO_MAGICLINKS)
+    _, address = _how(flags, resolve)
     for _ in range(8):  # EAGAIN: a rename or mount raced the lookup; the kernel asks to retry
-        fd = call(_SYS_OPENAT2, dir_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+        fd = call(_SYS_OPENAT2, dir_fd, path, address, _HOW_SIZE)
         if fd >= 0:
-            return int(fd)
+            return fd
         code = ctypes.get_errno()
         if code != errno.EAGAIN:
             raise OSError(code, os.strerror(code), path)

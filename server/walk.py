@@ -153,13 +153,12 @@ class Tree:
 
     def list(self, relative: bytes = b"") -> Listing:
         """List the folder ``relative`` (to the scan folder; ``b""`` for itself)."""
-        path = os.path.join(self._folder.path, relative) if relative else self._folder.path
-        beneath = (
-            os.path.join(self._folder.relative, relative) if relative else self._folder.relative
-        )
+        folder = self._folder
+        path = folder.path + b"/" + relative if relative else folder.path
+        beneath = (folder.relative + b"/" + relative if folder.relative else relative) or b"."
         listing = Listing(path)
         try:
-            fd = open_beneath(self._root_fd, beneath or b".", os.O_RDONLY | os.O_DIRECTORY)
+            fd = open_beneath(self._root_fd, beneath, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
             listing.items.append(WalkError(path, _unreadable_folder(exc)))
             return listing
@@ -177,7 +176,7 @@ class Tree:
         items, folders, suffixes = listing.items, listing.folders, self._suffixes
         prefix = listing.path + b"/"
         sub = relative + b"/" if relative else b""
-        under = beneath + b"/" if beneath else b""
+        under = beneath + b"/" if beneath != b"." else b""
         count = 0
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
