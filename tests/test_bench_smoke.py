@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.timeout(300)  # as long as the run it waits for: every benchmark, on a shared box
 def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(
