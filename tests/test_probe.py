@@ -167,7 +167,7 @@ async def test_pool_probes_a_batch_in_order(pool: ProbePool, tmp_path: Path) -> 
     b = write_video(tmp_path / "b.mkv", container="matroska")
     (tmp_path / "c.mp4").write_bytes(b"junk")
     outcomes = await pool.probe([target(a), target(b), target(tmp_path / "c.mp4")])
-    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure]
+    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure], outcomes
 
 
 async def test_a_file_that_crashes_its_worker_costs_one_failure(
