@@ -18,7 +18,6 @@ import sys
 import time
 
 from scanjobs.server import probe
-
 from scanjobs.server.probe_wire import FRAME
 
 
