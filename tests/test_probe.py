@@ -114,7 +114,9 @@ def test_a_file_swapped_after_the_walk_is_refused(tmp_path: Path) -> None:
     assert "changed" in outcome.message
 
 
-def test_a_folder_swapped_for_a_symlink_before_the_probe_is_refused(tmp_path: Path) -> None:
+def test_a_folder_swapped_for_a_symlink_before_the_probe_is_refused(
+    tmp_path: Path, resolver: str
+) -> None:
     # The symlink leads to the very file the walk saw (same device and inode): only opening
     # beneath the root without following symlinks refuses it.
     (tmp_path / "sub").mkdir()
