@@ -159,25 +159,25 @@ class DirectoryScan:
         listed = {f.path for f in listing.files} | {e.path for e in listing.errors}
         for file in candidates:
             rows = by_identity.get((file.device, file.inode, *file.stamp), [])
-            source = await self._moved_from(file, rows, listing.path, listed)
+            source = await self._moved_from(file, rows, listing, listed)
             if source is not None:
                 plan.changes.moved.append(Move(source, file.path, file.device, file.inode))
+                listed.add(source)  # one row moves once, even to two new hard links
             else:
                 plan.to_probe.append(file)
 
     async def _moved_from(
-        self, file: Candidate, rows: list[Known], directory: bytes, listed: set[bytes]
+        self, file: Candidate, rows: list[Known], listing: Listing, listed: set[bytes]
     ) -> bytes | None:
+        """The catalogued path ``file`` was moved from, if its old path is gone."""
         for row in rows:
-            if row.path == file.path or not under_roots(row.path, self.roots.listed()):
-                continue
-            if os.path.dirname(row.path) == directory:
-                gone = row.path not in listed
-            else:
-                gone = row.missing_ns is not None or await asyncio.to_thread(
-                    _gone, self.roots, row.path, file.device, file.inode
-                )
-            if gone:
+            if row.path in listed or not under_roots(row.path, self.roots.listed()):
+                continue  # still here (a hard link), already moved, or outside the roots
+            if row.missing_ns is not None or (
+                listing.complete and os.path.dirname(row.path) == listing.path
+            ):
+                return row.path  # known to be gone
+            if await asyncio.to_thread(_gone, self.roots, row.path, file.device, file.inode):
                 return row.path
         return None
 

@@ -110,6 +110,21 @@ async def test_a_renamed_folder_moves_its_videos_with_their_metadata(
     assert {v.job_id for v in after.values()} == {first.id}
 
 
+async def test_one_video_moved_to_two_hard_links_moves_once(
+    serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
+) -> None:
+    lib = tmp_path / "lib"
+    _copy(sample, lib / "a.mp4")
+    s = await serve(lib, **backend)
+    await scan(s, lib)
+    os.link(lib / "a.mp4", lib / "x.mp4")
+    os.link(lib / "a.mp4", lib / "y.mp4")
+    (lib / "a.mp4").unlink()
+    again = await scan(s, lib)
+    assert counts(again) == {"moved": 1, "added": 1}
+    assert sorted(await listed(s, include_missing=True)) == [str(lib / "x.mp4"), str(lib / "y.mp4")]
+
+
 async def test_a_share_moved_away_and_back_is_restored_without_a_probe(
     serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
 ) -> None:
