@@ -181,7 +181,8 @@ class DirectoryChanges:
             failures are forgotten.
         gone_dirs: catalogued subdirectories that are gone: everything below them likewise.
         counts: added, updated, unchanged and failed as the scan counted them; the catalog
-            adds moved, restored and removed as it applied them.
+            adds moved, restored and removed as it applied them. They are committed with
+            the rows they count; a directory with no row to write commits nothing.
     """
 
     job_id: str
@@ -196,6 +197,13 @@ class DirectoryChanges:
     missing: list[bytes] = field(default_factory=list)
     gone_dirs: list[bytes] = field(default_factory=list)
     counts: ScanCounts = field(default_factory=ScanCounts)
+
+    def writes_anything(self) -> bool:
+        """True when a row changes; counts alone are not written (they count no row)."""
+        return bool(
+            self.probed or self.seen or self.restored or self.moved or self.failures
+            or self.missing or self.gone_dirs
+        )  # fmt: skip
 
     def writes_rows(self) -> bool:
         """True when the directory gains rows (so that it becomes a catalogued directory)."""

@@ -121,32 +121,53 @@ class DirectoryScan:
 
     def _compare(self, listing: Listing, rows: DirectoryRows) -> _Plan:
         plan = _Plan(self._changes(listing.path))
-        c = plan.changes
-        stale_before = c.now_ns - self.seen_resolution_ns
         for error in listing.errors:
             plan.failed += 1
             plan.errors.append((error.path, error.message))
+        videos, failures = rows.videos, rows.failures
+        stale_before = plan.changes.now_ns - self.seen_resolution_ns
+        unchanged = 0
         for file in listing.files:
-            row = rows.videos.get(file.path)
-            failure = rows.failures.get(file.path)
-            stamp = file.stamp
-            if self.reprobe:
-                plan.to_probe.append(file)
-                if row is not None:
-                    plan.known.add(file.path)
-            elif failure is not None and failure.stamp == stamp:
-                plan.failed += 1  # remembered: not opened again
-                plan.errors.append((file.path, failure.message))
-            elif row is not None and row.stamp == stamp:
-                _unchanged(plan, file, row, stale_before)
-            elif row is not None and row.missing_ns is None:
-                plan.to_probe.append(file)  # changed
-                plan.known.add(file.path)
-            else:
-                plan.maybe_moved.append(file)  # new, or back changed: moved from elsewhere?
-                if row is not None:
-                    plan.known.add(file.path)
+            row = videos.get(file.path)
+            if (  # the common case of a rescan, tested first and cheaply: nothing to do
+                row is not None
+                and not self.reprobe
+                and row.mtime_ns == file.mtime_ns
+                and row.size_bytes == file.size_bytes
+                and row.missing_ns is None
+                and row.last_seen_ns >= stale_before
+                and row.inode == file.inode
+                and row.device == file.device
+                and file.path not in failures
+            ):
+                unchanged += 1
+                continue
+            self._sort(plan, file, row, failures.get(file.path), stale_before)
+        plan.unchanged += unchanged
         return plan
+
+    def _sort(
+        self, plan: _Plan, file: Candidate, row: Known | None, failure: Failure | None,
+        stale_before: int,
+    ) -> None:  # fmt: skip
+        """What one file that is not plainly unchanged needs."""
+        stamp = file.stamp
+        if self.reprobe:
+            plan.to_probe.append(file)
+            if row is not None:
+                plan.known.add(file.path)
+        elif failure is not None and failure.stamp == stamp:
+            plan.failed += 1  # remembered: not opened again
+            plan.errors.append((file.path, failure.message))
+        elif row is not None and row.stamp == stamp:
+            _unchanged(plan, file, row, stale_before)
+        elif row is not None and row.missing_ns is None:
+            plan.to_probe.append(file)  # changed
+            plan.known.add(file.path)
+        else:
+            plan.maybe_moved.append(file)  # new, or back changed: moved from elsewhere?
+            if row is not None:
+                plan.known.add(file.path)
 
     async def _find_moves(self, plan: _Plan, listing: Listing) -> None:
         candidates = plan.maybe_moved
@@ -229,6 +250,11 @@ class DirectoryScan:
     async def _commit(
         self, changes: DirectoryChanges, errors: Sequence[tuple[bytes, str]], current: bytes
     ) -> None:
+        if not changes.writes_anything():
+            # Unchanged files and remembered failures: no row to write, so no transaction
+            # (most folders of a rescan); their counts are reported all the same.
+            self.report(changes.counts, errors, current)
+            return
         write = asyncio.ensure_future(self.catalog.commit(changes))
         try:
             counts = await asyncio.shield(write)
