@@ -148,7 +148,7 @@ class _Tally:
         if listing is None:
             self.walking = False
         else:
-            self.found += len(listing.files) + len(listing.errors)
+            self.found += len(listing.entry_items())
         self.report()
 
     def note(self, path: bytes, message: str) -> None:
