@@ -94,8 +94,16 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     """
     roots = RootPolicy(config.roots)
     metrics = Metrics()
-    calls = ServiceInterceptor(config.tokens, on_call=metrics.on_rpc)
-    options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    calls = ServiceInterceptor(
+        config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
+    )
+    options = [
+        *_SERVER_OPTIONS,
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot hold thousands of
+        # streams (a client past it waits, or gets its stream refused).
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+    ]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
     db, catalog = await _open_storage(config)
@@ -138,7 +146,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     metrics.watch_queue(queue.stats)
     await queue.start()
     if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
+        metrics.serve(
+            config.metrics_listen,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_client_ca=config.tls_client_ca,
+        )
 
     pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
     health_servicer = health.aio.HealthServicer()
@@ -161,7 +174,7 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
     if config.database:
         pg = await PgDatabase.open(config.database)
         return pg, PgCatalog(pg)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
 

@@ -179,6 +179,9 @@ def _lock(path: Path) -> BinaryIO:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    # Created private: the catalog names every file. SQLite gives the -wal and -shm files the
+    # database file's mode.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
