@@ -17,6 +17,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .errors import StorageIOError
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -160,12 +161,27 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, serving=True)
+    if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
+
+        async def follow_database(reachable: bool) -> None:
+            await _set_health(health_servicer, serving=reachable)
+
+        db.monitor(follow_database)
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
     return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+
+
+async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:
@@ -174,7 +190,11 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
     if config.database:
         pg = await PgDatabase.open(config.database)
         return pg, PgCatalog(pg)
-    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageIOError(f"cannot create the data directory {config.data_dir}: "
+                             f"{exc.strerror}") from None  # fmt: skip
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
 

@@ -53,6 +53,9 @@ _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,
 }
 _STATE_TO_PB = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
