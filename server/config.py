@@ -233,7 +233,8 @@ def _check_exposure(
             "--tls-client-ca (mutual TLS), or --insecure if the network is trusted."
         )
     metrics = args.metrics_listen
-    if metrics and not is_loopback(metrics) and args.tls_client_ca is None:
+    on_loopback = metrics and (is_loopback(metrics) or not metrics.rpartition(":")[0])
+    if metrics and not on_loopback and args.tls_client_ca is None:  # ":9100" is loopback
         parser.error(
             f"refusing to serve metrics on {metrics} without authentication: the metrics "
             "endpoint admits only mutual TLS (--tls-client-ca). Use a loopback address, add "

@@ -80,12 +80,13 @@ def test_a_tls_only_server_on_every_interface_refuses_to_start(
     ("extra", "ok"),
     [
         (("--metrics-listen", "127.0.0.1:9100"), True),
+        (("--metrics-listen", ":9100"), True),  # no host: served on loopback
         (("--metrics-listen", "0.0.0.0:9100", "--token-file", "{tokens}"), False),
         (("--metrics-listen", "0.0.0.0:9100", *TLS, "--token-file", "{tokens}"), False),
         (("--metrics-listen", "0.0.0.0:9100", *TLS, "--tls-client-ca", "{ca}"), True),
         (("--metrics-listen", "0.0.0.0:9100", "--insecure"), True),
     ],
-    ids=["loopback", "token", "tls and token", "mutual tls", "insecure"],
+    ids=["loopback", "no host", "token", "tls and token", "mutual tls", "insecure"],
 )
 def test_non_loopback_metrics_need_mutual_tls_or_insecure(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str], extra: tuple[str, ...], ok: bool
