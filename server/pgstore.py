@@ -165,24 +165,26 @@ class PgDatabase:
         try:
             while True:
                 now = await probe.ok()
+                if now and not reachable:
+                    now = await self._renew_pool()
                 if now != reachable:
                     reachable = now
-                    if now:
-                        await self._renew_pool()
                     _log.warning("the database is %s", "reachable" if now else "unreachable")
                     await on_change(now)
                 await asyncio.sleep(PROBE_INTERVAL_S)
         finally:
             await probe.close()
 
-    async def _renew_pool(self) -> None:
+    async def _renew_pool(self) -> bool:
+        """A fresh pool in place of the old one; False if the database is gone again."""
         try:
             fresh = await _open_pool(self.url, self._size, timeout_s=2)
-        except psycopg.Error as exc:  # gone again: the next probe will tell
+        except psycopg.Error as exc:
             _log.warning("cannot reopen the connection pool: %s", exc)
-            return
+            return False
         stale, self.pool.pool = self.pool.pool, fresh
         await stale.close(timeout=1.0)
+        return True
 
     async def close(self) -> None:
         """Stop the monitor, close the pool; idempotent."""
