@@ -17,6 +17,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .errors import StorageIOError
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -94,8 +95,16 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     """
     roots = RootPolicy(config.roots)
     metrics = Metrics()
-    calls = ServiceInterceptor(config.tokens, on_call=metrics.on_rpc)
-    options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    calls = ServiceInterceptor(
+        config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
+    )
+    options = [
+        *_SERVER_OPTIONS,
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot hold thousands of
+        # streams (a client past it waits, or gets its stream refused).
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+    ]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
     db, catalog = await _open_storage(config)
@@ -142,7 +151,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     metrics.watch_queue(queue.stats)
     await queue.start()
     if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
+        metrics.serve(
+            config.metrics_listen,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_client_ca=config.tls_client_ca,
+        )
 
     pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
     health_servicer = health.aio.HealthServicer()
@@ -151,12 +165,27 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, serving=True)
+    if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
+
+        async def follow_database(reachable: bool) -> None:
+            await _set_health(health_servicer, serving=reachable)
+
+        db.monitor(follow_database)
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
     return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+
+
+async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:
@@ -165,7 +194,11 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
     if config.database:
         pg = await PgDatabase.open(config.database)
         return pg, PgCatalog(pg)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageIOError(f"cannot create the data directory {config.data_dir}: "
+                             f"{exc.strerror}") from None  # fmt: skip
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
 

@@ -53,6 +53,9 @@ _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,
 }
 _STATE_TO_PB = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
@@ -70,6 +73,7 @@ _PHASE_TO_PB = {
 }
 
 _METHOD_PREFIX = "/scanjobs.v1.ScanService/"
+_HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -107,17 +111,24 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     This is the one place where expected errors become status codes and bugs become a bare
     INTERNAL. Health and reflection stay open and keep their own behaviour.
 
+    Health ``Watch`` streams need no token, so their number is capped here
+    (``max_health_watchers``): past it a new one is RESOURCE_EXHAUSTED.
+
     Args:
         tokens: bearer tokens, any of which admits a call; none means no authentication.
         on_call: called with the method and status code name of every call (metrics).
+        max_health_watchers: open health ``Watch`` streams allowed at once.
     """
 
     def __init__(
         self,
         tokens: frozenset[str] = frozenset(),
         on_call: Callable[[str, str], None] | None = None,
+        max_health_watchers: int = 100,
     ) -> None:
         self._on_call = on_call
+        self._max_health_watchers = max_health_watchers
+        self._health_watchers = 0
         self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
         self._in_flight = 0
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
@@ -145,11 +156,40 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:  # the same wrapper serves every call of a method
             return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(_METHOD_PREFIX):
+        if handler is None:
             return handler
-        wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        if method == _HEALTH_WATCH and handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._capped(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif method.startswith(_METHOD_PREFIX):
+            wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        else:
+            return handler
         self._wrapped[method] = wrapped
         return wrapped
+
+    def _capped(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+        """Health ``Watch`` with a cap on the streams open at once (they need no token)."""
+
+        async def capped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._health_watchers >= self._max_health_watchers:
+                status = status_of(
+                    errors.ResourceExhausted(
+                        f"too many health watchers (limit {self._max_health_watchers})",
+                        reason="TOO_MANY_WATCHERS",
+                    )
+                )
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            self._health_watchers += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self._health_watchers -= 1
+
+        return capped
 
     def _wrap(
         self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -177,10 +217,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             self._idle.clear()
             started = time.perf_counter()
             code = grpc.StatusCode.CANCELLED  # unless we learn better: the client went away
+            admitted = False  # a stranger's request fields are not worth a line in our logs
             try:
                 status = None
                 try:
                     self._authenticate(context)
+                    admitted = True
                     if isinstance(request, _Malformed):
                         raise errors.InvalidArgument(request.message, reason="MALFORMED_REQUEST")
                     result = await behavior(request, context)
@@ -197,7 +239,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
-                _log_call(name, code, time.perf_counter() - started, request)
+                _log_call(name, code, time.perf_counter() - started, request if admitted else None)
                 if self._on_call is not None:
                     self._on_call(name, code.name)
 
@@ -252,6 +294,7 @@ def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], 
 
 
 def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) -> None:
+    """One line per call; ``request`` (None before authentication) adds its ``job_id``."""
     if not log.isEnabledFor(logging.INFO):
         return
     fields: dict[str, object] = {
