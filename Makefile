@@ -24,8 +24,11 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 proto: setup
 	rm -rf gen/scanjobs && $(PY) protos/generate.py gen
 
+HTTP_LISTEN ?= $(or $(SCANJOBS_HTTP_LISTEN),127.0.0.1:8080)
+
 run: setup
-	$(PY) -m scanjobs.server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" $(ARGS)
+	@echo "scan page: http://$(HTTP_LISTEN)/   (gRPC on $${SCANJOBS_LISTEN:-127.0.0.1:50051})"
+	$(PY) -m scanjobs.server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" --http-listen "$(HTTP_LISTEN)" $(ARGS)
 
 demo: setup
 	$(PY) -m bench.demo

@@ -14,9 +14,14 @@ from grpc_reflection.v1alpha import reflection
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+from scanjobs.v1.scanjobs_connect import ScanServiceASGIApplication
 
+from .auth import BearerTokens
 from .catalog import Catalog
 from .config import Config
+from .connect import ConnectScanService
+from .http import HttpApp
+from .http_server import HttpServer, TlsFiles, bind
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -57,7 +62,13 @@ class App:
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
     grace_s: float
+    http: HttpServer | None = None
     stopped: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port, when ``--http-listen`` is on."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop.
@@ -74,6 +85,8 @@ class App:
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         if not await self.calls.drained(left):
             log.warning("calls still in flight at the end of the grace period")
+        if self.http is not None:
+            await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
         await self.probes.close()
         await self.db.close()
@@ -98,6 +111,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
+    http_socket = _bind_http(config)
     db, catalog = await _open_storage(config)
     if probes is None:
         probes = ProbePool(
@@ -147,12 +161,59 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
+    http = None
+    if http_socket is not None:
+        http = _http_server(config, http_socket, queue, catalog, roots, metrics)
+        await http.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
-        "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
+        "serving",
+        extra={
+            "listen": config.listen,
+            "port": port,
+            "http_port": http.port if http else None,
+            "roots": list(roots.resolved),
+        },
     )
-    return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+    return App(
+        server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s, http
+    )
+
+
+def _http_server(
+    config: Config,
+    sock: socket.socket,
+    queue: AsyncioJobQueue | PgJobQueue,
+    catalog: Catalog,
+    roots: RootPolicy,
+    metrics: Metrics,
+) -> HttpServer:
+    """The HTTP port: Connect / gRPC-Web, REST and the page, over the same core objects."""
+    tokens = BearerTokens(config.tokens)
+    service = ConnectScanService(queue, catalog, roots, tokens, on_call=metrics.on_rpc)
+    connect = ScanServiceASGIApplication(service, read_max_bytes=config.max_message_bytes)
+    app = HttpApp(
+        connect,
+        queue,
+        roots,
+        tokens,
+        cors_origins=config.http_cors_origins,
+        max_body_bytes=config.max_message_bytes,
+    )
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+    return HttpServer(app, sock, tls)
+
+
+def _bind_http(config: Config) -> socket.socket | None:
+    if not config.http_listen:
+        return None
+    try:
+        return bind(config.http_listen)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot listen on {config.http_listen}: {exc}") from None
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:

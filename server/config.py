@@ -41,6 +41,8 @@ class Config:
     metrics_listen: str | None = None
     database: str | None = None
     lease_s: float = 15.0
+    http_listen: str | None = None
+    http_cors_origins: tuple[str, ...] = ()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -59,6 +61,17 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise argparse.ArgumentTypeError(
+                f"an origin is scheme://host[:port], without a path: {origin!r}"
+            )
+    return origins
 
 
 def _extensions(text: str) -> frozenset[str]:
@@ -101,6 +114,12 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "seconds an ended job is kept; the catalog is never pruned"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
+    ("--http-listen", "HTTP_LISTEN", str, None,
+     "host:port to serve HTTP on: Connect and gRPC-Web, the REST paths /api/v1/..., and the "
+     "web page at /; same tokens, TLS and limits as the gRPC port; off unless given"),
+    ("--http-cors-origin", "HTTP_CORS_ORIGIN", _origins, None,
+     "comma-separated origins (scheme://host[:port]) whose pages may call the HTTP port; "
+     "cross-origin requests are refused unless listed"),
     ("--metrics-listen", "METRICS_LISTEN", str, None,
      "host:port to serve Prometheus metrics on (/metrics); off unless given"),
     ("--token-file", "TOKEN_FILE", Path, None,
@@ -152,6 +171,20 @@ def _tokens(path: Path | None) -> frozenset[str]:
     return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
+def _refuse_exposure(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, tokens: frozenset[str]
+) -> None:
+    """Exit unless every port is on loopback, or has TLS or a token, or --insecure is given."""
+    for listen in filter(None, (args.listen, args.http_listen)):
+        exposed = not is_loopback(listen) and args.tls_cert is None and not tokens
+        if exposed and not args.insecure:
+            parser.error(
+                f"refusing to listen on {listen} with neither TLS nor a token: anyone who "
+                "can reach it could read your file system's layout. Add --tls-cert/--tls-key, "
+                "--token-file, or --insecure if the network is trusted."
+            )
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Parse flags (falling back to the environment); exits with usage on bad input."""
     parser = _parser()
@@ -174,13 +207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         parser.error(f"cannot read --token-file: {exc.strerror}")
     if args.token_file is not None and not tokens:
         parser.error("--token-file holds no token")
-    exposed = not is_loopback(args.listen) and args.tls_cert is None and not tokens
-    if exposed and not args.insecure:
-        parser.error(
-            f"refusing to listen on {args.listen} with neither TLS nor a token: anyone who "
-            "can reach it could read your file system's layout. Add --tls-cert/--tls-key, "
-            "--token-file, or --insecure if the network is trusted."
-        )
+    _refuse_exposure(parser, args, tokens)
     return Config(
         listen=args.listen,
         roots=tuple(roots),
@@ -205,4 +232,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         metrics_listen=args.metrics_listen,
         database=args.database,
         lease_s=args.lease,
+        http_listen=args.http_listen,
+        http_cors_origins=args.http_cors_origin or (),
     )
