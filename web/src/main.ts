@@ -7,6 +7,7 @@ import { ScanService, type Job, type Video } from "./gen/scanjobs/v1/scanjobs_pb
 import {
   type CatalogPaging,
   currentToken,
+  files,
   firstPage,
   formatCount,
   formatDuration,
@@ -184,7 +185,7 @@ function renderJobs(): void {
       button.addEventListener("click", () => void watch(job));
       const state = document.createElement("span");
       state.className = `state state-${stateWords(job.state).toLowerCase().replace(" ", "-")}`;
-      state.textContent = `${stateWords(job.state)} · ${formatCount(job.progress?.filesDone ?? 0n)} files`;
+      state.textContent = `${stateWords(job.state)} · ${files(job.progress?.filesDone ?? 0n)}`;
       item.append(button, " ", state);
       return item;
     }),

@@ -37,6 +37,11 @@ export function formatCount(value: bigint | number): string {
   return count.format(typeof value === "bigint" ? Number(value) : value);
 }
 
+/** "1 file", "12,345 files". */
+export function files(value: bigint | number): string {
+  return `${formatCount(value)} ${Number(value) === 1 ? "file" : "files"}`;
+}
+
 /** Everything the live panel shows for one job snapshot. */
 export interface PanelView {
   title: string;
@@ -69,7 +74,7 @@ export function panelView(job: Job): PanelView {
     state: job.cancelRequested && active ? "Cancelling…" : stateWords(job.state),
     phase: active ? PHASE_WORDS[progress?.phase ?? ScanPhase.UNSPECIFIED] : "Ended",
     progress: fraction,
-    counts: `${formatCount(done)} of ${formatCount(found)} files done`,
+    counts: `${formatCount(done)} of ${files(found)} done`,
     currentFile: active ? (progress?.currentPath ?? "") : "",
     canCancel: active && !job.cancelRequested,
     summary: active ? "" : summary(job),
@@ -82,7 +87,7 @@ export function panelView(job: Job): PanelView {
 export function summary(job: Job): string {
   const r = job.result;
   const done = formatCount(job.progress?.filesDone ?? 0n);
-  const found = formatCount(job.progress?.filesFound ?? 0n);
+  const found = files(job.progress?.filesFound ?? 0n);
   const parts = [
     `${formatCount(r?.added ?? 0n)} added`,
     `${formatCount(r?.updated ?? 0n)} updated`,
@@ -92,9 +97,9 @@ export function summary(job: Job): string {
   const words = stateWords(job.state);
   const reason = job.error ? ` (${job.error})` : "";
   if (job.state === JobState.COMPLETED) {
-    return `${words}: ${found} files, ${parts}.`;
+    return `${words}: ${found}, ${parts}.`;
   }
-  return `${words}${reason} after ${done} of ${found} files: ${parts}.`;
+  return `${words}${reason} after ${done} of ${found}: ${parts}.`;
 }
 
 /** A duration as h:mm:ss or m:ss, to the nearest second. */
