@@ -112,7 +112,11 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
     http_socket = _bind_http(config)
-    db, catalog = await _open_storage(config)
+    try:
+        db, catalog = await _open_storage(config)
+    except BaseException:
+        _close(http_socket)
+        raise
     if probes is None:
         probes = ProbePool(
             config.probe_processes, config.probe_timeout_s, on_probe=metrics.on_probe
@@ -120,6 +124,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     try:
         await probes.start()
     except BaseException:
+        _close(http_socket)
         await db.close()
         raise
     scanner = Scanner(
@@ -198,6 +203,7 @@ def _http_server(
         queue,
         roots,
         tokens,
+        service.record,
         cors_origins=config.http_cors_origins,
         max_body_bytes=config.max_message_bytes,
     )
@@ -205,6 +211,11 @@ def _http_server(
     if config.tls_cert is not None and config.tls_key is not None:
         tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
     return HttpServer(app, sock, tls)
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
 
 
 def _bind_http(config: Config) -> socket.socket | None:

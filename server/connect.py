@@ -84,7 +84,7 @@ def _unary(
                 code = "INTERNAL"
                 raise ConnectError(Code.INTERNAL, "internal error") from None
             finally:
-                self.record(name, code, started, request)
+                self.record(name, code, started, getattr(request, "job_id", ""))
 
         return call
 
@@ -118,8 +118,8 @@ class ConnectScanService:
         """Admit a call that carries one of the tokens in its ``authorization`` header."""
         self._tokens.check(ctx.request_headers.get("authorization"))
 
-    def record(self, name: str, code: str, started: float, request: object) -> None:
-        """One log line and one metric per call."""
+    def record(self, name: str, code: str, started: float, job_id: str = "") -> None:
+        """One log line and one metric per call (``started``: ``time.perf_counter()``)."""
         if self._on_call is not None:
             self._on_call(name, code)
         if log.isEnabledFor(logging.INFO):
@@ -129,7 +129,7 @@ class ConnectScanService:
                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
                 "transport": "http",
             }
-            if job_id := getattr(request, "job_id", ""):
+            if job_id:
                 fields["job_id"] = job_id
             log.info("rpc", extra=fields)
 
@@ -194,4 +194,4 @@ class ConnectScanService:
             code = "INTERNAL"
             raise ConnectError(Code.INTERNAL, "internal error") from None
         finally:
-            self.record("WatchJob", code, started, request)
+            self.record("WatchJob", code, started, request.job_id)

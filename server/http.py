@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -108,6 +109,8 @@ class HttpApp:
     Args:
         connect: the Connect / gRPC-Web application for ScanService.
         queue, roots: the same core objects the gRPC servicer uses (for the REST paths).
+        record: called with the method, status code name, start time and job id of every
+            REST call (``ConnectScanService.record``: one log line and one metric per call).
         tokens: bearer tokens; the REST paths check them as the Connect service does.
         cors_origins: origins (``scheme://host[:port]``) whose pages may call this port.
         max_body_bytes: largest REST request body accepted (413 beyond).
@@ -120,6 +123,7 @@ class HttpApp:
         queue: JobQueue,
         roots: RootPolicy,
         tokens: BearerTokens,
+        record: Callable[[str, str, float, str], None],
         *,
         cors_origins: Iterable[str] = (),
         max_body_bytes: int = 64 * 1024,
@@ -129,6 +133,7 @@ class HttpApp:
         self._queue = queue
         self._roots = roots
         self._tokens = tokens
+        self._record = record
         self._cors_origins = frozenset(cors_origins)
         self._max_body_bytes = max_body_bytes
         self._static = {
@@ -186,7 +191,7 @@ class HttpApp:
     async def _submit(self, receive: Receive, send: Send, request: _Request) -> None:
         body = await self._body(receive, request)
         message = _parse(body, pb.SubmitScanRequest())
-        await self._call(send, request, HTTPStatus.CREATED, self._submit_job, message)
+        await self._call("SubmitScan", send, request, HTTPStatus.CREATED, self._submit_job, message)
 
     async def _submit_job(self, message: pb.SubmitScanRequest) -> pb.Job:
         return job_to_proto(await intake.submit_scan(self._queue, self._roots, spec_of(message)))
@@ -197,10 +202,12 @@ class HttpApp:
             job = await (self._queue.cancel(checked) if cancel else self._queue.get(checked))
             return job_to_proto(job)
 
-        await self._call(send, request, HTTPStatus.OK, act, raw_id)
+        name = "CancelJob" if cancel else "GetJob"
+        await self._call(name, send, request, HTTPStatus.OK, act, raw_id)
 
     async def _call(
         self,
+        name: str,
         send: Send,
         request: _Request,
         status: HTTPStatus,
@@ -208,20 +215,26 @@ class HttpApp:
         argument: object,
     ) -> None:
         """Authenticate, run ``act`` and answer with its message as JSON, or the error."""
+        started, code = time.perf_counter(), "CANCELLED"
         try:
             self._tokens.check(request.headers.get("authorization"))
             reply = await act(argument)
+            code = "OK"
         except errors.ScanJobsError as exc:
-            code = code_of(exc)
-            http_status = _HTTP_STATUS.get(code, HTTPStatus.INTERNAL_SERVER_ERROR)
-            await _send_error(send, http_status, code.name.lower(), exc.message, exc.reason)
+            grpc_code = code_of(exc)
+            code = grpc_code.name
+            http_status = _HTTP_STATUS.get(grpc_code, HTTPStatus.INTERNAL_SERVER_ERROR)
+            await _send_error(send, http_status, code.lower(), exc.message, exc.reason)
             return
         except Exception:
             log.exception("unexpected error in %s %s", request.method, request.path)
+            code = "INTERNAL"
             await _send_error(
                 send, HTTPStatus.INTERNAL_SERVER_ERROR, "internal", "internal error", "INTERNAL"
             )
             return
+        finally:
+            self._record(name, code, started, argument if isinstance(argument, str) else "")
         extra = []
         if isinstance(reply, pb.Job) and status is HTTPStatus.CREATED:
             extra.append((b"location", f"/api/v1/jobs/{reply.id}".encode()))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
+import shlex
 import ssl
 import struct
 from collections.abc import AsyncIterator
@@ -381,6 +383,30 @@ async def test_the_http_port_serves_tls_with_the_grpc_ports_certificate(
             await plain.get(url.replace("https", "http"))
 
 
+async def test_the_http_port_requires_a_client_certificate_with_mutual_tls(
+    serve: ServeFactory, media: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "pki").mkdir()
+    ca = Authority(tmp_path / "pki", "ca")
+    server, client = ca.issue("server", server=True), ca.issue("client", server=False)
+    s = await serve(
+        media,
+        http_listen="127.0.0.1:0",
+        tls_cert=server.cert,
+        tls_key=server.key,
+        tls_client_ca=ca.pair.cert,
+    )
+    url = f"https://127.0.0.1:{s.app.http_port}/api/v1/jobs/nope"
+    anonymous = ssl.create_default_context(cafile=ca.pair.cert)
+    with_cert = ssl.create_default_context(cafile=ca.pair.cert)
+    with_cert.load_cert_chain(client.cert, client.key)
+    async with httpx.AsyncClient(verify=with_cert) as good:
+        assert (await good.get(url)).status_code == 404
+    async with httpx.AsyncClient(verify=anonymous) as bad:
+        with pytest.raises(httpx.HTTPError):
+            await bad.get(url)
+
+
 def test_http_flags_are_checked_like_the_grpc_ones(capsys: pytest.CaptureFixture[str]) -> None:
     config = parse_args(
         [
@@ -411,3 +437,72 @@ def _frames(data: bytes) -> list[tuple[int, bytes]]:
 
 def _unpadded_b64(text: str) -> bytes:
     return base64.b64decode(text + "=" * (-len(text) % 4))
+
+
+async def test_every_http_call_is_one_log_line_without_the_token(
+    serve: ServeFactory, media: Path, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, base = await _http(serve, media, tokens=frozenset({TOKEN}))
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    caplog.set_level("INFO", logger="scanjobs.server.connect")
+    await client.get(f"{base}/api/v1/jobs/nope", headers=auth)
+    await client.post(f"{base}/scanjobs.v1.ScanService/ListJobs", json={}, headers=auth)
+
+    lines = [r.__dict__ for r in caplog.records if r.getMessage() == "rpc"]
+    assert [(x["method"], x["code"], x["transport"]) for x in lines] == [
+        ("GetJob", "NOT_FOUND", "http"),
+        ("ListJobs", "OK", "http"),
+    ]
+    assert lines[0]["job_id"] == "nope"
+    assert TOKEN not in caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+
+
+# -- the curl examples of docs/api.md ----------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
+
+
+def _curl_examples() -> dict[str, list[str]]:
+    found = re.findall(r"```sh\n# http-example: ([\w-]+)\n(curl [^\n]+)\n```", DOC.read_text())
+    return {name: shlex.split(line) for name, line in found}
+
+
+async def _curl(argv: list[str], base: str, library: Path, job_id: str = "") -> tuple[int, Any]:
+    argv = [
+        a.replace("http://127.0.0.1:8080", base).replace("/srv/media", str(library)) for a in argv
+    ]
+    argv = [a.replace("JOB_ID", job_id) for a in argv]
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "-w", "\n%{http_code}", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    body, _, status = out.decode().rpartition("\n")
+    return int(status), json.loads(body)
+
+
+async def test_the_curl_examples_of_the_api_doc_work_as_written(
+    serve: ServeFactory, media: Path
+) -> None:
+    examples = _curl_examples()
+    assert set(examples) == {"submit", "get", "cancel", "connect-unary", "error"}
+    s, base = await _http(serve, media)
+
+    status, job = await _curl(examples["submit"], base, media)
+    assert status == 201 and job["path"] == str(media)
+    await wait_terminal(s.stub, job["id"])
+    status, got = await _curl(examples["get"], base, media, job["id"])
+    assert status == 200 and got["state"] == "JOB_STATE_COMPLETED"
+    status, ended = await _curl(examples["cancel"], base, media, job["id"])
+    assert status == 409 and ended["reason"] == "JOB_ALREADY_ENDED"
+    status, listed = await _curl(examples["connect-unary"], base, media)
+    assert status == 200 and [j["id"] for j in listed["jobs"]] == [job["id"]]
+    status, error = await _curl(examples["error"], base, media)
+    assert (status, error) == (
+        403,
+        {
+            "code": "permission_denied",
+            "message": "/etc is outside the allowed roots",
+            "reason": "PATH_OUTSIDE_ROOTS",
+        },
+    )
+    assert json.dumps(error) in DOC.read_text()
