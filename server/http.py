@@ -178,6 +178,7 @@ class HttpApp:
     async def _route(self, scope: Scope, receive: Receive, send: Send, request: _Request) -> None:
         path = request.path
         if path.startswith(_CONNECT_PREFIX):
+            _refuse_native_grpc(request)
             await self._connect(scope, receive, send)
         elif path == "/api/v1/scans":
             _allow(request, "POST")
@@ -298,6 +299,20 @@ def _allow(request: _Request, *methods: str) -> None:
             "unimplemented",
             f"{request.method} is not allowed on {request.path}; use {' or '.join(methods)}",
             "METHOD_NOT_ALLOWED",
+        )
+
+
+def _refuse_native_grpc(request: _Request) -> None:
+    """Native gRPC needs HTTP/2 trailers, which this port's HTTP/1.1 server cannot send."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("application/grpc") and not content_type.startswith(
+        "application/grpc-web"
+    ):
+        raise HttpError(
+            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+            "unimplemented",
+            "native gRPC is served on the gRPC port (--listen); here use Connect or gRPC-Web",
+            "UNSUPPORTED_MEDIA_TYPE",
         )
 
 

@@ -135,6 +135,19 @@ async def test_a_scan_started_from_the_page_moves_the_bar_and_cancels_with_parti
     await expect(page.locator("#jobs")).to_contain_text("Cancelled")
     (root / "open-gate").touch()
 
+    # The catalog, refreshed when the job ended: 20 a page, with a path filter.
+    rows = page.locator("#videos tr")
+    await expect(rows).to_have_count(20)
+    first_row = await rows.first.text_content() or ""
+    await page.get_by_role("button", name="Next page").click()
+    await expect(page.locator("#page")).to_have_text("Page 2")
+    await expect(rows.first).not_to_have_text(first_row)
+    await page.get_by_role("button", name="Previous page").click()
+    await expect(rows.first).to_have_text(first_row)
+    await page.get_by_label("Show videos under").fill(f"{root}/held")
+    await page.keyboard.press("Enter")
+    await expect(page.get_by_text("No videos.")).to_be_visible()
+
     await page.screenshot(path=tmp_path / "cancelled.png", full_page=True)
     assert (tmp_path / "cancelled.png").stat().st_size > 10_000
     assert all(url.startswith(f"http://127.0.0.1:{s.app.http_port}/") for url in requested)

@@ -24,6 +24,7 @@ from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from google.rpc import error_details_pb2
 
+from scanjobs.server.app import ListenError
 from scanjobs.server.config import parse_args
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1.scanjobs_connect import ScanServiceClient
@@ -257,6 +258,27 @@ async def test_connect_unary_json_and_its_errors_carry_the_reason(
     assert (info.reason, info.domain) == ("JOB_NOT_FOUND", "scanjobs")
     outside = await client.post(f"{url}/SubmitScan", json={"path": "/etc"})
     assert outside.status_code == 403 and outside.json()["code"] == "permission_denied"
+
+
+async def test_native_grpc_on_the_http_port_is_pointed_to_the_grpc_port(
+    serve: ServeFactory, media: Path, client: httpx.AsyncClient
+) -> None:
+    _, base = await _http(serve, media)
+    response = await client.post(
+        f"{base}/scanjobs.v1.ScanService/ListJobs",
+        content=b"\x00\x00\x00\x00\x00",
+        headers={"content-type": "application/grpc"},
+    )
+    assert _error(response) == (415, "unimplemented", "UNSUPPORTED_MEDIA_TYPE")
+    assert "--listen" in response.json()["message"]
+
+
+async def test_a_taken_http_port_fails_start_up_before_anything_runs(
+    serve: ServeFactory, media: Path
+) -> None:
+    first, _ = await _http(serve, media)
+    with pytest.raises(ListenError, match=r"cannot listen on 127\.0\.0\.1"):
+        await serve(media, http_listen=f"127.0.0.1:{first.app.http_port}")
 
 
 async def test_connect_refuses_a_message_over_the_size_limit(
