@@ -108,7 +108,7 @@ async def test_a_scan_started_from_the_page_moves_the_bar_and_cancels_with_parti
     await page.keyboard.press("Enter")
 
     bar = page.get_by_role("progressbar", name="Scan progress")
-    cancel = page.get_by_role("button", name="Cancel")
+    cancel = page.get_by_role("button", name="Cancel", exact=True)
     await expect(cancel).to_be_enabled()
     await page.wait_for_function("() => document.getElementById('job-progress').value > 0")
     first = await _bar(page)
