@@ -280,8 +280,10 @@ class HttpApp:
                 HTTPStatus.NOT_FOUND, "not_found", f"no such path: {request.path}", "NOT_FOUND"
             )
         _allow(request, "GET", "HEAD")
-        body = b"" if request.method == "HEAD" else file.read_bytes()
-        await _send(send, HTTPStatus.OK, body, _CONTENT_TYPES[file.suffix].encode(), _PAGE_HEADERS)
+        body = file.read_bytes()
+        content_type = _CONTENT_TYPES[file.suffix].encode()
+        head = request.method == "HEAD"
+        await _send(send, HTTPStatus.OK, body, content_type, _PAGE_HEADERS, head_only=head)
 
 
 def _headers(scope: Scope) -> dict[str, str]:
@@ -374,9 +376,11 @@ async def _send(
     body: bytes,
     content_type: bytes | None,
     extra: Iterable[tuple[bytes, bytes]] = (),
+    *,
+    head_only: bool = False,
 ) -> None:
     headers = [(b"content-length", str(len(body)).encode()), *extra]
     if content_type is not None:
         headers.append((b"content-type", content_type))
     await send({"type": "http.response.start", "status": status.value, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send({"type": "http.response.body", "body": b"" if head_only else body})

@@ -384,6 +384,10 @@ async def test_the_page_is_served_at_the_root_with_a_same_origin_policy(
     page = await client.get(f"{base}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "default-src 'self'" in page.headers["content-security-policy"]
+    head = await client.head(f"{base}/app.js")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-type"].startswith("text/javascript")
+    assert int(head.headers["content-length"]) == len((await client.get(f"{base}/app.js")).content)
     assert _error(await client.get(f"{base}/no/such/file"))[0] == 404
 
 

@@ -4,6 +4,7 @@ passes its own unit tests (vitest, with a TypeScript type check first)."""
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -28,10 +29,14 @@ def _npm(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def node_modules() -> Path:
-    """web/node_modules exactly as package-lock.json pins it, installed once."""
-    if not (WEB / "node_modules" / ".package-lock.json").exists():
+    """web/node_modules exactly as package-lock.json pins it: installed again whenever the
+    lock changed since the last install."""
+    lock = hashlib.sha256((WEB / "package-lock.json").read_bytes()).hexdigest()
+    stamp = WEB / "node_modules" / ".installed-from-lock"
+    if not stamp.exists() or stamp.read_text() != lock:
         done = _npm("ci", "--no-audit", "--no-fund")
         assert done.returncode == 0, done.stderr
+        stamp.write_text(lock)
     generated = _npm("run", "generate")
     assert generated.returncode == 0, generated.stderr
     return WEB / "node_modules"
