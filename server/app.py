@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,14 +15,9 @@ from grpc_reflection.v1alpha import reflection
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from scanjobs.v1.scanjobs_connect import ScanServiceASGIApplication
 
-from .auth import BearerTokens
 from .catalog import Catalog
 from .config import Config
-from .connect import ConnectScanService
-from .http import HttpApp
-from .http_server import HttpServer, TlsFiles, bind
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -31,6 +27,9 @@ from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
 from .store import Database, SqliteCatalog, SqliteJobStore
+
+if TYPE_CHECKING:
+    from .http_server import HttpServer
 
 __all__ = ["App", "ListenError", "start"]
 
@@ -168,8 +167,11 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     await server.start()
     http = None
     if http_socket is not None:
-        http = _http_server(config, http_socket, queue, catalog, roots, metrics)
-        await http.start()
+        # Imported only when the HTTP port is on: uvicorn and connectrpc cost about half a
+        # second of start-up that a gRPC-only server need not pay.
+        from .http_server import serve_http
+
+        http = await serve_http(config, http_socket, queue, catalog, roots, metrics)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
@@ -186,33 +188,6 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     )
 
 
-def _http_server(
-    config: Config,
-    sock: socket.socket,
-    queue: AsyncioJobQueue | PgJobQueue,
-    catalog: Catalog,
-    roots: RootPolicy,
-    metrics: Metrics,
-) -> HttpServer:
-    """The HTTP port: Connect / gRPC-Web, REST and the page, over the same core objects."""
-    tokens = BearerTokens(config.tokens)
-    service = ConnectScanService(queue, catalog, roots, tokens, on_call=metrics.on_rpc)
-    connect = ScanServiceASGIApplication(service, read_max_bytes=config.max_message_bytes)
-    app = HttpApp(
-        connect,
-        queue,
-        roots,
-        tokens,
-        service.record,
-        cors_origins=config.http_cors_origins,
-        max_body_bytes=config.max_message_bytes,
-    )
-    tls = None
-    if config.tls_cert is not None and config.tls_key is not None:
-        tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
-    return HttpServer(app, sock, tls)
-
-
 def _close(sock: socket.socket | None) -> None:
     if sock is not None:
         sock.close()
@@ -221,8 +196,11 @@ def _close(sock: socket.socket | None) -> None:
 def _bind_http(config: Config) -> socket.socket | None:
     if not config.http_listen:
         return None
+    host, _, port = config.http_listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return bind(config.http_listen)
+        return socket.create_server((host, int(port)), family=family)
     except (OSError, ValueError) as exc:
         raise ListenError(f"cannot listen on {config.http_listen}: {exc}") from None
 

@@ -1,10 +1,11 @@
 """Serving the HTTP port with uvicorn inside the server's own event loop.
 
 uvicorn's ``Server.serve`` would install its own signal handlers and run a loop of its own;
-here the socket is bound first (so that a taken port fails before anything starts), the
-server is started on that socket in the running loop, and ``stop`` drains it in two stages:
-stop accepting and let open responses finish within the grace period, then cancel what is
-left and close its connections.
+here the socket is bound by ``app`` first (so that a taken port fails before anything
+starts), the server is started on that socket in the running loop, and ``stop`` drains it in
+two stages: stop accepting and let open responses finish within the grace period, then
+cancel what is left and close its connections. ``app`` imports this module only when
+``--http-listen`` is on.
 """
 
 from __future__ import annotations
@@ -17,9 +18,18 @@ from pathlib import Path
 
 import uvicorn
 
-from .http import AsgiApp
+from scanjobs.v1.scanjobs_connect import ScanServiceASGIApplication
 
-__all__ = ["HttpServer", "TlsFiles"]
+from .auth import BearerTokens
+from .catalog import Catalog
+from .config import Config
+from .connect import ConnectScanService
+from .http import AsgiApp, HttpApp
+from .metrics import Metrics
+from .queue import JobQueue
+from .roots import RootPolicy
+
+__all__ = ["HttpServer", "TlsFiles", "serve_http"]
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +41,6 @@ class TlsFiles:
     cert: Path
     key: Path
     client_ca: Path | None = None
-
-
-def bind(listen: str) -> socket.socket:
-    """A listening TCP socket for ``host:port`` (``[v6]:port`` too; port 0 picks one).
-
-    Raises:
-        OSError: the address cannot be bound.
-    """
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, int(port)), family=family)
 
 
 class HttpServer:
@@ -92,3 +90,33 @@ class HttpServer:
             connection.transport.close()
         if left:
             log.warning("HTTP connections cut at the end of the grace period: %d", len(left))
+
+
+async def serve_http(
+    config: Config,
+    sock: socket.socket,
+    queue: JobQueue,
+    catalog: Catalog,
+    roots: RootPolicy,
+    metrics: Metrics,
+) -> HttpServer:
+    """Start the HTTP port on ``sock``: Connect / gRPC-Web, REST and the page, over the same
+    core objects, tokens, TLS files and limits as the gRPC port."""
+    tokens = BearerTokens(config.tokens)
+    service = ConnectScanService(queue, catalog, roots, tokens, on_call=metrics.on_rpc)
+    connect = ScanServiceASGIApplication(service, read_max_bytes=config.max_message_bytes)
+    app = HttpApp(
+        connect,
+        queue,
+        roots,
+        tokens,
+        service.record,
+        cors_origins=config.http_cors_origins,
+        max_body_bytes=config.max_message_bytes,
+    )
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+    server = HttpServer(app, sock, tls)
+    await server.start()
+    return server
