@@ -118,7 +118,11 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         raise
     if probes is None:
         probes = ProbePool(
-            config.probe_processes, config.probe_timeout_s, on_probe=metrics.on_probe
+            config.probe_processes,
+            config.probe_timeout_s,
+            on_probe=metrics.on_probe,
+            memory_mib=config.probe_memory_mib,
+            user=config.probe_user,
         )
     try:
         await probes.start()
