@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,6 +28,9 @@ from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
 from .store import Database, SqliteCatalog, SqliteJobStore
+
+if TYPE_CHECKING:
+    from .http_server import HttpServer
 
 __all__ = ["App", "ListenError", "start"]
 
@@ -58,7 +62,13 @@ class App:
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
     grace_s: float
+    http: HttpServer | None = None
     stopped: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port, when ``--http-listen`` is on."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop.
@@ -75,6 +85,8 @@ class App:
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         if not await self.calls.drained(left):
             log.warning("calls still in flight at the end of the grace period")
+        if self.http is not None:
+            await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
         await self.probes.close()
         await self.db.close()
@@ -107,7 +119,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     ]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
-    db, catalog = await _open_storage(config)
+    http_socket = _bind_http(config)
+    try:
+        db, catalog = await _open_storage(config)
+    except BaseException:
+        _close(http_socket)
+        raise
     if probes is None:
         probes = ProbePool(
             config.probe_processes,
@@ -119,6 +136,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     try:
         await probes.start()
     except BaseException:
+        _close(http_socket)
         await db.close()
         raise
     scanner = Scanner(
@@ -165,6 +183,13 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
+    http = None
+    if http_socket is not None:
+        # Imported only when the HTTP port is on: uvicorn and connectrpc cost about half a
+        # second of start-up that a gRPC-only server need not pay.
+        from .http_server import serve_http
+
+        http = await serve_http(config, http_socket, queue, catalog, roots, metrics)
     await _set_health(health_servicer, serving=True)
     if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
 
@@ -173,9 +198,34 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
 
         db.monitor(follow_database)
     log.info(
-        "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
+        "serving",
+        extra={
+            "listen": config.listen,
+            "port": port,
+            "http_port": http.port if http else None,
+            "roots": list(roots.resolved),
+        },
     )
-    return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+    return App(
+        server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s, http
+    )
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+def _bind_http(config: Config) -> socket.socket | None:
+    if not config.http_listen:
+        return None
+    host, _, port = config.http_listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, int(port)), family=family)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot listen on {config.http_listen}: {exc}") from None
 
 
 async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:

@@ -50,6 +50,8 @@ class Config:
     metrics_listen: str | None = None
     database: str | None = None
     lease_s: float = 15.0
+    http_listen: str | None = None
+    http_cors_origins: tuple[str, ...] = ()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -78,6 +80,17 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value
+
+
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise argparse.ArgumentTypeError(
+                f"an origin is scheme://host[:port], without a path: {origin!r}"
+            )
+    return origins
 
 
 def _extensions(text: str) -> frozenset[str]:
@@ -131,6 +144,12 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "seconds an ended job is kept; the catalog is never pruned"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
+    ("--http-listen", "HTTP_LISTEN", str, None,
+     "host:port to serve HTTP on: Connect and gRPC-Web, the REST paths /api/v1/..., and the "
+     "web page at /; same tokens, TLS and limits as the gRPC port; off unless given"),
+    ("--http-cors-origin", "HTTP_CORS_ORIGIN", _origins, None,
+     "comma-separated origins (scheme://host[:port]) whose pages may call the HTTP port; "
+     "cross-origin requests are refused unless listed"),
     ("--metrics-listen", "METRICS_LISTEN", str, None,
      "host:port to serve Prometheus metrics on (/metrics; HTTPS with the server's TLS "
      "settings); off unless given"),
@@ -245,12 +264,13 @@ def _check_exposure(
     """
     if args.insecure:
         return
-    if not is_loopback(args.listen) and not authenticated:
-        parser.error(
-            f"refusing to listen on {args.listen} without authentication: anyone who can "
-            "reach it could read your file system's layout. Add --token-file or "
-            "--tls-client-ca (mutual TLS), or --insecure if the network is trusted."
-        )
+    for listen in filter(None, (args.listen, args.http_listen)):
+        if not is_loopback(listen) and not authenticated:
+            parser.error(
+                f"refusing to listen on {listen} without authentication: anyone who can "
+                "reach it could read your file system's layout. Add --token-file or "
+                "--tls-client-ca (mutual TLS), or --insecure if the network is trusted."
+            )
     metrics = args.metrics_listen
     on_loopback = metrics and (is_loopback(metrics) or not metrics.rpartition(":")[0])
     if metrics and not on_loopback and args.tls_client_ca is None:  # ":9100" is loopback
@@ -318,4 +338,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         metrics_listen=args.metrics_listen,
         database=args.database,
         lease_s=args.lease,
+        http_listen=args.http_listen,
+        http_cors_origins=args.http_cors_origin or (),
     )

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import hmac
 import logging
 import os
 import time
@@ -29,20 +27,28 @@ from grpc_status import rpc_status
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
-from . import errors
+from . import errors, intake
+from .auth import BearerTokens
 from .catalog import Catalog, Video
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
 from .queue import JobQueue
 from .roots import RootPolicy
 
-__all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "ScanService",
+    "ServiceInterceptor",
+    "code_of",
+    "event_to_proto",
+    "job_to_proto",
+    "spec_of",
+    "state_of",
+    "video_to_proto",
+]
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "scanjobs"
-MAX_PAGE_SIZE = 1000
-MAX_REQUEST_ID = 128
-_MAX_TIMEOUT_S = 7 * 24 * 3600
 
 _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -77,9 +83,14 @@ _HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 _Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def code_of(exc: errors.ScanJobsError) -> grpc.StatusCode:
+    """The status code of an expected error: the one map that every transport derives from."""
+    return _CODES.get(type(exc)) or next(c for cls, c in _CODES.items() if isinstance(exc, cls))
+
+
 def status_of(exc: errors.ScanJobsError) -> grpc.Status:
     """The rich gRPC status for an expected error."""
-    code = _CODES.get(type(exc)) or next(c for cls, c in _CODES.items() if isinstance(exc, cls))
+    code = code_of(exc)
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
     details = [info]
@@ -129,7 +140,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._on_call = on_call
         self._max_health_watchers = max_health_watchers
         self._health_watchers = 0
-        self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
+        self._tokens = BearerTokens(tokens)
         self._in_flight = 0
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._idle = asyncio.Event()
@@ -246,22 +257,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return guarded
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Admit the call if it carries one of the tokens, compared in constant time."""
-        if not self._tokens:
+        """Admit the call if it carries one of the tokens."""
+        if not self._tokens.required:
             return
-        presented = b""
+        presented = None
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                presented = value.removeprefix("Bearer ").encode()
-        digest = hashlib.sha256(presented).digest()
-        match = False
-        for token in self._tokens:  # no early exit: the time does not depend on which matched
-            match |= hmac.compare_digest(digest, token)
-        if not presented or not match:
-            raise errors.Unauthenticated(
-                "missing or invalid bearer token (send 'authorization: Bearer <token>')",
-                reason="UNAUTHENTICATED",
-            )
+            if key == "authorization" and isinstance(value, str):
+                presented = value
+        self._tokens.check(presented)
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,37 +324,29 @@ class ScanService(pb_grpc.ScanServiceServicer):
         self._jobs: collections.OrderedDict[int, tuple[Job, pb.Job]] = collections.OrderedDict()
 
     async def SubmitScan(self, request: pb.SubmitScanRequest, context: _Context) -> pb.Job:
-        spec = _spec_of(request)
-        path = await asyncio.to_thread(self._roots.check, spec.path)
-        job = await self._queue.submit(
-            JobSpec(path, spec.recursive, spec.timeout_s, spec.request_id)
-        )
-        return job_to_proto(job)
+        return job_to_proto(await intake.submit_scan(self._queue, self._roots, spec_of(request)))
 
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.Job:
-        return self._job_proto(await self._queue.get(_job_id(request.job_id)))
+        return self._job_proto(await self._queue.get(intake.job_id(request.job_id)))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: _Context) -> pb.Job:
-        return job_to_proto(await self._queue.cancel(_job_id(request.job_id)))
+        return job_to_proto(await self._queue.cancel(intake.job_id(request.job_id)))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: _Context) -> pb.ListJobsResponse:
-        page_size = _page_size(request.page_size, default=50)
-        if request.state not in _PB_TO_STATE and request.state != pb.JOB_STATE_UNSPECIFIED:
-            raise errors.InvalidArgument(f"unknown state {request.state}", field="state")
-        state = _PB_TO_STATE.get(request.state)
         jobs, token = await self._queue.list_jobs(
-            state=state, page_size=page_size, page_token=request.page_token
+            state=state_of(request.state),
+            page_size=intake.page_size(request.page_size, default=50),
+            page_token=request.page_token,
         )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def ListVideos(
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
-        page_size = _page_size(request.page_size, default=100)
         videos, token = await self._catalog.list_videos(
             path_prefix=os.fsencode(request.path_prefix),
             job_id=request.job_id,
-            page_size=page_size,
+            page_size=intake.page_size(request.page_size, default=100),
             page_token=request.page_token,
         )
         return pb.ListVideosResponse(
@@ -363,7 +358,9 @@ class ScanService(pb_grpc.ScanServiceServicer):
     ) -> None:
         # A coroutine around context.write, not an async generator: its cleanup must run when
         # the client hangs up (CancelledError here), not whenever the generator is collected.
-        subscription = await self._queue.watch(_job_id(request.job_id), request.after_sequence)
+        subscription = await self._queue.watch(
+            intake.job_id(request.job_id), request.after_sequence
+        )
         try:
             async for event in subscription:
                 # Bytes pass the stream's serializer untouched (see ServiceInterceptor).
@@ -376,11 +373,7 @@ class ScanService(pb_grpc.ScanServiceServicer):
         key = (event.job.id, event.sequence)
         data = self._events.get(key)
         if data is None:
-            message = pb.JobEvent(
-                sequence=event.sequence,
-                job=self._job_proto(event.job),
-                event_time=_timestamp(event.time),
-            )
+            message = event_to_proto(event, self._job_proto(event.job))
             data = self._events[key] = message.SerializeToString()
             if len(self._events) > 256:
                 self._events.popitem(last=False)
@@ -397,35 +390,28 @@ class ScanService(pb_grpc.ScanServiceServicer):
         return message
 
 
-def _job_id(raw: str) -> str:
-    if not raw:
-        raise errors.InvalidArgument("job_id is required", field="job_id")
-    if len(raw) > 64:
-        raise errors.InvalidArgument("job_id is longer than 64 characters", field="job_id")
-    return raw
-
-
-def _page_size(raw: int, *, default: int) -> int:
-    if raw < 0:
-        raise errors.InvalidArgument("page_size must not be negative", field="page_size")
-    return min(raw or default, MAX_PAGE_SIZE)
-
-
-def _spec_of(request: pb.SubmitScanRequest) -> JobSpec:
-    path = RootPolicy.check_syntax(request.path)
-    timeout_s: float | None = None
+def spec_of(request: pb.SubmitScanRequest) -> JobSpec:
+    """The checked job spec of a SubmitScan request (see ``intake.job_spec``)."""
+    timeout_s = None
     if request.HasField("timeout"):
         timeout_s = request.timeout.ToTimedelta().total_seconds()
-        if timeout_s < 0 or timeout_s > _MAX_TIMEOUT_S:
-            raise errors.InvalidArgument(
-                f"timeout must be between 0 and {_MAX_TIMEOUT_S} seconds", field="timeout"
-            )
-    if len(request.request_id) > MAX_REQUEST_ID:
-        raise errors.InvalidArgument(
-            f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id"
-        )
-    recursive = request.recursive if request.HasField("recursive") else True
-    return JobSpec(path, recursive, timeout_s or None, request.request_id)
+    return intake.job_spec(
+        request.path,
+        recursive=request.recursive if request.HasField("recursive") else True,
+        timeout_s=timeout_s,
+        request_id=request.request_id,
+    )
+
+
+def state_of(value: int) -> JobState | None:
+    """The job state a ListJobs filter names; ``None`` for JOB_STATE_UNSPECIFIED (any state).
+
+    Raises:
+        InvalidArgument: not a known state.
+    """
+    if value not in _PB_TO_STATE and value != pb.JOB_STATE_UNSPECIFIED:
+        raise errors.InvalidArgument(f"unknown state {value}", field="state")
+    return _PB_TO_STATE.get(value)  # type: ignore[call-overload,no-any-return]
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -446,6 +432,15 @@ def _seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(round(value * 1e9))
     return duration
+
+
+def event_to_proto(event: JobEvent, job: pb.Job | None = None) -> pb.JobEvent:
+    """The wire form of a job event; ``job`` is its snapshot when already converted."""
+    return pb.JobEvent(
+        sequence=event.sequence,
+        job=job if job is not None else job_to_proto(event.job),
+        event_time=_timestamp(event.time),
+    )
 
 
 def job_to_proto(job: Job) -> pb.Job:
