@@ -245,6 +245,10 @@ class Scanner:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(config.lanes):
                     lanes.create_task(_lane(directory_scan, feed, tally, ctx))
+        except ExceptionGroup as group:
+            # The first lane's failure ends the job, as itself: a domain error keeps its
+            # reason (a full disk, a lost database) instead of hiding in a group.
+            raise group.exceptions[0] from group
         finally:
             feed.stop()
         return tally.result()
