@@ -58,9 +58,10 @@ class Sizes:
     rpc_seconds: float = 3.0
     processes: int = 2
     replica_jobs: int = 60
+    rescan_files: int = 100_000
 
 
-QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2, 6)
+QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2, 6, 300)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -117,6 +118,30 @@ def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
         rows.insert(0, Row("scan throughput", ours, seed, "ffprobe per file, sequential",
                            "files/s", ours / seed, ">= 100x", ours / seed >= 100))  # fmt: skip
     return rows
+
+
+# -- 2b: a rescan of a large unchanged library -------------------------------------------------
+
+
+def rescan(sizes: Sizes, corpus: Path) -> list[Row]:
+    """A rescan of a library where nothing changed: per directory, one catalog read and one
+    pass over its entries, nothing written; against a walk that stats every video."""
+    files = len(baselines.video_files(corpus))
+    with server(corpus, "--probe-processes", str(sizes.processes)) as s:
+        cold = asyncio.run(scan_once(s.target, corpus))
+        assert cold.result.scanned == files, cold.result
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            warm = asyncio.run(scan_once(s.target, corpus))
+            timings.append(time.perf_counter() - started)
+        assert warm.result.unchanged + warm.result.failed == files, warm.result
+    warm_s = min(timings)
+    stat_s = min(baselines.walk_stat_seconds(corpus) for _ in range(3))
+    return [
+        Row(f"rescan of {files:,} unchanged files", warm_s, stat_s, "walk + stat floor", "s",
+            warm_s / stat_s, "<= 2x", warm_s / stat_s <= 2),
+    ]  # fmt: skip
 
 
 # -- 3: cancel latency ---------------------------------------------------------------------------
@@ -402,12 +427,15 @@ def _print(rows: list[Row]) -> None:
               f"{r.target} [{r.unit}] vs {r.baseline_name} {mark}")  # fmt: skip
 
 
+_ALL = ("scan", "rescan", "cancel", "fanout", "rpc", "scale", "replicas")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--skip-ffprobe", action="store_true", help="no ffprobe baseline")
-    parser.add_argument("--only", choices=["scan", "cancel", "fanout", "rpc", "scale", "replicas"],
-                        action="append", help="run only these (repeatable)")  # fmt: skip
+    parser.add_argument("--only", choices=[*_ALL], action="append",
+                        help="run only these (repeatable)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
@@ -416,10 +444,13 @@ def main() -> int:
     small = make_corpus(CACHE / f"cancel-{tag}" / "library", max(sizes.files, 1000))
     measured = make_corpus(CACHE / f"fanout-{tag}" / "measured", sizes.fan_out_files)
     large = _large_library(200)
-    only = set(args.only or ["scan", "cancel", "fanout", "rpc", "scale", "replicas"])
+    only = set(args.only or _ALL)
     rows: list[Row] = []
     if "scan" in only:
         rows += throughput(sizes, corpus, args.skip_ffprobe)
+    if "rescan" in only:
+        big = make_corpus(CACHE / f"rescan-{tag}" / "library", sizes.rescan_files)
+        rows += rescan(sizes, big)
     if "cancel" in only:
         rows += cancel_latency(sizes, small, large)
     if "fanout" in only:

@@ -123,6 +123,7 @@ class ScanClient:
         recursive: bool = True,
         timeout_s: float | None = None,
         request_id: str = "",
+        reprobe: bool = False,
     ) -> pb.Job:
         """Start a scan of the absolute directory ``path``; returns the new job.
 
@@ -131,8 +132,11 @@ class ScanClient:
             recursive: descend into subdirectories.
             timeout_s: the job's run-time limit; the server's default when None.
             request_id: makes retries of this call safe: the same id returns the same job.
+            reprobe: probe every file again, even unchanged ones and remembered failures.
         """
-        request = pb.SubmitScanRequest(path=path, recursive=recursive, request_id=request_id)
+        request = pb.SubmitScanRequest(
+            path=path, recursive=recursive, request_id=request_id, reprobe=reprobe
+        )
         if timeout_s is not None:
             request.timeout.FromNanoseconds(round(timeout_s * 1e9))
         return await self._unary(self._stub.SubmitScan, request)
@@ -163,16 +167,31 @@ class ScanClient:
             if not token:
                 return
 
-    async def list_videos(self, *, prefix: str = "", job_id: str = "") -> AsyncIterator[pb.Video]:
-        """The catalog ordered by path, across pages."""
+    async def list_videos(
+        self, *, prefix: str = "", job_id: str = "", include_missing: bool = False
+    ) -> AsyncIterator[pb.Video]:
+        """The catalog ordered by path, across pages; missing videos only if asked."""
         token = ""
         while True:
             request = pb.ListVideosRequest(
-                page_size=500, page_token=token, path_prefix=prefix, job_id=job_id
-            )
+                page_size=500, page_token=token, path_prefix=prefix, job_id=job_id,
+                include_missing=include_missing,
+            )  # fmt: skip
             page = await self._unary(self._stub.ListVideos, request)
             for video in page.videos:
                 yield video
+            token = page.next_page_token
+            if not token:
+                return
+
+    async def list_file_errors(self, *, prefix: str = "") -> AsyncIterator[pb.FileError]:
+        """Files that could not be probed, with their errors, ordered by path, across pages."""
+        token = ""
+        while True:
+            request = pb.ListFileErrorsRequest(page_size=500, page_token=token, path_prefix=prefix)
+            page = await self._unary(self._stub.ListFileErrors, request)
+            for error in page.file_errors:
+                yield error
             token = page.next_page_token
             if not token:
                 return

@@ -89,6 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     scan.add_argument("--timeout", type=float, help="seconds the job may run")
     scan.add_argument("--request-id", default="", help="idempotency key for safe retries")
     scan.add_argument("--detach", action="store_true", help="print the job and return at once")
+    scan.add_argument(
+        "--reprobe",
+        action="store_true",
+        help="probe every file again, even unchanged ones (after an FFmpeg upgrade)",
+    )
 
     for name, text in (
         ("watch", "follow a job until it ends"),
@@ -105,6 +110,15 @@ def _parser() -> argparse.ArgumentParser:
     videos.add_argument("--prefix", default="", help="only paths starting with this")
     videos.add_argument("--job", default="", help="only videos last probed by this job")
     videos.add_argument("--limit", type=int, default=None, help="at most this many")
+    videos.add_argument(
+        "--missing",
+        action="store_true",
+        help="only missing videos (found gone by a scan, kept for a while)",
+    )
+
+    errors = sub.add_parser("errors", help="list files that could not be probed, and why")
+    errors.add_argument("prefix", nargs="?", default="", help="only paths starting with this")
+    errors.add_argument("--limit", type=int, default=None, help="at most this many")
     return p  # fmt: skip
 
 
@@ -152,8 +166,9 @@ class _Out:
 
 async def _scan(client: ScanClient, args: argparse.Namespace, out: _Out) -> int:
     job = await client.submit(
-        args.path, recursive=args.recursive, timeout_s=args.timeout, request_id=args.request_id
-    )
+        args.path, recursive=args.recursive, timeout_s=args.timeout, request_id=args.request_id,
+        reprobe=args.reprobe,
+    )  # fmt: skip
     if args.detach:
         _print_job(job, out)
         return EXIT_OK
@@ -219,7 +234,8 @@ def _print_job(job: pb.Job, out: _Out) -> None:
         ("path", job.path), ("recursive", str(job.recursive)),
         ("progress", f"{p.files_done}/{p.files_found} files"),
         ("result", f"{r.scanned} scanned, {r.added} added, {r.updated} updated, "
-                   f"{r.unchanged} unchanged, {r.failed} failed"),
+                   f"{r.unchanged} unchanged, {r.moved} moved, {r.restored} restored, "
+                   f"{r.failed} failed, {r.removed} removed"),
         ("created", job.create_time.ToJsonString() if job.HasField("create_time") else "-"),
         ("ended", job.end_time.ToJsonString() if job.HasField("end_time") else "-"),
     ]  # fmt: skip
@@ -253,14 +269,34 @@ async def _jobs(client: ScanClient, args: argparse.Namespace, out: _Out) -> int:
 
 async def _videos(client: ScanClient, args: argparse.Namespace, out: _Out) -> int:
     videos = []
-    async for video in client.list_videos(prefix=args.prefix, job_id=args.job):
+    listing = client.list_videos(prefix=args.prefix, job_id=args.job, include_missing=args.missing)
+    async for video in listing:
+        if args.missing and not video.HasField("missing_time"):
+            continue
         videos.append(video)
         if args.limit is not None and len(videos) >= args.limit:
             break
     if out.json:
         print(json.dumps([_as_json(v) for v in videos]))
         return EXIT_OK
+    if args.missing:
+        rows = [(v.path, v.missing_time.ToJsonString(), _video_row(v)[4]) for v in videos]
+        out.table(("path", "missing since", "codecs"), rows)
+        return EXIT_OK
     out.table(("path", "duration", "resolution", "fps", "codecs"), [_video_row(v) for v in videos])
+    return EXIT_OK
+
+
+async def _errors(client: ScanClient, args: argparse.Namespace, out: _Out) -> int:
+    errors = []
+    async for error in client.list_file_errors(prefix=args.prefix):
+        errors.append(error)
+        if args.limit is not None and len(errors) >= args.limit:
+            break
+    if out.json:
+        print(json.dumps([_as_json(e) for e in errors]))
+        return EXIT_OK
+    out.table(("path", "error", "size"), [(e.path, e.message, str(e.size_bytes)) for e in errors])
     return EXIT_OK
 
 
@@ -294,6 +330,8 @@ async def _run(args: argparse.Namespace, out: _Out) -> int:
                 return await _jobs(client, args, out)
             case "videos":
                 return await _videos(client, args, out)
+            case "errors":
+                return await _errors(client, args, out)
     return EXIT_OK
 
 

@@ -117,7 +117,8 @@ class JobDisplay:
             elapsed = (job.end_time.ToDatetime() - job.start_time.ToDatetime()).total_seconds()
         self._console.print(
             f"{state_name(job.state)} in {elapsed:.2f}s: {r.scanned} scanned, {r.added} added, "
-            f"{r.updated} updated, {r.unchanged} unchanged, {r.failed} failed",
+            f"{r.updated} updated, {r.unchanged} unchanged, {r.moved} moved, "
+            f"{r.restored} restored, {r.failed} failed, {r.removed} removed",
             markup=False,
         )
         if job.error:

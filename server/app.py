@@ -6,6 +6,8 @@ import asyncio
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -93,13 +95,20 @@ class App:
         log.info("server stopped")
 
 
-async def start(config: Config, *, probes: ProbePool | None = None) -> App:
+async def start(
+    config: Config,
+    *,
+    probes: ProbePool | None = None,
+    clock_ns: Callable[[], int] = time.time_ns,
+) -> App:
     """Start serving per ``config``; returns once the port is bound.
 
     Args:
         config: the settings.
         probes: a probe pool to use instead of one built from ``config`` (tests pass pools
             whose workers can be made to hang or crash on purpose).
+        clock_ns: the catalog's wall clock (first/last-seen and missing times, the missing
+            retention), in nanoseconds.
 
     Raises:
         DatabaseCorrupt: the database under ``config.data_dir`` is unusable.
@@ -125,6 +134,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     except BaseException:
         _close(http_socket)
         raise
+    try:
+        await _tidy_catalog(catalog, roots, config, clock_ns)
+    except BaseException:
+        _close(http_socket)
+        await db.close()
+        raise
     if probes is None:
         probes = ProbePool(
             config.probe_processes,
@@ -147,7 +162,9 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             extensions=config.extensions,
             lanes=max(2, config.probe_processes),
             max_errors=config.max_errors,
+            missing_retention_ns=int(config.missing_retention_s * 1e9),
         ),
+        clock_ns=clock_ns,
     )
     queue_config = QueueConfig(
         workers=config.workers,
@@ -251,6 +268,18 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
                              f"{exc.strerror}") from None  # fmt: skip
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
+
+
+async def _tidy_catalog(
+    catalog: Catalog, roots: RootPolicy, config: Config, clock_ns: Callable[[], int]
+) -> None:
+    """Purge expired tombstones and, when asked, whatever lies outside the roots."""
+    purged = await catalog.purge_missing(clock_ns() - int(config.missing_retention_s * 1e9))
+    if config.purge_outside_roots:
+        outside = await catalog.purge_outside(roots.listed())
+        log.info("purged catalog rows outside the roots", extra={"rows": outside})
+    if purged:
+        log.info("purged missing videos past their retention", extra={"videos": purged})
 
 
 def _tls_credentials(config: Config) -> grpc.ServerCredentials:

@@ -50,6 +50,8 @@ class Config:
     metrics_listen: str | None = None
     database: str | None = None
     lease_s: float = 15.0
+    missing_retention_s: float = 30 * 24 * 3600.0
+    purge_outside_roots: bool = False
     http_listen: str | None = None
     http_cors_origins: tuple[str, ...] = ()
 
@@ -141,7 +143,10 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--max-message-bytes", "MAX_MESSAGE_BYTES", _positive_int, str(64 * 1024),
      "largest request message accepted"),
     ("--job-retention", "JOB_RETENTION", _positive_float, str(7 * 24 * 3600),
-     "seconds an ended job is kept; the catalog is never pruned"),
+     "seconds an ended job is kept"),
+    ("--missing-retention", "MISSING_RETENTION", _positive_float, str(30 * 24 * 3600),
+     "seconds a video found missing is kept (hidden, restored if it comes back) before it "
+     "is purged from the catalog"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
     ("--http-listen", "HTTP_LISTEN", str, None,
@@ -184,6 +189,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", default=bool(_env("INSECURE")),
                    help="allow a non-loopback --listen or --metrics-listen without "
                         "authentication (neither a token nor a client CA)")  # fmt: skip
+    p.add_argument(
+        "--purge-outside-roots",
+        action="store_true",
+        default=bool(_env("PURGE_OUTSIDE_ROOTS")),
+        help="at start, delete catalog rows that lie outside every --root (listings hide them "
+        "anyway); not with replicas whose roots differ",
+    )
     return p
 
 
@@ -338,6 +350,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         metrics_listen=args.metrics_listen,
         database=args.database,
         lease_s=args.lease,
+        missing_retention_s=args.missing_retention,
+        purge_outside_roots=args.purge_outside_roots,
         http_listen=args.http_listen,
         http_cors_origins=args.http_cors_origin or (),
     )

@@ -10,7 +10,6 @@ becomes the Connect code of its gRPC status (``service.code_of``, the one map) w
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ from .service import (
     ERROR_DOMAIN,
     code_of,
     event_to_proto,
+    failure_to_proto,
     job_to_proto,
     spec_of,
     state_of,
@@ -147,25 +147,37 @@ class ConnectScanService:
 
     @_unary("ListJobs")
     async def list_jobs(self, request: pb.ListJobsRequest, ctx: _Context) -> pb.ListJobsResponse:
-        jobs, token = await self._queue.list_jobs(
-            state=state_of(request.state),
+        jobs, token = await intake.list_jobs(
+            self._queue, self._roots, state=state_of(request.state),
             page_size=intake.page_size(request.page_size, default=50),
             page_token=request.page_token,
-        )
+        )  # fmt: skip
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     @_unary("ListVideos")
     async def list_videos(
         self, request: pb.ListVideosRequest, ctx: _Context
     ) -> pb.ListVideosResponse:
-        videos, token = await self._catalog.list_videos(
-            path_prefix=os.fsencode(request.path_prefix),
-            job_id=request.job_id,
+        videos, token = await intake.list_videos(
+            self._catalog, self._roots, path_prefix=request.path_prefix, job_id=request.job_id,
             page_size=intake.page_size(request.page_size, default=100),
-            page_token=request.page_token,
-        )
+            page_token=request.page_token, include_missing=request.include_missing,
+        )  # fmt: skip
         return pb.ListVideosResponse(
             videos=[video_to_proto(v) for v in videos], next_page_token=token
+        )
+
+    @_unary("ListFileErrors")
+    async def list_file_errors(
+        self, request: pb.ListFileErrorsRequest, ctx: _Context
+    ) -> pb.ListFileErrorsResponse:
+        failures, token = await intake.list_file_errors(
+            self._catalog, self._roots, path_prefix=request.path_prefix,
+            page_size=intake.page_size(request.page_size, default=100),
+            page_token=request.page_token,
+        )  # fmt: skip
+        return pb.ListFileErrorsResponse(
+            file_errors=[failure_to_proto(f) for f in failures], next_page_token=token
         )
 
     async def watch_job(

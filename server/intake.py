@@ -9,11 +9,14 @@ system), then the queue.
 from __future__ import annotations
 
 import asyncio
+import os
+from dataclasses import replace
 
+from .catalog import Catalog, FailurePage, VideoPage
 from .errors import InvalidArgument
-from .jobs import Job, JobSpec
+from .jobs import Job, JobSpec, JobState
 from .queue import JobQueue
-from .roots import RootPolicy
+from .roots import RootPolicy, jobs_within_roots
 
 __all__ = [
     "MAX_JOB_ID",
@@ -22,6 +25,9 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "job_id",
     "job_spec",
+    "list_file_errors",
+    "list_jobs",
+    "list_videos",
     "page_size",
     "submit_scan",
 ]
@@ -33,7 +39,12 @@ MAX_TIMEOUT_S = 7 * 24 * 3600
 
 
 def job_spec(
-    path: str, *, recursive: bool = True, timeout_s: float | None = None, request_id: str = ""
+    path: str,
+    *,
+    recursive: bool = True,
+    timeout_s: float | None = None,
+    request_id: str = "",
+    reprobe: bool = False,
 ) -> JobSpec:
     """Check a scan request's fields, without touching the file system.
 
@@ -42,6 +53,7 @@ def job_spec(
         recursive: descend into subdirectories.
         timeout_s: run-time limit in seconds; ``None`` or 0 means the server default.
         request_id: idempotency key, empty when not given.
+        reprobe: probe every file again, unchanged or remembered as failed.
 
     Raises:
         InvalidArgument: bad path syntax, timeout out of range, over-long request id.
@@ -55,7 +67,7 @@ def job_spec(
         raise InvalidArgument(
             f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id"
         )
-    return JobSpec(normalised, recursive, timeout_s or None, request_id)
+    return JobSpec(normalised, recursive, timeout_s or None, request_id, reprobe)
 
 
 async def submit_scan(queue: JobQueue, roots: RootPolicy, spec: JobSpec) -> Job:
@@ -66,7 +78,7 @@ async def submit_scan(queue: JobQueue, roots: RootPolicy, spec: JobSpec) -> Job:
         ResourceExhausted, Unavailable, AlreadyExists: from the queue.
     """
     path = await asyncio.to_thread(roots.check, spec.path)
-    return await queue.submit(JobSpec(path, spec.recursive, spec.timeout_s, spec.request_id))
+    return await queue.submit(replace(spec, path=path))
 
 
 def job_id(raw: str) -> str:
@@ -91,3 +103,40 @@ def page_size(raw: int, *, default: int) -> int:
     if raw < 0:
         raise InvalidArgument("page_size must not be negative", field="page_size")
     return min(raw or default, MAX_PAGE_SIZE)
+
+
+async def list_jobs(
+    queue: JobQueue, roots: RootPolicy, *, state: JobState | None, page_size: int, page_token: str
+) -> tuple[list[Job], str]:
+    """A page of jobs, newest first, only those whose path lies under the current roots."""
+    return await jobs_within_roots(
+        queue, roots, state=state, page_size=page_size, page_token=page_token
+    )
+
+
+async def list_videos(
+    catalog: Catalog, roots: RootPolicy, *, path_prefix: str, job_id: str, page_size: int,
+    page_token: str, include_missing: bool,
+) -> VideoPage:  # fmt: skip
+    """A page of the catalog by path, only under the current roots; missing videos only when
+    asked for."""
+    return await catalog.list_videos(
+        path_prefix=os.fsencode(path_prefix),
+        job_id=job_id,
+        page_size=page_size,
+        page_token=page_token,
+        include_missing=include_missing,
+        roots=roots.listed(),
+    )
+
+
+async def list_file_errors(
+    catalog: Catalog, roots: RootPolicy, *, path_prefix: str, page_size: int, page_token: str
+) -> FailurePage:
+    """A page of the files that could not be probed, by path, only under the current roots."""
+    return await catalog.list_failures(
+        path_prefix=os.fsencode(path_prefix),
+        page_size=page_size,
+        page_token=page_token,
+        roots=roots.listed(),
+    )

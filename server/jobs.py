@@ -94,7 +94,11 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class ScanResult:
-    """Counts of what a job did; ``scanned == added + updated + unchanged + failed``."""
+    """Counts of what a job did.
+
+    ``scanned == added + updated + unchanged + moved + restored + failed``; ``removed``
+    (catalogued videos found gone) is separate.
+    """
 
     added: int = 0
     updated: int = 0
@@ -102,11 +106,14 @@ class ScanResult:
     failed: int = 0
     errors: tuple[FileError, ...] = ()
     error_count: int = 0
+    moved: int = 0
+    restored: int = 0
+    removed: int = 0
 
     @property
     def scanned(self) -> int:
         """Files handled so far."""
-        return self.added + self.updated + self.unchanged + self.failed
+        return self.added + self.updated + self.unchanged + self.moved + self.restored + self.failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +125,14 @@ class JobSpec:
         recursive: descend into subdirectories.
         timeout_s: run-time limit in seconds once started; ``None`` means the server default.
         request_id: idempotency key, empty when not given.
+        reprobe: probe every file again, unchanged or remembered as failed.
     """
 
     path: str
     recursive: bool = True
     timeout_s: float | None = None
     request_id: str = ""
+    reprobe: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -77,6 +77,8 @@ class Metrics:
         for outcome, count in (
             ("added", result.added), ("updated", result.updated),
             ("unchanged", result.unchanged), ("failed", result.failed),
+            ("moved", result.moved), ("restored", result.restored),
+            ("removed", result.removed),
         ):  # fmt: skip
             if count:
                 self._files.labels(outcome).inc(count)

@@ -18,20 +18,32 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from .catalog import (
-    FileStamp,
-    Seen,
-    Video,
+    DirectoryChanges,
+    DirectoryRows,
+    FailurePage,
+    Known,
+    ScanCounts,
     VideoPage,
+    ancestors,
+    below,
     decode_page_token,
     encode_page_token,
+    parent_dir,
+)
+from .catalog_sql import (
+    COUNTS_UPSERT,
+    FAILURE_COLUMNS,
+    KNOWN_COLUMNS,
+    commit_steps,
+    counts_row,
+    listing,
+    pg,
+    row_failure,
+    row_known,
+    row_video,
 )
 from .errors import DatabaseUnavailable
-from .store import (
-    VIDEO_UPSERT,
-    DatabaseCorrupt,
-    row_video,
-    video_row,
-)
+from .store import DatabaseCorrupt
 
 __all__ = ["GuardedPool", "PgCatalog", "PgDatabase"]
 
@@ -89,6 +101,43 @@ _MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN cancel_requested BOOLEAN NOT NULL DEFAULT false;
     CREATE INDEX jobs_claimable ON jobs (state, number);
     CREATE INDEX jobs_by_request ON jobs (request_id) WHERE request_id <> '';
+    """,
+    # 4: reconciliation, as SQLite's migration 4; the directories are filled in by
+    # _backfill_directories.
+    """
+    ALTER TABLE videos ADD COLUMN dir BYTEA NOT NULL DEFAULT '';
+    ALTER TABLE videos ADD COLUMN device BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE videos ADD COLUMN inode BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE videos ADD COLUMN missing_ns BIGINT;
+    CREATE INDEX videos_by_dir ON videos (dir);
+    CREATE INDEX videos_by_identity ON videos (device, inode);
+    CREATE INDEX videos_missing ON videos (missing_ns) WHERE missing_ns IS NOT NULL;
+    CREATE TABLE file_errors (
+        path       BYTEA PRIMARY KEY,
+        dir        BYTEA NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        mtime_ns   BIGINT NOT NULL,
+        message    TEXT NOT NULL,
+        job_id     TEXT NOT NULL,
+        time_ns    BIGINT NOT NULL
+    );
+    CREATE INDEX file_errors_by_dir ON file_errors (dir);
+    CREATE TABLE catalog_dirs (
+        path   BYTEA PRIMARY KEY,
+        parent BYTEA NOT NULL
+    );
+    CREATE INDEX catalog_dirs_by_parent ON catalog_dirs (parent);
+    CREATE TABLE job_counts (
+        job_id    TEXT PRIMARY KEY,
+        added     BIGINT NOT NULL,
+        updated   BIGINT NOT NULL,
+        unchanged BIGINT NOT NULL,
+        moved     BIGINT NOT NULL,
+        restored  BIGINT NOT NULL,
+        failed    BIGINT NOT NULL,
+        removed   BIGINT NOT NULL,
+        time_ns   BIGINT NOT NULL
+    );
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -242,58 +291,152 @@ async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
             )
         for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
             await conn.execute(script)
+            if number == 4:
+                await _backfill_directories(conn)
             await conn.execute("INSERT INTO schema_version VALUES (%s)", (number,))
 
 
-# The same statement as SQLite's, with psycopg's placeholders.
-_UPSERT = VIDEO_UPSERT.replace("?", "%s")
+async def _backfill_directories(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Each catalogued video's directory, and every catalogued directory with its parent."""
+    rows = await (await conn.execute("SELECT path FROM videos")).fetchall()
+    dirs = {bytes(path): parent_dir(bytes(path)) for (path,) in rows}
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "UPDATE videos SET dir = %s WHERE path = %s", [(d, p) for p, d in dirs.items()]
+        )
+        chain = {pair for d in set(dirs.values()) for pair in ancestors(d)}
+        await cur.executemany(
+            "INSERT INTO catalog_dirs VALUES (%s, %s) ON CONFLICT DO NOTHING", sorted(chain)
+        )
 
 
 class PgCatalog:
-    """The :class:`server.catalog.Catalog` in the ``videos`` table."""
+    """The :class:`server.catalog.Catalog` in the same tables as SQLite's."""
 
     def __init__(self, db: PgDatabase) -> None:
         self._pool = db.pool
 
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, Seen]:
+    async def _fetch(self, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
         async with self._pool.connection() as conn:
-            cursor = await conn.execute(
-                "SELECT path, size_bytes, mtime_ns, last_seen_ns FROM videos WHERE path = ANY(%s)",
-                (list(paths),),
-            )
-            rows = await cursor.fetchall()
-        return {bytes(p): Seen(FileStamp(s, m), seen) for p, s, m, seen in rows}
+            return await (await conn.execute(pg(sql), args)).fetchall()
 
-    async def commit(
-        self, job_id: str, probed: Sequence[Video], seen: Sequence[bytes], now_ns: int
-    ) -> None:
-        rows = [video_row(v, job_id, now_ns) for v in probed]
-        touched = [(now_ns, p) for p in seen]
-        if not rows and not touched:
-            return
+    async def read_directory(self, directory: bytes) -> DirectoryRows:
+        async with self._pool.connection() as conn:
+            videos = await (await conn.execute(_VIDEOS_OF_DIR, (directory,))).fetchall()
+            failures = await (await conn.execute(_FAILURES_OF_DIR, (directory,))).fetchall()
+            subdirs = await (await conn.execute(_SUBDIRS, (directory,))).fetchall()
+        return DirectoryRows(
+            {bytes(r[0]): row_known(r) for r in videos},
+            {bytes(r[0]): row_failure(r) for r in failures},
+            frozenset(bytes(r[0]) for r in subdirs),
+        )
+
+    async def find_identities(self, identities: Sequence[tuple[int, int]]) -> list[Known]:
+        if not identities:
+            return []
+        rows = await self._fetch(
+            f"SELECT {KNOWN_COLUMNS} FROM videos WHERE (device, inode) IN"  # noqa: S608 - constant
+            " (SELECT * FROM unnest(?::bigint[], ?::bigint[]))",
+            ([d for d, _ in identities], [i for _, i in identities]),
+        )
+        return [row_known(r) for r in rows]
+
+    async def live_below(self, directory: bytes, device: int) -> tuple[int, int]:
+        rows = await self._fetch(
+            "SELECT count(*), count(*) FILTER (WHERE device = ?) FROM videos"
+            " WHERE path >= ? AND path < ? AND missing_ns IS NULL",
+            (device, *below(directory)),
+        )
+        return rows[0][0], rows[0][1]
+
+    async def commit(self, changes: DirectoryChanges) -> ScanCounts:
+        steps = commit_steps(changes)
+        counters: dict[str, int] = {}
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            if rows:
-                await cur.executemany(_UPSERT, rows)
-            if touched:
-                await cur.executemany(
-                    "UPDATE videos SET last_seen_ns = %s WHERE path = %s", touched
-                )
+            for step in steps:
+                await cur.executemany(pg(step.sql), step.rows)  # rowcount: the sum over rows
+                if step.counter:
+                    touched = max(cur.rowcount, 0)
+                    counters[step.counter] = counters.get(step.counter, 0) + touched
+            counts, row = counts_row(changes, counters)
+            await cur.execute(pg(COUNTS_UPSERT), row)
+        return counts
+
+    async def job_counts(self, job_id: str) -> ScanCounts:
+        rows = await self._fetch(
+            "SELECT added, updated, unchanged, moved, restored, failed, removed"
+            " FROM job_counts WHERE job_id = ?",
+            (job_id,),
+        )
+        return ScanCounts(*rows[0]) if rows else ScanCounts()
 
     async def list_videos(
-        self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str
+        self,
+        *,
+        path_prefix: bytes,
+        job_id: str,
+        page_size: int,
+        page_token: str,
+        include_missing: bool = False,
+        roots: Sequence[bytes] = (),
     ) -> VideoPage:
         after = decode_page_token(page_token) if page_token else b""
-        sql = (
-            "SELECT * FROM videos WHERE path > %s AND path >= %s"
-            " AND substring(path FROM 1 FOR %s) = %s AND (%s = '' OR job_id = %s)"
-            " ORDER BY path LIMIT %s"
+        extra = " AND (?::text = '' OR job_id = ?)" + (
+            "" if include_missing else " AND missing_ns IS NULL"
         )
-        args = (after, path_prefix, len(path_prefix), path_prefix, job_id, job_id, page_size + 1)
-        async with self._pool.connection() as conn:
-            rows = await (await conn.execute(sql, args)).fetchall()
-        videos = [row_video(tuple(r)) for r in rows]
+        sql, args = listing(
+            "videos", "*", after=after, path_prefix=path_prefix, roots=roots, extra=extra
+        )
+        rows = await self._fetch(
+            sql.replace("substr(", "substring("), [*args, job_id, job_id, page_size + 1]
+        )
+        videos = [row_video(r) for r in rows]
         page = videos[:page_size]
         return page, encode_page_token(page[-1].path) if len(videos) > page_size else ""
 
+    async def list_failures(
+        self, *, path_prefix: bytes, page_size: int, page_token: str, roots: Sequence[bytes] = ()
+    ) -> FailurePage:
+        after = decode_page_token(page_token) if page_token else b""
+        sql, args = listing(
+            "file_errors", FAILURE_COLUMNS, after=after, path_prefix=path_prefix, roots=roots
+        )
+        rows = await self._fetch(sql.replace("substr(", "substring("), [*args, page_size + 1])
+        failures = [row_failure(r) for r in rows]
+        page = failures[:page_size]
+        return page, encode_page_token(page[-1].path) if len(failures) > page_size else ""
+
+    async def purge_missing(self, before_ns: int) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute("DELETE FROM videos WHERE missing_ns < %s", (before_ns,))
+            await conn.execute(_PRUNE_DIRS)
+            await conn.execute("DELETE FROM job_counts WHERE time_ns < %s", (before_ns,))
+            return cursor.rowcount
+
+    async def purge_outside(self, roots: Sequence[bytes]) -> int:
+        keep = " OR ".join("(path >= %s AND path < %s)" for _ in roots) or "true"
+        args = [bound for root in roots for bound in below(root)]
+        count = 0
+        async with self._pool.connection() as conn, conn.transaction():
+            for table in ("videos", "file_errors"):
+                sql = f"DELETE FROM {table} WHERE NOT ({keep})"  # noqa: S608 - names are ours
+                count += (await conn.execute(sql, args)).rowcount
+            await conn.execute(_PRUNE_DIRS)
+        return count
+
     async def close(self) -> None:
         """Nothing of its own to close: the :class:`PgDatabase` is closed by its owner."""
+
+
+_VIDEOS_OF_DIR = f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = %s"  # noqa: S608 - constant
+_FAILURES_OF_DIR = f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = %s"  # noqa: S608 - constant
+_SUBDIRS = "SELECT path FROM catalog_dirs WHERE parent = %s"
+# Directories with nothing catalogued below them any more.
+_PRUNE_DIRS = """
+DELETE FROM catalog_dirs d WHERE NOT EXISTS (
+    SELECT 1 FROM videos v WHERE v.path > d.path || '\\x2f'::bytea
+    AND v.path < d.path || '\\x30'::bytea)
+AND NOT EXISTS (
+    SELECT 1 FROM file_errors f WHERE f.path > d.path || '\\x2f'::bytea
+    AND f.path < d.path || '\\x30'::bytea)
+"""

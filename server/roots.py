@@ -10,11 +10,13 @@ import errno
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from .fsopen import open_beneath, real_path
+from .jobs import Job, JobState
 
-__all__ = ["MAX_PATH_BYTES", "Folder", "RootPolicy"]
+__all__ = ["MAX_PATH_BYTES", "Folder", "RootPolicy", "jobs_within_roots"]
 
 MAX_PATH_BYTES = 4096
 _ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -134,6 +136,11 @@ class RootPolicy:
         # normpath folds "//", "." and "..": "/media/../etc" becomes "/etc" before the root check.
         return "/" + os.path.normpath(raw).lstrip("/")
 
+    def listed(self) -> tuple[bytes, ...]:
+        """The roots as catalogued paths may start: as given and resolved. Listings show only
+        what lies below one of them, whatever an earlier configuration catalogued."""
+        return tuple(os.fsencode(r) for r in self._lexical)
+
     def allows(self, real_path: bytes) -> bool:
         """True if an already resolved path lies inside a root."""
         return self.root_of(real_path) is not None
@@ -181,3 +188,35 @@ def _is_file(real: bytes) -> bool:
         return not os.path.isdir(real) and os.path.lexists(real)
     except OSError:
         return False
+
+
+class _JobLister(Protocol):
+    async def list_jobs(
+        self, *, state: JobState | None, page_size: int, page_token: str
+    ) -> tuple[list[Job], str]: ...
+
+
+_MAX_PAGE_READS = 20
+
+
+async def jobs_within_roots(
+    queue: _JobLister, roots: RootPolicy, *, state: JobState | None, page_size: int,
+    page_token: str,
+) -> tuple[list[Job], str]:  # fmt: skip
+    """A page of the queue's jobs, keeping only those whose path lies under the roots.
+
+    Jobs of roots that a restart removed (or of replicas with other roots) stay hidden. The
+    queue is asked for exactly the jobs still missing, so that its token resumes right after
+    the last job read; a page may come back short, with a token, when many jobs are hidden.
+    """
+    allowed = roots.listed()
+    jobs: list[Job] = []
+    token = page_token
+    for _ in range(_MAX_PAGE_READS):
+        page, token = await queue.list_jobs(
+            state=state, page_size=page_size - len(jobs), page_token=token
+        )
+        jobs += [j for j in page if _inside(j.spec.path, [os.fsdecode(r) for r in allowed])]
+        if not token or len(jobs) >= page_size:
+            break
+    return jobs, token

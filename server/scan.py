@@ -1,11 +1,11 @@
-"""The scan job: walk a directory, probe new or changed videos, and catalog them.
+"""The scan job: walk a directory, reconcile each directory it lists with the catalog.
 
 ::
 
-    walk (thread, by descriptor) -> bounded batches -> lanes, each: look up stamps in the catalog
-    -> probe what changed (one worker round trip) -> commit the batch -> report progress
+    walk (thread, by descriptor) -> one listing per directory, a bounded number ahead -> lanes,
+    each reconciles one directory at a time (server.reconcile) -> report progress
 
-The walk streams: it never holds the tree in memory, only a few batches of candidates.
+The walk streams: it never holds the tree in memory, only a few directories' listings.
 Progress counts only what is committed, so what a job reports is what the catalog holds.
 """
 
@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .catalog import Catalog, Video
+from .catalog import Catalog, ScanCounts
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
-from .probe import ProbeFailure, ProbeOutcome, Prober
+from .probe import Prober
 from .queue import JobContext
+from .reconcile import DirectoryScan
 from .roots import RootPolicy
-from .walk import Candidate, WalkError, WalkItem, walk
+from .walk import Candidate, Listing, WalkError, listings, walk
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -39,28 +40,27 @@ DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"}
 
 
 class _Feed:
-    """Runs a walk in a thread and hands its items to the event loop in bounded batches."""
+    """Runs a walk in a thread and hands its listings to the event loop, a bounded number
+    ahead."""
 
     def __init__(
         self,
-        items: Iterator[WalkItem],
+        listings: Iterator[Listing],
         stop: threading.Event,
-        batch_size: int,
-        on_arrival: Callable[[list[WalkItem] | None], None],
-        walk_ahead: int,
+        on_arrival: Callable[[Listing | None], None],
+        ahead: int,
     ) -> None:
-        self._items = items
+        self._listings = listings
         self._on_arrival = on_arrival
         self._stop = stop
-        self._batch_size = batch_size
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[list[WalkItem] | BaseException | None] = asyncio.Queue()
-        self._slots = threading.Semaphore(max(2, walk_ahead // batch_size))
+        self._queue: asyncio.Queue[Listing | BaseException | None] = asyncio.Queue()
+        self._slots = threading.Semaphore(max(2, ahead))
         self._thread = threading.Thread(target=self._produce, name="walk", daemon=True)
         self._thread.start()
 
-    async def next(self) -> list[WalkItem] | None:
-        """The next batch, or None once the walk ended (for every caller)."""
+    async def next(self) -> Listing | None:
+        """The next listing, or None once the walk ended (for every caller)."""
         item = await self._queue.get()
         if item is None:
             self._queue.put_nowait(None)
@@ -76,44 +76,29 @@ class _Feed:
         self._stop.set()
 
     def _produce(self) -> None:
-        batch: list[WalkItem] = []
         try:
-            for item in self._items:
-                batch.append(item)
-                if len(batch) >= self._batch_size:
-                    self._hand(batch)
-                    batch = []
-            if batch:
-                self._hand(batch)
-        except _Stopped:
-            pass
+            for listing in self._listings:
+                while not self._slots.acquire(timeout=0.05):
+                    if self._stop.is_set():
+                        return
+                self._deliver(listing)
         except Exception as exc:  # surfaced to the job on the loop
             self._deliver(exc)
         finally:
-            close = getattr(self._items, "close", None)
+            close = getattr(self._listings, "close", None)
             if close is not None:  # a walk holds descriptors: release them in this thread
                 close()
             self._deliver(None)
 
-    def _hand(self, batch: list[WalkItem]) -> None:
-        while not self._slots.acquire(timeout=0.05):
-            if self._stop.is_set():
-                raise _Stopped
-        self._deliver(batch)
-
-    def _deliver(self, item: list[WalkItem] | BaseException | None) -> None:
+    def _deliver(self, item: Listing | BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
             self._loop.call_soon_threadsafe(self._arrive, item)
 
-    def _arrive(self, item: list[WalkItem] | BaseException | None) -> None:
+    def _arrive(self, item: Listing | BaseException | None) -> None:
         """On the loop: queue what the walk found and say so (found counts, end of walk)."""
         self._queue.put_nowait(item)
         if not isinstance(item, BaseException):
             self._on_arrival(item)
-
-
-class _Stopped(Exception):
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,16 +107,17 @@ class ScanConfig:
 
     Attributes:
         extensions: lower-case file extensions, with the dot, that mark a video.
-        batch_size: files per catalog round trip (one look-up, one commit).
+        batch_size: files probed and committed together within a directory.
         probe_batch: files per round trip to a probe worker; a batch's chunks are probed
             in parallel.
-        lanes: batches in flight at once.
+        lanes: directories in flight at once.
         seen_resolution_ns: how stale an unchanged file's last-seen time may get before a
             rescan writes it again; a rescan within it writes nothing for unchanged files.
         max_errors: per-file errors kept per job; the rest are only counted.
-        walk_ahead: files the walk may find before the probes catch up: enough to know the
-            total of most libraries early (for a real ETA), while a huge tree still costs
-            bounded memory.
+        walk_ahead: files the walk may find before the probes catch up (counted as
+            ``walk_ahead // batch_size`` directories): enough to know the total of most
+            libraries early (for a real ETA), while a huge tree still costs bounded memory.
+        missing_retention_ns: how long a missing video is kept before a scan purges it.
     """
 
     extensions: frozenset[str] = DEFAULT_EXTENSIONS
@@ -141,46 +127,58 @@ class ScanConfig:
     seen_resolution_ns: int = 3600 * 10**9
     max_errors: int = 50
     walk_ahead: int = 20_000
+    missing_retention_ns: int = 30 * 24 * 3600 * 10**9
 
 
 @dataclass(slots=True)
 class _Tally:
-    """Running counts of one job; every update is reported at once."""
+    """Running counts of one job, as committed; every update is reported at once."""
 
     ctx: JobContext
     max_errors: int
     found: int = 0
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    failed: int = 0
+    counts: ScanCounts = field(default_factory=ScanCounts)
     walking: bool = True
     current: str = ""
     errors: list[FileError] = field(default_factory=list)
     error_count: int = 0
 
-    def walked(self, items: list[WalkItem] | None) -> None:
-        """The walk found ``items``, or (None) ended."""
-        if items is None:
+    def walked(self, listing: Listing | None) -> None:
+        """The walk listed a directory, or (None) ended."""
+        if listing is None:
             self.walking = False
         else:
-            self.found += len(items)
+            self.found += len(listing.entry_items())
         self.report()
 
-    def fail(self, path: bytes, message: str) -> None:
-        self.failed += 1
+    def note(self, path: bytes, message: str) -> None:
+        """A per-file (or per-directory) error."""
         self.error_count += 1
         if len(self.errors) < self.max_errors:
             self.errors.append(FileError(display_path(path), message))
 
+    def committed(
+        self, counts: ScanCounts, errors: Sequence[tuple[bytes, str]], current: bytes
+    ) -> None:
+        """A directory's commit landed, with these counts and errors."""
+        self.counts = self.counts + counts
+        for path, message in errors:
+            self.note(path, message)
+        self.current = display_path(current)
+        self.report()
+
     def result(self) -> ScanResult:
+        c = self.counts
         return ScanResult(
-            added=self.added,
-            updated=self.updated,
-            unchanged=self.unchanged,
-            failed=self.failed,
+            added=c.added,
+            updated=c.updated,
+            unchanged=c.unchanged,
+            failed=c.failed,
             errors=tuple(self.errors),
             error_count=self.error_count,
+            moved=c.moved,
+            restored=c.restored,
+            removed=c.removed,
         )
 
     def report(self) -> None:
@@ -194,20 +192,6 @@ class _Tally:
         self.ctx.report(progress, result)
 
 
-@dataclass(slots=True)
-class _Batch:
-    """One batch on its way through a lane."""
-
-    unchanged: int = 0
-    stale: list[bytes] = field(default_factory=list)
-    to_probe: list[Candidate] = field(default_factory=list)
-    probed: list[Video] = field(default_factory=list)
-    failures: list[tuple[bytes, str]] = field(default_factory=list)
-    new: set[bytes] = field(default_factory=set)
-    added: int = 0
-    updated: int = 0
-
-
 class Scanner:
     """The job handler of scan jobs.
 
@@ -216,7 +200,7 @@ class Scanner:
         prober: probes changed files.
         catalog: where results go.
         config: tunables.
-        clock_ns: wall clock in nanoseconds, for first/last-seen times.
+        clock_ns: wall clock in nanoseconds, for first/last-seen and missing times.
     """
 
     def __init__(
@@ -238,21 +222,29 @@ class Scanner:
     async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
         """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
         folder = await asyncio.to_thread(self._roots.locate, job.spec.path)
-        tally = _Tally(ctx, self._config.max_errors)
+        config = self._config
+        started_ns = self._clock_ns()
+        await self._catalog.purge_missing(started_ns - config.missing_retention_ns)
+        tally = _Tally(ctx, config.max_errors)
         tally.report()  # announces the DISCOVERING phase
+        directory_scan = DirectoryScan(
+            self._catalog, self._prober, job.id, started_ns, job.spec.reprobe,
+            job.spec.recursive, self._roots, self._clock_ns,
+            config.seen_resolution_ns, config.batch_size, config.probe_batch, tally.committed,
+        )  # fmt: skip
         stop = threading.Event()
-        items = walk(
+        found = listings(
             folder,
             recursive=job.spec.recursive,
             extensions=self._extensions,
             roots=self._roots,
             stop=stop,
         )
-        feed = _Feed(items, stop, self._config.batch_size, tally.walked, self._config.walk_ahead)
+        feed = _Feed(found, stop, tally.walked, config.walk_ahead // config.batch_size)
         try:
             async with asyncio.TaskGroup() as lanes:
-                for _ in range(self._config.lanes):
-                    lanes.create_task(self._lane(job.id, feed, tally, ctx))
+                for _ in range(config.lanes):
+                    lanes.create_task(_lane(directory_scan, feed, tally, ctx))
         except ExceptionGroup as group:
             # The first lane's failure ends the job, as itself: a domain error keeps its
             # reason (a full disk, a lost database) instead of hiding in a group.
@@ -261,75 +253,11 @@ class Scanner:
             feed.stop()
         return tally.result()
 
-    async def _lane(self, job_id: str, feed: _Feed, tally: _Tally, ctx: JobContext) -> None:
-        # The task cancel interrupts whatever a lane awaits; the token check between batches
-        # is the safety net should a library swallow that cancel.
-        while not ctx.cancelled and (items := await feed.next()) is not None:
-            batch = await self._prepare(items)
-            await self._probe(batch)
-            await self._commit(job_id, batch, tally, items[-1].path)
 
-    async def _prepare(self, items: Sequence[WalkItem]) -> _Batch:
-        batch = _Batch()
-        candidates = [i for i in items if isinstance(i, Candidate)]
-        batch.failures = [(i.path, i.message) for i in items if isinstance(i, WalkError)]
-        known = await self._catalog.lookup([c.path for c in candidates])
-        stale_before = self._clock_ns() - self._config.seen_resolution_ns
-        for candidate in candidates:
-            seen = known.get(candidate.path)
-            if seen is None:
-                batch.new.add(candidate.path)
-                batch.to_probe.append(candidate)
-            elif seen.stamp != candidate[1:3]:  # (size, mtime): tuples compare in C
-                batch.to_probe.append(candidate)
-            else:
-                batch.unchanged += 1
-                if seen.last_seen_ns < stale_before:
-                    batch.stale.append(candidate.path)
-        return batch
-
-    async def _probe(self, batch: _Batch) -> None:
-        todo, size = batch.to_probe, self._config.probe_batch
-        if not todo:
-            return
-        chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
-        results = await asyncio.gather(
-            *(self._prober.probe([c.target for c in chunk]) for chunk in chunks)
-        )
-        for chunk, outcomes in zip(chunks, results, strict=True):
-            for candidate, outcome in zip(chunk, outcomes, strict=True):
-                _sort_outcome(batch, candidate, outcome)
-
-    async def _commit(self, job_id: str, batch: _Batch, tally: _Tally, last: bytes) -> None:
-        write = asyncio.ensure_future(
-            self._catalog.commit(job_id, batch.probed, batch.stale, self._clock_ns())
-        )
-        try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:
-            # A commit is short: let it land so that the report matches the catalog.
-            await write
-            _count(tally, batch, last)
-            raise
-        _count(tally, batch, last)
-
-
-def _sort_outcome(batch: _Batch, candidate: Candidate, outcome: ProbeOutcome) -> None:
-    if isinstance(outcome, ProbeFailure):
-        batch.failures.append((candidate.path, outcome.message))
-        return
-    batch.probed.append(Video(candidate.path, candidate.stamp, outcome, 0, 0, ""))
-    if candidate.path in batch.new:
-        batch.added += 1
-    else:
-        batch.updated += 1
-
-
-def _count(tally: _Tally, batch: _Batch, last: bytes) -> None:
-    tally.added += batch.added
-    tally.updated += batch.updated
-    tally.unchanged += batch.unchanged
-    for path, message in batch.failures:
-        tally.fail(path, message)
-    tally.current = display_path(last)
-    tally.report()
+async def _lane(scan: DirectoryScan, feed: _Feed, tally: _Tally, ctx: JobContext) -> None:
+    # The task cancel interrupts whatever a lane awaits; the token check between directories
+    # is the safety net should a library swallow that cancel.
+    while not ctx.cancelled and (listing := await feed.next()) is not None:
+        if listing.error is not None:
+            tally.note(listing.error.path, listing.error.message)
+        await scan(listing)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from . import errors, intake
 from .auth import BearerTokens
-from .catalog import Catalog, Video
+from .catalog import Catalog, Failure, Video
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
 from .queue import JobQueue
 from .roots import RootPolicy
@@ -40,6 +39,7 @@ __all__ = [
     "ServiceInterceptor",
     "code_of",
     "event_to_proto",
+    "failure_to_proto",
     "job_to_proto",
     "spec_of",
     "state_of",
@@ -333,24 +333,35 @@ class ScanService(pb_grpc.ScanServiceServicer):
         return job_to_proto(await self._queue.cancel(intake.job_id(request.job_id)))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: _Context) -> pb.ListJobsResponse:
-        jobs, token = await self._queue.list_jobs(
-            state=state_of(request.state),
+        jobs, token = await intake.list_jobs(
+            self._queue, self._roots, state=state_of(request.state),
             page_size=intake.page_size(request.page_size, default=50),
             page_token=request.page_token,
-        )
+        )  # fmt: skip
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def ListVideos(
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
-        videos, token = await self._catalog.list_videos(
-            path_prefix=os.fsencode(request.path_prefix),
-            job_id=request.job_id,
+        videos, token = await intake.list_videos(
+            self._catalog, self._roots, path_prefix=request.path_prefix, job_id=request.job_id,
             page_size=intake.page_size(request.page_size, default=100),
-            page_token=request.page_token,
-        )
+            page_token=request.page_token, include_missing=request.include_missing,
+        )  # fmt: skip
         return pb.ListVideosResponse(
             videos=[video_to_proto(v) for v in videos], next_page_token=token
+        )
+
+    async def ListFileErrors(
+        self, request: pb.ListFileErrorsRequest, context: _Context
+    ) -> pb.ListFileErrorsResponse:
+        failures, token = await intake.list_file_errors(
+            self._catalog, self._roots, path_prefix=request.path_prefix,
+            page_size=intake.page_size(request.page_size, default=100),
+            page_token=request.page_token,
+        )  # fmt: skip
+        return pb.ListFileErrorsResponse(
+            file_errors=[failure_to_proto(f) for f in failures], next_page_token=token
         )
 
     async def WatchJob(  # type: ignore[override]
@@ -400,6 +411,7 @@ def spec_of(request: pb.SubmitScanRequest) -> JobSpec:
         recursive=request.recursive if request.HasField("recursive") else True,
         timeout_s=timeout_s,
         request_id=request.request_id,
+        reprobe=request.reprobe,
     )
 
 
@@ -470,11 +482,15 @@ def job_to_proto(job: Job) -> pb.Job:
             failed=result.failed,
             errors=[pb.FileError(path=e.path, message=e.message) for e in result.errors],
             error_count=result.error_count,
+            removed=result.removed,
+            moved=result.moved,
+            restored=result.restored,
         ),
         error=job.error,
         timeout=_seconds(job.timeout_s),
         request_id=job.spec.request_id,
         attempts=job.attempts,
+        reprobe=job.spec.reprobe,
     )
 
 
@@ -501,4 +517,17 @@ def video_to_proto(video: Video) -> pb.Video:
         first_seen_time=_ns_timestamp(video.first_seen_ns),
         last_seen_time=_ns_timestamp(video.last_seen_ns),
         job_id=video.job_id,
+        missing_time=_ns_timestamp(video.missing_ns) if video.missing_ns is not None else None,
+    )
+
+
+def failure_to_proto(failure: Failure) -> pb.FileError:
+    """The wire form of a remembered failure."""
+    return pb.FileError(
+        path=display_path(failure.path),
+        message=failure.message,
+        size_bytes=failure.stamp.size_bytes,
+        mtime=_ns_timestamp(failure.stamp.mtime_ns),
+        job_id=failure.job_id,
+        error_time=_ns_timestamp(failure.time_ns),
     )

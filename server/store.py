@@ -16,17 +16,32 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 from .catalog import (
-    FileStamp,
-    Seen,
+    DirectoryChanges,
+    DirectoryRows,
+    Failure,
+    FailurePage,
+    Known,
+    ScanCounts,
     Video,
     VideoPage,
+    below,
     decode_page_token,
     encode_page_token,
+    parent_dir,
+)
+from .catalog_sql import (
+    COUNTS_UPSERT,
+    FAILURE_COLUMNS,
+    KNOWN_COLUMNS,
+    commit_steps,
+    counts_row,
+    listing,
+    row_failure,
+    row_video,
 )
 from .errors import StorageFault, StorageFull, StorageIOError
 from .jobs import (
@@ -39,11 +54,9 @@ from .jobs import (
     Progress,
     ScanResult,
 )
-from .probe import MediaInfo
 from .queue import StoredJob
 
 __all__ = [
-    "VIDEO_UPSERT",
     "Database",
     "DatabaseCorrupt",
     "DatabaseInUse",
@@ -52,9 +65,7 @@ __all__ = [
     "decode_job",
     "encode_job",
     "event_from_row",
-    "row_video",
     "time_ns",
-    "video_row",
 ]
 
 _T = TypeVar("_T")
@@ -114,6 +125,49 @@ _MIGRATIONS: tuple[str, ...] = (
     # 3: when each event was published.
     """
     ALTER TABLE job_events ADD COLUMN time_ns INTEGER;
+    """,
+    # 4: reconciliation: each video's directory and identity, tombstones, remembered
+    # failures, the catalogued directories, and each job's counts committed with its rows.
+    """
+    ALTER TABLE videos ADD COLUMN dir BLOB NOT NULL DEFAULT x'';
+    ALTER TABLE videos ADD COLUMN device INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE videos ADD COLUMN inode INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE videos ADD COLUMN missing_ns INTEGER;
+    UPDATE videos SET dir = scanjobs_parent(path);
+    CREATE INDEX videos_by_dir ON videos (dir);
+    CREATE INDEX videos_by_identity ON videos (device, inode);
+    CREATE INDEX videos_missing ON videos (missing_ns) WHERE missing_ns IS NOT NULL;
+    CREATE TABLE file_errors (
+        path       BLOB PRIMARY KEY,
+        dir        BLOB NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        mtime_ns   INTEGER NOT NULL,
+        message    TEXT NOT NULL,
+        job_id     TEXT NOT NULL,
+        time_ns    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX file_errors_by_dir ON file_errors (dir);
+    CREATE TABLE catalog_dirs (
+        path   BLOB PRIMARY KEY,
+        parent BLOB NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX catalog_dirs_by_parent ON catalog_dirs (parent);
+    WITH RECURSIVE up(path) AS (
+        SELECT DISTINCT dir FROM videos
+        UNION SELECT scanjobs_parent(path) FROM up WHERE path <> x'2f'
+    )
+    INSERT INTO catalog_dirs SELECT path, scanjobs_parent(path) FROM up WHERE path <> x'2f';
+    CREATE TABLE job_counts (
+        job_id    TEXT PRIMARY KEY,
+        added     INTEGER NOT NULL,
+        updated   INTEGER NOT NULL,
+        unchanged INTEGER NOT NULL,
+        moved     INTEGER NOT NULL,
+        restored  INTEGER NOT NULL,
+        failed    INTEGER NOT NULL,
+        removed   INTEGER NOT NULL,
+        time_ns   INTEGER NOT NULL
+    ) WITHOUT ROWID;
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -251,6 +305,7 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
+    conn.create_function("scanjobs_parent", 1, parent_dir, deterministic=True)
     (version,) = conn.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
         raise sqlite3.DatabaseError(
@@ -262,112 +317,167 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 # -- the catalog -----------------------------------------------------------------------------
 
-VIDEO_UPSERT = """
-INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
-ON CONFLICT (path) DO UPDATE SET
-    size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns,
-    container = excluded.container, duration_s = excluded.duration_s,
-    bit_rate = excluded.bit_rate, video_codec = excluded.video_codec,
-    width = excluded.width, height = excluded.height,
-    frame_rate_num = excluded.frame_rate_num, frame_rate_den = excluded.frame_rate_den,
-    audio_codec = excluded.audio_codec, audio_streams = excluded.audio_streams,
-    subtitle_streams = excluded.subtitle_streams, data_streams = excluded.data_streams,
-    last_seen_ns = excluded.last_seen_ns, job_id = excluded.job_id
-"""
 _LOOKUP_CHUNK = 500
 
 
 class SqliteCatalog:
-    """The :class:`server.catalog.Catalog` in the ``videos`` table."""
+    """The :class:`server.catalog.Catalog` in the ``videos``, ``file_errors``,
+    ``catalog_dirs`` and ``job_counts`` tables."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def lookup(self, paths: Sequence[bytes]) -> dict[bytes, Seen]:
-        def query(conn: sqlite3.Connection) -> dict[bytes, Seen]:
-            found: dict[bytes, Seen] = {}
-            for start in range(0, len(paths), _LOOKUP_CHUNK):
-                chunk = paths[start : start + _LOOKUP_CHUNK]
-                marks = ",".join("?" * len(chunk))
-                sql = (
-                    "SELECT path, size_bytes, mtime_ns, last_seen_ns FROM videos"  # noqa: S608 - only placeholders are interpolated
-                    f" WHERE path IN ({marks})"
-                )
-                for path, size, mtime, last_seen in conn.execute(sql, chunk).fetchall():
-                    found[path] = Seen(FileStamp(size, mtime), last_seen)
-            return found
+    async def read_directory(self, directory: bytes) -> DirectoryRows:
+        def query(conn: sqlite3.Connection) -> DirectoryRows:
+            videos = conn.execute(
+                f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = ?",  # noqa: S608 - constant
+                (directory,),
+            ).fetchall()
+            failures = conn.execute(
+                f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?",  # noqa: S608 - constant
+                (directory,),
+            ).fetchall()
+            subdirs = conn.execute(
+                "SELECT path FROM catalog_dirs WHERE parent = ?", (directory,)
+            ).fetchall()
+            return DirectoryRows(
+                {r[0]: Known._make(r) for r in videos},
+                {r[0]: row_failure(r) for r in failures},
+                frozenset(r[0] for r in subdirs),
+            )
 
         return await self._db.run(query)
 
-    async def commit(
-        self, job_id: str, probed: Sequence[Video], seen: Sequence[bytes], now_ns: int
-    ) -> None:
-        rows = [video_row(v, job_id, now_ns) for v in probed]
-        touched = [(now_ns, p) for p in seen]
-        if not rows and not touched:
-            return
+    async def find_identities(self, identities: Sequence[tuple[int, int]]) -> list[Known]:
+        def query(conn: sqlite3.Connection) -> list[Known]:
+            found: list[Known] = []
+            sql = f"SELECT {KNOWN_COLUMNS} FROM videos WHERE device = ? AND inode = ?"  # noqa: S608 - constant
+            for identity in identities:
+                found.extend(Known._make(r) for r in conn.execute(sql, identity))
+            return found
 
-        def write(conn: sqlite3.Connection) -> None:
+        return await self._db.run(query) if identities else []
+
+    async def live_below(self, directory: bytes, device: int) -> tuple[int, int]:
+        def query(conn: sqlite3.Connection) -> tuple[int, int]:
+            total, on_device = conn.execute(
+                "SELECT count(*), coalesce(sum(device = ?), 0) FROM videos"
+                " WHERE path >= ? AND path < ? AND missing_ns IS NULL",
+                (device, *below(directory)),
+            ).fetchone()
+            return total, on_device
+
+        return await self._db.run(query)
+
+    async def commit(self, changes: DirectoryChanges) -> ScanCounts:
+        steps = commit_steps(changes)
+
+        def write(conn: sqlite3.Connection) -> ScanCounts:
+            counters: dict[str, int] = {}
             with conn:
-                conn.executemany(VIDEO_UPSERT, rows)
-                conn.executemany("UPDATE videos SET last_seen_ns = ? WHERE path = ?", touched)
+                for step in steps:
+                    touched = conn.executemany(step.sql, step.rows).rowcount
+                    if step.counter:
+                        counters[step.counter] = counters.get(step.counter, 0) + touched
+                counts, row = counts_row(changes, counters)
+                conn.execute(COUNTS_UPSERT, row)
+            return counts
 
-        await self._db.run(write)
+        return await self._db.run(write)
+
+    async def job_counts(self, job_id: str) -> ScanCounts:
+        def query(conn: sqlite3.Connection) -> ScanCounts:
+            row = conn.execute(
+                "SELECT added, updated, unchanged, moved, restored, failed, removed"
+                " FROM job_counts WHERE job_id = ?",
+                (job_id,),
+            ).fetchone()
+            return ScanCounts(*row) if row else ScanCounts()
+
+        return await self._db.run(query)
 
     async def list_videos(
-        self, *, path_prefix: bytes, job_id: str, page_size: int, page_token: str
+        self,
+        *,
+        path_prefix: bytes,
+        job_id: str,
+        page_size: int,
+        page_token: str,
+        include_missing: bool = False,
+        roots: Sequence[bytes] = (),
     ) -> VideoPage:
         after = decode_page_token(page_token) if page_token else b""
+        extra = " AND (? = '' OR job_id = ?)"
+        if not include_missing:
+            extra += " AND missing_ns IS NULL"
+        sql, args = listing(
+            "videos", "*", after=after, path_prefix=path_prefix, roots=roots, extra=extra
+        )
+        args += [job_id, job_id, page_size + 1]
 
         def query(conn: sqlite3.Connection) -> list[Video]:
-            sql = (
-                "SELECT * FROM videos WHERE path > ? AND path >= ?"
-                " AND substr(path, 1, ?) = ? AND (? = '' OR job_id = ?)"
-                " ORDER BY path LIMIT ?"
-            )
-            args = (after, path_prefix, len(path_prefix), path_prefix, job_id, job_id)
-            return [row_video(r) for r in conn.execute(sql, (*args, page_size + 1))]
+            return [row_video(r) for r in conn.execute(sql, args)]
 
         videos = await self._db.run(query)
-        more = len(videos) > page_size
         page = videos[:page_size]
-        return page, encode_page_token(page[-1].path) if more else ""
+        return page, encode_page_token(page[-1].path) if len(videos) > page_size else ""
+
+    async def list_failures(
+        self, *, path_prefix: bytes, page_size: int, page_token: str, roots: Sequence[bytes] = ()
+    ) -> FailurePage:
+        after = decode_page_token(page_token) if page_token else b""
+        sql, args = listing(
+            "file_errors", FAILURE_COLUMNS, after=after, path_prefix=path_prefix, roots=roots
+        )
+        args.append(page_size + 1)
+
+        def query(conn: sqlite3.Connection) -> list[Failure]:
+            return [row_failure(r) for r in conn.execute(sql, args)]
+
+        failures = await self._db.run(query)
+        page = failures[:page_size]
+        return page, encode_page_token(page[-1].path) if len(failures) > page_size else ""
+
+    async def purge_missing(self, before_ns: int) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            with conn:
+                count = conn.execute(
+                    "DELETE FROM videos WHERE missing_ns < ?", (before_ns,)
+                ).rowcount
+                conn.execute(_PRUNE_DIRS)
+                conn.execute("DELETE FROM job_counts WHERE time_ns < ?", (before_ns,))
+            return count
+
+        return await self._db.run(write)
+
+    async def purge_outside(self, roots: Sequence[bytes]) -> int:
+        keep = " OR ".join("(path >= ? AND path < ?)" for _ in roots) or "1"
+        args = [bound for root in roots for bound in below(root)]
+
+        def write(conn: sqlite3.Connection) -> int:
+            count = 0
+            with conn:
+                for table in ("videos", "file_errors"):
+                    sql = f"DELETE FROM {table} WHERE NOT ({keep})"  # noqa: S608 - names are ours
+                    count += conn.execute(sql, args).rowcount
+                conn.execute(_PRUNE_DIRS)
+            return count
+
+        return await self._db.run(write)
 
     async def close(self) -> None:
         """Nothing of its own to close: the :class:`Database` is closed by its owner."""
 
 
-def video_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
-    """The ``videos`` columns of a video, in table order."""
-    info = video.info
-    rate = info.frame_rate
-    return (
-        video.path, video.stamp.size_bytes, video.stamp.mtime_ns, info.container,
-        info.duration_s, info.bit_rate, info.video_codec, info.width, info.height,
-        rate.numerator if rate else None, rate.denominator if rate else None,
-        info.audio_codec, info.audio_streams, info.subtitle_streams, info.data_streams,
-        now_ns, now_ns, job_id,
-    )  # fmt: skip
-
-
-def row_video(row: tuple[Any, ...]) -> Video:
-    """Inverse of :func:`video_row`."""
-    (path, size, mtime, container, duration, bit_rate, vcodec, width, height, num, den,
-     acodec, audio_n, subs_n, data_n, first, last, job_id) = row  # fmt: skip
-    info = MediaInfo(
-        container=container,
-        duration_s=duration,
-        bit_rate=bit_rate,
-        video_codec=vcodec,
-        width=width,
-        height=height,
-        frame_rate=Fraction(num, den) if num is not None and den else None,
-        audio_codec=acodec,
-        audio_streams=audio_n,
-        subtitle_streams=subs_n,
-        data_streams=data_n,
-    )
-    return Video(bytes(path), FileStamp(size, mtime), info, first, last, job_id)
+# Directories with nothing catalogued below them any more.
+_PRUNE_DIRS = """
+DELETE FROM catalog_dirs WHERE NOT EXISTS (
+    SELECT 1 FROM videos WHERE videos.path > CAST(catalog_dirs.path || x'2f' AS BLOB)
+    AND videos.path < CAST(catalog_dirs.path || x'30' AS BLOB))
+AND NOT EXISTS (
+    SELECT 1 FROM file_errors WHERE file_errors.path > CAST(catalog_dirs.path || x'2f' AS BLOB)
+    AND file_errors.path < CAST(catalog_dirs.path || x'30' AS BLOB))
+"""
 
 
 # -- jobs and events -------------------------------------------------------------------------
@@ -481,7 +591,7 @@ def encode_job(job: Job) -> str:
     return json.dumps(
         {
             "id": job.id,
-            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id],
+            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe],
             "state": job.state.value,
             "times": [time_ns(job.create_time), time_ns(job.start_time), time_ns(job.end_time)],
             "timeout_s": job.timeout_s,
@@ -494,6 +604,7 @@ def encode_job(job: Job) -> str:
             "result": [
                 result.added, result.updated, result.unchanged, result.failed,
                 [[e.path, e.message] for e in result.errors], result.error_count,
+                result.moved, result.restored, result.removed,
             ],
             "error": job.error,
         },
@@ -506,7 +617,8 @@ def decode_job(text: str) -> Job:
     d = json.loads(text)
     created, started, ended = d["times"]
     phase, found, done, current = d["progress"]
-    added, updated, unchanged, failed, errors, error_count = d["result"]
+    # Snapshots written before reconciliation have no moved, restored and removed.
+    added, updated, unchanged, failed, errors, error_count, *reconciled = d["result"]
     return Job(
         id=d["id"],
         spec=JobSpec(*d["spec"]),
@@ -519,7 +631,13 @@ def decode_job(text: str) -> Job:
         attempts=d["attempts"],
         progress=Progress(Phase(phase), found, done, current),
         result=ScanResult(
-            added, updated, unchanged, failed, tuple(FileError(*e) for e in errors), error_count
+            added,
+            updated,
+            unchanged,
+            failed,
+            tuple(FileError(*e) for e in errors),
+            error_count,
+            *reconciled,
         ),
         error=d["error"],
     )

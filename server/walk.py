@@ -7,7 +7,8 @@ folder, never a way out. Only one folder is open at a time, however wide or deep
 pending folders wait as names, not descriptors.
 
 :meth:`Tree.list` lists one folder completely and says whether it could (what reconciling a
-folder with the catalog needs); :func:`walk` streams the items of every folder below one.
+folder with the catalog needs); :func:`listings` streams the listing of every folder below
+one, :func:`walk` their items.
 """
 
 from __future__ import annotations
@@ -26,7 +27,16 @@ from .fsopen import open_beneath, real_path
 from .probe import ProbeTarget
 from .roots import Folder, RootPolicy
 
-__all__ = ["OUTSIDE_ROOTS", "Candidate", "Listing", "Tree", "WalkError", "WalkItem", "walk"]
+__all__ = [
+    "OUTSIDE_ROOTS",
+    "Candidate",
+    "Listing",
+    "Tree",
+    "WalkError",
+    "WalkItem",
+    "listings",
+    "walk",
+]
 
 OUTSIDE_ROOTS = "symlink points outside the allowed roots"
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
@@ -82,12 +92,44 @@ class Listing:
         folders: its sub-folders, relative to the walk's folder.
         complete: True only if the folder was opened and read to its end; what is missing
             from an incomplete listing may still exist.
+        device: the device the folder is on (``st_dev``): an empty mount point is on another
+            device than the videos catalogued below it.
+        entries: how many entries of any kind it holds.
     """
 
     path: bytes
     items: list[WalkItem] = field(default_factory=list)
     folders: list[bytes] = field(default_factory=list)
     complete: bool = False
+    device: int = 0
+    entries: int = 0
+
+    @property
+    def files(self) -> list[Candidate]:
+        """Its video files (a new list each time: read it once)."""
+        return [i for i in self.items if type(i) is Candidate]
+
+    @property
+    def errors(self) -> list[WalkError]:
+        """Its entries that could not be read, not the folder's own error (a new list each
+        time: read it once)."""
+        return [i for i in self.entry_items() if type(i) is WalkError]
+
+    @property
+    def error(self) -> WalkError | None:
+        """Why the folder itself could not be read (completely), if it could not: the last
+        item of an incomplete listing."""
+        last = self.items[-1] if self.items and not self.complete else None
+        return last if isinstance(last, WalkError) else None
+
+    def entry_items(self) -> list[WalkItem]:
+        """Its items without the folder's own error."""
+        return self.items if self.complete else self.items[:-1]
+
+    @property
+    def subdirs(self) -> list[bytes]:
+        """Its sub-folders, as the catalog names them."""
+        return [self.path + b"/" + os.path.basename(f) for f in self.folders]
 
 
 class Tree:
@@ -127,6 +169,7 @@ class Tree:
             listing.items.append(WalkError(path, _unreadable_folder(exc)))
             return listing
         try:
+            listing.device = os.fstat(fd).st_dev
             self._read(fd, listing, relative, beneath)
             listing.complete = True
         except OSError as exc:
@@ -140,8 +183,10 @@ class Tree:
         prefix = listing.path + b"/"
         sub = relative + b"/" if relative else b""
         under = beneath + b"/" if beneath != b"." else b""
+        count = 0
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
+                count += 1
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(sub + entry.name.encode(_ENCODING, _ERRORS))
@@ -154,6 +199,7 @@ class Tree:
                     item = self._candidate(entry, fd, prefix, under)
                     if item is not None:
                         items.append(item)
+        listing.entries = count
 
     def _candidate(
         self, entry: os.DirEntry[str], fd: int, prefix: bytes, under: bytes
@@ -219,15 +265,16 @@ def _unreadable_folder(exc: OSError) -> str:
     return f"cannot read directory: {exc.strerror}"
 
 
-def walk(
+def listings(
     folder: Folder,
     *,
     recursive: bool,
     extensions: frozenset[bytes],
     roots: RootPolicy,
     stop: threading.Event | None = None,
-) -> Iterator[WalkItem]:
-    """Yield video files below ``folder``, folder by folder, without following folder symlinks.
+) -> Iterator[Listing]:
+    """Yield the listing of ``folder`` and (if ``recursive``) of every folder below it, without
+    following folder symlinks.
 
     A file symlink is followed only when no step of its resolution leaves the roots. FIFOs,
     sockets and devices are skipped without being opened. Memory holds one folder's listing
@@ -239,6 +286,22 @@ def walk(
             if stop is not None and stop.is_set():
                 return
             listing = tree.list(pending.pop())
-            yield from listing.items
             if recursive:
-                pending.extend(listing.folders)
+                pending.extend(reversed(listing.folders))  # listed in listing order
+            yield listing
+
+
+def walk(
+    folder: Folder,
+    *,
+    recursive: bool,
+    extensions: frozenset[bytes],
+    roots: RootPolicy,
+    stop: threading.Event | None = None,
+) -> Iterator[WalkItem]:
+    """Yield the video files (and per-entry errors) below ``folder``, folder by folder; see
+    :func:`listings`."""
+    for listing in listings(
+        folder, recursive=recursive, extensions=extensions, roots=roots, stop=stop
+    ):
+        yield from listing.items

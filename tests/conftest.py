@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -65,10 +66,17 @@ ServeFactory = Callable[..., Awaitable[Running]]
 
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
-    """Start servers on demand: ``await serve(root, misbehaving=True, workers=1)``."""
+    """Start servers on demand: ``await serve(root, misbehaving=True, workers=1)``; overrides
+    are Config fields (``data_dir`` and ``roots`` too)."""
     running: list[Running] = []
 
-    async def _serve(root: Path, *, misbehaving: bool = False, **overrides: Any) -> Running:
+    async def _serve(
+        root: Path,
+        *,
+        misbehaving: bool = False,
+        clock_ns: Callable[[], int] = time.time_ns,
+        **overrides: Any,
+    ) -> Running:
         data_dir = overrides.pop("data_dir", tmp_path / f"data{len(running)}")
         config = make_config(root, data_dir, **overrides)
         pool = None
@@ -80,7 +88,7 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
                 memory_mib=config.probe_memory_mib,
                 user=config.probe_user,
             )
-        app = await start(config, probes=pool)
+        app = await start(config, probes=pool, clock_ns=clock_ns)
         address = f"127.0.0.1:{app.port}"
         channel = grpc.aio.insecure_channel(address)
         r = Running(app, pb_grpc.ScanServiceStub(channel), channel, address)

@@ -9,7 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from scanjobs.server.catalog import Catalog, FileStamp, InMemoryCatalog, Seen, Video
+from scanjobs.server import store as store_module
+from scanjobs.server.catalog import (
+    Catalog,
+    DirectoryChanges,
+    Failure,
+    FileStamp,
+    InMemoryCatalog,
+    Move,
+    ScanCounts,
+    Sighting,
+    Video,
+)
 from scanjobs.server.errors import InvalidArgument
 from scanjobs.server.pgstore import PgCatalog, PgDatabase
 from scanjobs.server.probe import MediaInfo
@@ -20,8 +31,31 @@ INFO = MediaInfo(
 )
 
 
-def video(path: bytes, size: int = 10, mtime: int = 1) -> Video:
-    return Video(path, FileStamp(size, mtime), INFO, 0, 0, "")
+def video(path: bytes, size: int = 10, mtime: int = 1, inode: int = 0) -> Video:
+    return Video(path, FileStamp(size, mtime), INFO, 0, 0, "", 7, inode)
+
+
+def changes(directory: bytes, now: int = 100, job: str = "j1", **kw: object) -> DirectoryChanges:
+    return DirectoryChanges(job, directory, now, **kw)  # type: ignore[arg-type]
+
+
+async def add(catalog: Catalog, *videos: Video, job: str = "j1", now: int = 100) -> None:
+    by_dir: dict[bytes, list[Video]] = {}
+    for v in videos:
+        by_dir.setdefault(v.path.rpartition(b"/")[0] or b"/", []).append(v)
+    for directory, probed in by_dir.items():
+        await catalog.commit(changes(directory, now, job, probed=probed))
+
+
+async def paths(catalog: Catalog, prefix: bytes = b"", **kw: object) -> list[bytes]:
+    page, _ = await catalog.list_videos(
+        path_prefix=prefix,
+        job_id="",
+        page_size=1000,
+        page_token="",
+        **kw,  # type: ignore[arg-type]
+    )
+    return [v.path for v in page]
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -39,32 +73,40 @@ async def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await db.close()
 
 
-async def test_commit_then_lookup_returns_stamps(catalog: Catalog) -> None:
-    await catalog.commit("j1", [video(b"/m/a.mp4", 10, 5), video(b"/m/b.mp4", 20, 6)], [], 100)
-    found = await catalog.lookup([b"/m/a.mp4", b"/m/missing.mp4", b"/m/b.mp4"])
-    assert found == {
-        b"/m/a.mp4": Seen(FileStamp(10, 5), 100),
-        b"/m/b.mp4": Seen(FileStamp(20, 6), 100),
-    }
+async def test_a_directory_read_gives_its_rows_only(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4", 10, 5), video(b"/m/b.mp4", 20, 6))
+    await add(catalog, video(b"/m/sub/c.mp4"), video(b"/m/sub/deeper/d.mp4"), video(b"/mx/e.mp4"))
+    rows = await catalog.read_directory(b"/m")
+    assert sorted(rows.videos) == [b"/m/a.mp4", b"/m/b.mp4"]
+    known = rows.videos[b"/m/a.mp4"]
+    assert (known.stamp, known.last_seen_ns, known.device, known.missing_ns) == (
+        FileStamp(10, 5),
+        100,
+        7,
+        None,
+    )
+    assert rows.subdirs == {b"/m/sub"}
+    assert (await catalog.read_directory(b"/m/sub")).subdirs == {b"/m/sub/deeper"}
+    assert (await catalog.read_directory(b"/")).subdirs == {b"/m", b"/mx"}
 
 
-async def test_lookup_handles_more_paths_than_one_statement_takes(catalog: Catalog) -> None:
-    paths = [f"/m/{n:05}.mp4".encode() for n in range(1200)]
-    await catalog.commit("j1", [video(p) for p in paths], [], 1)
-    assert len(await catalog.lookup(paths)) == 1200
+async def test_a_directory_read_takes_thousands_of_rows(catalog: Catalog) -> None:
+    await add(catalog, *(video(f"/m/{n:05}.mp4".encode()) for n in range(1200)))
+    assert len((await catalog.read_directory(b"/m")).videos) == 1200
 
 
 async def test_metadata_round_trips_exactly(catalog: Catalog) -> None:
-    await catalog.commit("j1", [video(b"/m/a.mkv")], [], 100)
+    await add(catalog, video(b"/m/a.mkv", inode=42))
     (got,), _ = await catalog.list_videos(path_prefix=b"", job_id="", page_size=10, page_token="")
     assert got.info == INFO
     assert (got.first_seen_ns, got.last_seen_ns, got.job_id) == (100, 100, "j1")
+    assert (got.device, got.inode, got.missing_ns) == (7, 42, None)
 
 
 async def test_recommit_keeps_first_seen_and_moves_last_seen(catalog: Catalog) -> None:
-    await catalog.commit("j1", [video(b"/m/a.mp4", 1)], [], 100)
-    await catalog.commit("j2", [video(b"/m/a.mp4", 2)], [], 200)
-    await catalog.commit("j3", [], [b"/m/a.mp4"], 300)  # seen unchanged: not probed by j3
+    await add(catalog, video(b"/m/a.mp4", 1), now=100)
+    await add(catalog, video(b"/m/a.mp4", 2), job="j2", now=200)
+    await catalog.commit(changes(b"/m", 300, "j3", seen=[Sighting(b"/m/a.mp4", 7, 9)]))
     (got,), _ = await catalog.list_videos(path_prefix=b"", job_id="", page_size=10, page_token="")
     assert (got.stamp.size_bytes, got.first_seen_ns, got.last_seen_ns, got.job_id) == (
         2,
@@ -72,12 +114,138 @@ async def test_recommit_keeps_first_seen_and_moves_last_seen(catalog: Catalog) -
         300,
         "j2",
     )
+    assert got.inode == 9
+
+
+async def test_missing_files_become_hidden_tombstones(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4"), video(b"/m/b.mp4"))
+    counts = await catalog.commit(changes(b"/m", 200, missing=[b"/m/a.mp4", b"/m/zz.mp4"]))
+    again = await catalog.commit(changes(b"/m", 300, missing=[b"/m/a.mp4"]))
+    assert (counts.removed, again.removed) == (1, 0)
+    assert await paths(catalog) == [b"/m/b.mp4"]
+    assert await paths(catalog, include_missing=True) == [b"/m/a.mp4", b"/m/b.mp4"]
+    assert (await catalog.read_directory(b"/m")).videos[b"/m/a.mp4"].missing_ns == 200
+
+
+async def test_a_gone_directory_tombstones_everything_below_it(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/s/a.mp4"), video(b"/m/s/t/b.mp4"), video(b"/m/st.mp4"))
+    await catalog.commit(
+        changes(b"/m/s/t", failures=[Failure(b"/m/s/t/bad.mp4", FileStamp(1, 1), "corrupt")])
+    )
+    counts = await catalog.commit(changes(b"/m", 200, gone_dirs=[b"/m/s"]))
+    assert counts.removed == 2
+    assert await paths(catalog) == [b"/m/st.mp4"]
+    failures, _ = await catalog.list_failures(path_prefix=b"", page_size=10, page_token="")
+    assert failures == []
+
+
+async def test_a_restore_clears_the_tombstone_without_a_probe(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4"))
+    await catalog.commit(changes(b"/m", 200, missing=[b"/m/a.mp4"]))
+    counts = await catalog.commit(changes(b"/m", 300, "j2", restored=[Sighting(b"/m/a.mp4", 8, 3)]))
+    (got,), _ = await catalog.list_videos(path_prefix=b"", job_id="", page_size=10, page_token="")
+    assert counts.restored == 1
+    assert (got.missing_ns, got.last_seen_ns, got.job_id, got.device) == (None, 300, "j1", 8)
+
+
+async def test_a_move_keeps_probe_data_and_first_seen(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4", inode=5), now=50)
+    assert [k.path for k in await catalog.find_identities([(7, 5), (7, 6)])] == [b"/m/a.mp4"]
+    counts = await catalog.commit(
+        changes(b"/n", 200, "j2", moved=[Move(b"/m/a.mp4", b"/n/b.mp4", 7, 5)])
+    )
+    (got,), _ = await catalog.list_videos(
+        path_prefix=b"", job_id="", page_size=10, page_token="", include_missing=True
+    )
+    assert counts.moved == 1
+    assert (got.path, got.info, got.first_seen_ns, got.last_seen_ns, got.job_id) == (
+        b"/n/b.mp4",
+        INFO,
+        50,
+        200,
+        "j1",
+    )
+    assert list((await catalog.read_directory(b"/n")).videos) == [b"/n/b.mp4"]
+    assert (await catalog.read_directory(b"/")).subdirs >= {b"/n"}
+
+
+async def test_a_move_of_a_file_this_job_marked_missing_is_not_removed(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4", inode=5), now=50)
+    first = await catalog.commit(changes(b"/m", 200, "j2", since_ns=150, missing=[b"/m/a.mp4"]))
+    second = await catalog.commit(
+        changes(b"/n", 210, "j2", since_ns=150, moved=[Move(b"/m/a.mp4", b"/n/a.mp4", 7, 5)])
+    )
+    assert (first.removed, second.removed, second.moved) == (1, -1, 1)
+    assert await catalog.job_counts("j2") == ScanCounts(moved=1)
+
+
+async def test_counts_are_committed_with_the_rows(catalog: Catalog) -> None:
+    await catalog.commit(
+        changes(b"/m", probed=[video(b"/m/a.mp4")], counts=ScanCounts(added=1, unchanged=4))
+    )
+    await catalog.commit(changes(b"/n", counts=ScanCounts(failed=2)))
+    assert await catalog.job_counts("j1") == ScanCounts(added=1, unchanged=4, failed=2)
+    assert await catalog.job_counts("other") == ScanCounts()
+
+
+async def test_failures_are_remembered_and_listed_by_prefix(catalog: Catalog) -> None:
+    bad = [Failure(f"/m/{n}.mp4".encode(), FileStamp(n, n), f"broken {n}") for n in range(5)]
+    await catalog.commit(changes(b"/m", 100, failures=bad))
+    await catalog.commit(
+        changes(b"/x", failures=[Failure(b"/x/y.mp4", FileStamp(1, 2), "unreadable")])
+    )
+    rows = await catalog.read_directory(b"/m")
+    assert rows.failures[b"/m/3.mp4"] == Failure(
+        b"/m/3.mp4", FileStamp(3, 3), "broken 3", "j1", 100
+    )
+    listed, token = [], ""
+    while True:
+        page, token = await catalog.list_failures(path_prefix=b"/m/", page_size=2, page_token=token)
+        listed += [f.path for f in page]
+        if not token:
+            break
+    assert listed == [f.path for f in bad]
+
+
+async def test_a_probed_file_is_no_longer_a_failure(catalog: Catalog) -> None:
+    await catalog.commit(changes(b"/m", failures=[Failure(b"/m/a.mp4", FileStamp(1, 1), "bad")]))
+    await add(catalog, video(b"/m/a.mp4"))
+    assert (await catalog.read_directory(b"/m")).failures == {}
+
+
+async def test_live_below_counts_videos_per_device(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/s/a.mp4"), video(b"/m/s/t/b.mp4"), video(b"/m/x.mp4"))
+    await catalog.commit(changes(b"/m/s", missing=[b"/m/s/a.mp4"]))
+    assert await catalog.live_below(b"/m/s", 7) == (1, 1)
+    assert await catalog.live_below(b"/m/s", 8) == (1, 0)
+    assert await catalog.live_below(b"/m/none", 7) == (0, 0)
+
+
+async def test_retention_purges_only_old_tombstones(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4"), video(b"/m/b.mp4"), video(b"/m/c.mp4"))
+    await catalog.commit(changes(b"/m", 200, missing=[b"/m/a.mp4"]))
+    await catalog.commit(changes(b"/m", 300, missing=[b"/m/b.mp4"]))
+    assert await catalog.purge_missing(250) == 1
+    assert await paths(catalog, include_missing=True) == [b"/m/b.mp4", b"/m/c.mp4"]
+
+
+async def test_listings_show_only_what_lies_under_the_roots(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4"), video(b"/m2/b.mp4"), video(b"/n/c.mp4"))
+    await catalog.commit(changes(b"/n", failures=[Failure(b"/n/x.mp4", FileStamp(1, 1), "bad")]))
+    assert await paths(catalog, roots=[b"/m"]) == [b"/m/a.mp4"]
+    assert await paths(catalog, roots=[b"/m", b"/n/"]) == [b"/m/a.mp4", b"/n/c.mp4"]
+    failures, _ = await catalog.list_failures(
+        path_prefix=b"", page_size=10, page_token="", roots=[b"/m"]
+    )
+    assert failures == []
+    assert await catalog.purge_outside([b"/m"]) == 3
+    assert await paths(catalog) == [b"/m/a.mp4"]
 
 
 async def test_non_utf8_paths_survive(catalog: Catalog) -> None:
     odd = b"/m/caf\xe9\xff.mp4"
-    await catalog.commit("j1", [video(odd)], [], 1)
-    assert await catalog.lookup([odd]) == {odd: Seen(FileStamp(10, 1), 1)}
+    await add(catalog, video(odd))
+    assert list((await catalog.read_directory(b"/m")).videos) == [odd]
     (got,), _ = await catalog.list_videos(
         path_prefix=b"/m/", job_id="", page_size=10, page_token=""
     )
@@ -85,8 +253,8 @@ async def test_non_utf8_paths_survive(catalog: Catalog) -> None:
 
 
 async def test_list_filters_by_prefix_and_job_and_pages(catalog: Catalog) -> None:
-    await catalog.commit("j1", [video(f"/m/a/{n}.mp4".encode()) for n in range(5)], [], 1)
-    await catalog.commit("j2", [video(b"/m/b/x.mp4"), video(b"/m/ab.mp4")], [], 1)
+    await add(catalog, *(video(f"/m/a/{n}.mp4".encode()) for n in range(5)))
+    await add(catalog, video(b"/m/b/x.mp4"), video(b"/m/ab.mp4"), job="j2")
 
     pages, token = [], ""
     while True:
@@ -113,10 +281,10 @@ async def test_malformed_page_token_is_invalid_argument(catalog: Catalog) -> Non
 
 async def test_sqlite_catalog_survives_reopening(tmp_path: Path) -> None:
     db = await Database.open(tmp_path / "c.db")
-    await SqliteCatalog(db).commit("j1", [video(b"/m/a.mp4")], [], 1)
+    await add(SqliteCatalog(db), video(b"/m/a.mp4"))
     await db.close()
     db = await Database.open(tmp_path / "c.db")
-    assert await SqliteCatalog(db).lookup([b"/m/a.mp4"]) == {b"/m/a.mp4": Seen(FileStamp(10, 1), 1)}
+    assert list((await SqliteCatalog(db).read_directory(b"/m")).videos) == [b"/m/a.mp4"]
     await db.close()
 
 
@@ -130,9 +298,7 @@ async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
 async def test_a_half_written_database_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "c.db"
     db = await Database.open(path)
-    await SqliteCatalog(db).commit(
-        "j1", [video(f"/m/{n}.mp4".encode()) for n in range(2000)], [], 1
-    )
+    await add(SqliteCatalog(db), *(video(f"/m/{n}.mp4".encode()) for n in range(2000)))
     await db.close()
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -147,3 +313,30 @@ async def test_a_database_from_a_newer_server_is_refused(tmp_path: Path) -> None
     conn.close()
     with pytest.raises(DatabaseCorrupt, match="newer"):
         await Database.open(path)
+
+
+async def test_a_catalog_from_before_reconciliation_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / "c.db"
+    conn = sqlite3.connect(path)
+    for script in store_module._MIGRATIONS[:3]:
+        conn.executescript(script)
+    row = (b"/m/s/a.mp4", 10, 1, *video_row_columns())
+    conn.execute("INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+
+    db = await Database.open(path)
+    catalog = SqliteCatalog(db)
+    rows = await catalog.read_directory(b"/m/s")
+    above = await catalog.read_directory(b"/m")
+    await db.close()
+
+    assert list(rows.videos) == [b"/m/s/a.mp4"]
+    assert rows.videos[b"/m/s/a.mp4"].missing_ns is None
+    assert above.subdirs == {b"/m/s"}
+
+
+def video_row_columns() -> tuple[object, ...]:
+    """The 15 columns after path, size and mtime in schema version 3."""
+    return ("mov", 1.0, 1000, "h264", 64, 48, 25, 1, "", 0, 0, 0, 100, 100, "j0")

@@ -53,7 +53,10 @@ async def test_scan_prints_the_result_and_exits_0(serve: ServeFactory, media: Pa
     r = await run_cli(s, "scan", str(media))
     assert r.code == 0, r.err
     assert "COMPLETED in" in r.out
-    assert "5 scanned, 4 added, 0 updated, 0 unchanged, 1 failed" in r.out
+    assert (
+        "5 scanned, 4 added, 0 updated, 0 unchanged, 0 moved, 0 restored, 1 failed, 0 removed"
+        in r.out
+    )
     assert f"{media / 'garbage.mp4'}: not a readable video" in r.out
     assert r.err == ""
 
@@ -96,6 +99,34 @@ async def test_get_watch_jobs_and_videos(serve: ServeFactory, media: Path) -> No
     assert rows[1] == [str(media / "sub" / "c.webm"), "0:00.41", "64x48", "25", "vp9/opus"]
     assert rows[2][0] == str(media / "sub" / "d.mov") and rows[2][4] == "h264"
     assert len(videos_json) == 4
+
+
+async def test_rescan_summary_missing_videos_and_file_errors(
+    serve: ServeFactory, media: Path
+) -> None:
+    s = await serve(media)
+    await run_cli(s, "scan", str(media))
+    (media / "a.mp4").rename(media / "sub" / "a-moved.mp4")
+    (media / "b.mkv").unlink()
+    rescan = await run_cli(s, "scan", str(media))
+    missing = await run_cli(s, "videos", "--missing")
+    errors = await run_cli(s, "errors", str(media))
+    none = await run_cli(s, "errors", str(media / "sub"))
+    reprobe = await run_cli(s, "scan", "--reprobe", str(media))
+
+    assert rescan.code == 0
+    assert "4 scanned, 0 added, 0 updated, 2 unchanged, 1 moved, 0 restored, 1 failed, " in (
+        rescan.out
+    )
+    assert "1 removed" in rescan.out
+    rows = [line.split("\t") for line in missing.out.splitlines()]
+    assert rows[0] == ["path", "missing since", "codecs"]
+    assert [r[0] for r in rows[1:]] == [str(media / "b.mkv")]
+    rows = [line.split("\t") for line in errors.out.splitlines()]
+    assert rows[0] == ["path", "error", "size"]
+    assert rows[1][0] == str(media / "garbage.mp4") and rows[1][1].startswith("not a readable")
+    assert none.out.splitlines() == ["path\terror\tsize"]
+    assert "4 scanned, 0 added, 3 updated, 0 unchanged, 0 moved" in reprobe.out
 
 
 async def test_cancel_command_and_its_errors(serve: ServeFactory, tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ class Doc:
 def test_the_doc_has_every_example() -> None:
     assert set(examples()) == {
         "submit", "watch", "cancel", "get", "list-jobs", "list-videos", "error", "health",
-        "list", "describe",
+        "list", "describe", "reprobe", "list-missing", "list-file-errors",
     }  # fmt: skip
 
 
@@ -132,3 +132,35 @@ async def test_grpcurl_drives_the_server_through_reflection_alone(
     assert code != 0
     assert "Code: PermissionDenied" in err
     assert '"reason":"PATH_OUTSIDE_ROOTS"' in err
+
+
+async def test_grpcurl_shows_missing_videos_file_errors_and_reprobes(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    library = tmp_path / "media"
+    library.mkdir()
+    write_video(library / "a.mp4")
+    write_video(library / "b.mp4")
+    (library / "broken.mp4").write_bytes(b"not a video" * 10)
+    s = await serve(library)
+    doc = Doc(s.address, library)
+    (first,) = await doc.json("submit")
+    await doc.json("watch", first["id"])
+    (library / "b.mp4").unlink()
+    (second,) = await doc.json("submit")
+    rescan = (await doc.json("watch", second["id"]))[-1]["job"]["result"]
+
+    (with_missing,) = await doc.json("list-missing")
+    (errors,) = await doc.json("list-file-errors")
+    (again,) = await doc.json("reprobe")
+    reprobed = (await doc.json("watch", again["id"]))[-1]["job"]
+
+    assert (rescan["unchanged"], rescan["failed"], rescan["removed"]) == ("1", "1", "1")
+    videos = {Path(v["path"]).name: v for v in with_missing["videos"]}
+    assert sorted(videos) == ["a.mp4", "b.mp4"]
+    assert "missing_time" in videos["b.mp4"] and "missing_time" not in videos["a.mp4"]
+    (error,) = errors["file_errors"]
+    assert (Path(error["path"]).name, error["size_bytes"]) == ("broken.mp4", "110")
+    assert error["job_id"] == first["id"] and error["message"].startswith("not a readable")
+    assert again["reprobe"] is True
+    assert (reprobed["result"]["updated"], reprobed["result"]["failed"]) == ("1", "1")

@@ -340,6 +340,28 @@ async def test_grpc_web_calls_reach_the_same_jobs_and_map_errors(
     assert len(listed.videos) == 4
 
 
+async def test_connect_lists_missing_videos_and_file_errors_like_grpc(
+    serve: ServeFactory, media: Path
+) -> None:
+    s, base = await _http(serve, media)
+    async with ScanServiceClient(base) as connect:
+        first = await connect.submit_scan(pb.SubmitScanRequest(path=str(media)))
+        await wait_terminal(s.stub, first.id)
+        (media / "a.mp4").unlink()
+        again = await connect.submit_scan(pb.SubmitScanRequest(path=str(media), reprobe=True))
+        final = await wait_terminal(s.stub, again.id)
+        shown = await connect.list_videos(pb.ListVideosRequest(include_missing=True))
+        hidden = await connect.list_videos(pb.ListVideosRequest())
+        broken = await connect.list_file_errors(pb.ListFileErrorsRequest(path_prefix=str(media)))
+        outside = await connect.list_file_errors(pb.ListFileErrorsRequest(path_prefix="/etc"))
+
+    assert (final.reprobe, final.result.updated, final.result.removed) == (True, 3, 1)
+    missing = [v.path for v in shown.videos if v.HasField("missing_time")]
+    assert missing == [str(media / "a.mp4")] and len(hidden.videos) == 3
+    assert [e.path for e in broken.file_errors] == [str(media / "garbage.mp4")]
+    assert list(outside.file_errors) == []
+
+
 async def test_a_connect_watcher_that_hangs_up_is_forgotten(
     serve: ServeFactory, tmp_path: Path
 ) -> None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from scanjobs.server import pgstore
 from scanjobs.server.jobs import JobSpec, JobState
 from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
-from scanjobs.server.pgstore import PgDatabase
+from scanjobs.server.pgstore import PgCatalog, PgDatabase
 from scanjobs.server.queue import QueueConfig
 from scanjobs.server.store import DatabaseCorrupt
 from tests.test_queue_contract import ScriptedHandler, until_state
@@ -20,7 +21,7 @@ async def test_replicas_starting_together_migrate_once(postgres_url: str) -> Non
     await second.close()
     with psycopg.connect(postgres_url) as conn:
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY 1")]
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
 
 
 async def test_a_schema_from_a_newer_server_is_refused(postgres_url: str) -> None:
@@ -55,3 +56,23 @@ async def test_a_cancel_whose_notification_is_lost_is_found_by_the_lease_renewal
         await db.close()
     assert final.cancel_requested
     assert handler.cancelled == [job.id]
+
+
+async def test_a_catalog_from_before_reconciliation_is_migrated(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for number, script in enumerate(pgstore._MIGRATIONS[:3], start=1):
+            conn.execute(script)  # type: ignore[call-overload]
+            conn.execute("INSERT INTO schema_version VALUES (%s)", (number,))
+        conn.execute(
+            "INSERT INTO videos VALUES (%s, 10, 1, 'mov', 1.0, 1000, 'h264', 64, 48, 25, 1,"
+            " '', 0, 0, 0, 100, 100, 'j0')",
+            (b"/m/s/a.mp4",),
+        )
+    db = await PgDatabase.open(postgres_url)
+    catalog = PgCatalog(db)
+    rows = await catalog.read_directory(b"/m/s")
+    above = await catalog.read_directory(b"/m")
+    await db.close()
+    assert list(rows.videos) == [b"/m/s/a.mp4"]
+    assert above.subdirs == {b"/m/s"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from scanjobs.server import fsopen
-from scanjobs.server.catalog import FileStamp, InMemoryCatalog, Video
+from scanjobs.server.catalog import DirectoryChanges, FileStamp, InMemoryCatalog, ScanCounts
 from scanjobs.server.jobs import JobSpec, JobState, Phase
 from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
 from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
@@ -228,14 +228,12 @@ class GatedCatalog(InMemoryCatalog):
         self.blocked = asyncio.Event()
         self.gate = asyncio.Event()
 
-    async def commit(
-        self, job_id: str, probed: Sequence[Video], unchanged: Sequence[bytes], now_ns: int
-    ) -> None:
+    async def commit(self, changes: DirectoryChanges) -> ScanCounts:
         self.commits += 1
         if self.commits == 2:
             self.blocked.set()
             await self.gate.wait()
-        await super().commit(job_id, probed, unchanged, now_ns)
+        return await super().commit(changes)
 
 
 def _tree(root: Path, count: int) -> Path:

@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .scanjobs_pb2 import CancelJobRequest, GetJobRequest, Job, JobEvent, ListJobsRequest, ListJobsResponse, ListVideosRequest, ListVideosResponse, SubmitScanRequest, WatchJobRequest
+from .scanjobs_pb2 import CancelJobRequest, GetJobRequest, Job, JobEvent, ListFileErrorsRequest, ListFileErrorsResponse, ListJobsRequest, ListJobsResponse, ListVideosRequest, ListVideosResponse, SubmitScanRequest, WatchJobRequest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -97,7 +97,18 @@ class ScanService(Protocol):
 
     async def list_videos(self, request: ListVideosRequest, ctx: RequestContext[ListVideosRequest, ListVideosResponse], /) -> ListVideosResponse:
         """
-        Lists the video catalog ordered by path.
+        Lists the video catalog ordered by path: only videos under the server's current roots,
+        and only those present on disk unless include_missing is set.
+
+        Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_file_errors(self, request: ListFileErrorsRequest, ctx: RequestContext[ListFileErrorsRequest, ListFileErrorsResponse], /) -> ListFileErrorsResponse:
+        """
+        Lists the files that could not be probed, with their errors, ordered by path: only files
+        under the server's current roots. A scan does not open such a file again while its size and
+        mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
         """
@@ -182,6 +193,17 @@ class ScanServiceASGIApplication(ConnectASGIApplication[ScanService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_videos,
+                ),
+                "/scanjobs.v1.ScanService/ListFileErrors": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListFileErrors",
+                        service_name="scanjobs.v1.ScanService",
+                        input=ListFileErrorsRequest,
+                        output=ListFileErrorsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_file_errors,
                 ),
             },
             interceptors=interceptors,
@@ -371,7 +393,8 @@ class ScanServiceClient(ConnectClient):
         timeout_ms: int | None = None,
     ) -> ListVideosResponse:
         """
-        Lists the video catalog ordered by path.
+        Lists the video catalog ordered by path: only videos under the server's current roots,
+        and only those present on disk unless include_missing is set.
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
         """
@@ -382,6 +405,33 @@ class ScanServiceClient(ConnectClient):
                 service_name="scanjobs.v1.ScanService",
                 input=ListVideosRequest,
                 output=ListVideosResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_file_errors(
+        self,
+        request: ListFileErrorsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListFileErrorsResponse:
+        """
+        Lists the files that could not be probed, with their errors, ordered by path: only files
+        under the server's current roots. A scan does not open such a file again while its size and
+        mtime are unchanged (unless the scan asks for reprobe).
+
+        Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListFileErrors",
+                service_name="scanjobs.v1.ScanService",
+                input=ListFileErrorsRequest,
+                output=ListFileErrorsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),
@@ -449,7 +499,18 @@ class ScanServiceSync(Protocol):
 
     def list_videos(self, request: ListVideosRequest, ctx: RequestContext[ListVideosRequest, ListVideosResponse], /) -> ListVideosResponse:
         """
-        Lists the video catalog ordered by path.
+        Lists the video catalog ordered by path: only videos under the server's current roots,
+        and only those present on disk unless include_missing is set.
+
+        Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_file_errors(self, request: ListFileErrorsRequest, ctx: RequestContext[ListFileErrorsRequest, ListFileErrorsResponse], /) -> ListFileErrorsResponse:
+        """
+        Lists the files that could not be probed, with their errors, ordered by path: only files
+        under the server's current roots. A scan does not open such a file again while its size and
+        mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
         """
@@ -532,6 +593,17 @@ class ScanServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_videos,
+                ),
+                "/scanjobs.v1.ScanService/ListFileErrors": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListFileErrors",
+                        service_name="scanjobs.v1.ScanService",
+                        input=ListFileErrorsRequest,
+                        output=ListFileErrorsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_file_errors,
                 ),
             },
             interceptors=interceptors,
@@ -721,7 +793,8 @@ class ScanServiceClientSync(ConnectClientSync):
         timeout_ms: int | None = None,
     ) -> ListVideosResponse:
         """
-        Lists the video catalog ordered by path.
+        Lists the video catalog ordered by path: only videos under the server's current roots,
+        and only those present on disk unless include_missing is set.
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
         """
@@ -732,6 +805,33 @@ class ScanServiceClientSync(ConnectClientSync):
                 service_name="scanjobs.v1.ScanService",
                 input=ListVideosRequest,
                 output=ListVideosResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_file_errors(
+        self,
+        request: ListFileErrorsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListFileErrorsResponse:
+        """
+        Lists the files that could not be probed, with their errors, ordered by path: only files
+        under the server's current roots. A scan does not open such a file again while its size and
+        mtime are unchanged (unless the scan asks for reprobe).
+
+        Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListFileErrors",
+                service_name="scanjobs.v1.ScanService",
+                input=ListFileErrorsRequest,
+                output=ListFileErrorsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -26,45 +26,49 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ascanjobs/v1/scanjobs.proto\x12\x0bscanjobs.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x11SubmitScanRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\trecursive\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x0c\n\n_recursive\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.scanjobs.v1.JobState\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.scanjobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"_\n\x11ListVideosRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\"Q\n\x12ListVideosResponse\x12\"\n\x06videos\x18\x01 \x03(\x0b\x32\x12.scanjobs.v1.Video\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"k\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.scanjobs.v1.Job\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb7\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.scanjobs.v1.JobState\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x18\n\x10\x63\x61ncel_requested\x18\x05 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08progress\x18\t \x01(\x0b\x32\x18.scanjobs.v1.JobProgress\x12\'\n\x06result\x18\n \x01(\x0b\x32\x17.scanjobs.v1.ScanResult\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\r\"\x85\x01\n\x0bJobProgress\x12%\n\x05phase\x18\x01 \x01(\x0e\x32\x16.scanjobs.v1.ScanPhase\x12\x13\n\x0b\x66iles_found\x18\x02 \x01(\x04\x12\x12\n\nfiles_done\x18\x03 \x01(\x04\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x14\n\x0c\x63urrent_path\x18\x05 \x01(\t\"\x9d\x01\n\nScanResult\x12\x0f\n\x07scanned\x18\x01 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x04\x12\x0f\n\x07updated\x18\x03 \x01(\x04\x12\x11\n\tunchanged\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12&\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x16.scanjobs.v1.FileError\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x04\"*\n\tFileError\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xed\x03\n\x05Video\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12)\n\x05mtime\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14\x66rame_rate_numerator\x18\x05 \x01(\r\x12\x1e\n\x16\x66rame_rate_denominator\x18\x06 \x01(\r\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x13\n\x0bvideo_codec\x18\t \x01(\t\x12\x13\n\x0b\x61udio_codec\x18\n \x01(\t\x12\x15\n\raudio_streams\x18\x0b \x01(\r\x12\x18\n\x10subtitle_streams\x18\x0c \x01(\r\x12\x14\n\x0c\x64\x61ta_streams\x18\r \x01(\r\x12\x11\n\tcontainer\x18\x0e \x01(\t\x12\x10\n\x08\x62it_rate\x18\x0f \x01(\x04\x12\x33\n\x0f\x66irst_seen_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x12 \x01(\t*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x15\n\x11JOB_STATE_TIMEOUT\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*[\n\tScanPhase\x12\x1a\n\x16SCAN_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCAN_PHASE_DISCOVERING\x10\x01\x12\x16\n\x12SCAN_PHASE_PROBING\x10\x02\x32\x9e\x03\n\x0bScanService\x12>\n\nSubmitScan\x12\x1e.scanjobs.v1.SubmitScanRequest\x1a\x10.scanjobs.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.scanjobs.v1.WatchJobRequest\x1a\x15.scanjobs.v1.JobEvent0\x01\x12<\n\tCancelJob\x12\x1d.scanjobs.v1.CancelJobRequest\x1a\x10.scanjobs.v1.Job\x12\x36\n\x06GetJob\x12\x1a.scanjobs.v1.GetJobRequest\x1a\x10.scanjobs.v1.Job\x12G\n\x08ListJobs\x12\x1c.scanjobs.v1.ListJobsRequest\x1a\x1d.scanjobs.v1.ListJobsResponse\x12M\n\nListVideos\x12\x1e.scanjobs.v1.ListVideosRequest\x1a\x1f.scanjobs.v1.ListVideosResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ascanjobs/v1/scanjobs.proto\x12\x0bscanjobs.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x98\x01\n\x11SubmitScanRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x16\n\trecursive\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12*\n\x07timeout\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07reprobe\x18\x05 \x01(\x08\x42\x0c\n\n_recursive\"9\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x04\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"^\n\x0fListJobsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.scanjobs.v1.JobState\"K\n\x10ListJobsResponse\x12\x1e\n\x04jobs\x18\x01 \x03(\x0b\x32\x10.scanjobs.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x11ListVideosRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x17\n\x0finclude_missing\x18\x05 \x01(\x08\"Q\n\x12ListVideosResponse\x12\"\n\x06videos\x18\x01 \x03(\x0b\x32\x12.scanjobs.v1.Video\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"S\n\x15ListFileErrorsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bpath_prefix\x18\x03 \x01(\t\"^\n\x16ListFileErrorsResponse\x12+\n\x0b\x66ile_errors\x18\x01 \x03(\x0b\x32\x16.scanjobs.v1.FileError\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"k\n\x08JobEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x1d\n\x03job\x18\x02 \x01(\x0b\x32\x10.scanjobs.v1.Job\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc8\x03\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.scanjobs.v1.JobState\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x11\n\trecursive\x18\x04 \x01(\x08\x12\x18\n\x10\x63\x61ncel_requested\x18\x05 \x01(\x08\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08progress\x18\t \x01(\x0b\x32\x18.scanjobs.v1.JobProgress\x12\'\n\x06result\x18\n \x01(\x0b\x32\x17.scanjobs.v1.ScanResult\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12*\n\x07timeout\x18\x0c \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\r \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0e \x01(\r\x12\x0f\n\x07reprobe\x18\x0f \x01(\x08\"\x85\x01\n\x0bJobProgress\x12%\n\x05phase\x18\x01 \x01(\x0e\x32\x16.scanjobs.v1.ScanPhase\x12\x13\n\x0b\x66iles_found\x18\x02 \x01(\x04\x12\x12\n\nfiles_done\x18\x03 \x01(\x04\x12\x10\n\x08\x66raction\x18\x04 \x01(\x01\x12\x14\n\x0c\x63urrent_path\x18\x05 \x01(\t\"\xcf\x01\n\nScanResult\x12\x0f\n\x07scanned\x18\x01 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x02 \x01(\x04\x12\x0f\n\x07updated\x18\x03 \x01(\x04\x12\x11\n\tunchanged\x18\x04 \x01(\x04\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\x04\x12&\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x16.scanjobs.v1.FileError\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x04\x12\x0f\n\x07removed\x18\x08 \x01(\x04\x12\r\n\x05moved\x18\t \x01(\x04\x12\x10\n\x08restored\x18\n \x01(\x04\"\xa9\x01\n\tFileError\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x12)\n\x05mtime\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x05 \x01(\t\x12.\n\nerror_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9f\x04\n\x05Video\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x04\x12)\n\x05mtime\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1c\n\x14\x66rame_rate_numerator\x18\x05 \x01(\r\x12\x1e\n\x16\x66rame_rate_denominator\x18\x06 \x01(\r\x12\r\n\x05width\x18\x07 \x01(\r\x12\x0e\n\x06height\x18\x08 \x01(\r\x12\x13\n\x0bvideo_codec\x18\t \x01(\t\x12\x13\n\x0b\x61udio_codec\x18\n \x01(\t\x12\x15\n\raudio_streams\x18\x0b \x01(\r\x12\x18\n\x10subtitle_streams\x18\x0c \x01(\r\x12\x14\n\x0c\x64\x61ta_streams\x18\r \x01(\r\x12\x11\n\tcontainer\x18\x0e \x01(\t\x12\x10\n\x08\x62it_rate\x18\x0f \x01(\x04\x12\x33\n\x0f\x66irst_seen_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06job_id\x18\x12 \x01(\t\x12\x30\n\x0cmissing_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x15\n\x11JOB_STATE_TIMEOUT\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*[\n\tScanPhase\x12\x1a\n\x16SCAN_PHASE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCAN_PHASE_DISCOVERING\x10\x01\x12\x16\n\x12SCAN_PHASE_PROBING\x10\x02\x32\xf9\x03\n\x0bScanService\x12>\n\nSubmitScan\x12\x1e.scanjobs.v1.SubmitScanRequest\x1a\x10.scanjobs.v1.Job\x12\x41\n\x08WatchJob\x12\x1c.scanjobs.v1.WatchJobRequest\x1a\x15.scanjobs.v1.JobEvent0\x01\x12<\n\tCancelJob\x12\x1d.scanjobs.v1.CancelJobRequest\x1a\x10.scanjobs.v1.Job\x12\x36\n\x06GetJob\x12\x1a.scanjobs.v1.GetJobRequest\x1a\x10.scanjobs.v1.Job\x12G\n\x08ListJobs\x12\x1c.scanjobs.v1.ListJobsRequest\x1a\x1d.scanjobs.v1.ListJobsResponse\x12M\n\nListVideos\x12\x1e.scanjobs.v1.ListVideosRequest\x1a\x1f.scanjobs.v1.ListVideosResponse\x12Y\n\x0eListFileErrors\x12\".scanjobs.v1.ListFileErrorsRequest\x1a#.scanjobs.v1.ListFileErrorsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'scanjobs.v1.scanjobs_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_JOBSTATE']._serialized_start=2115
-  _globals['_JOBSTATE']._serialized_end=2293
-  _globals['_SCANPHASE']._serialized_start=2295
-  _globals['_SCANPHASE']._serialized_end=2386
+  _globals['_JOBSTATE']._serialized_start=2583
+  _globals['_JOBSTATE']._serialized_end=2761
+  _globals['_SCANPHASE']._serialized_start=2763
+  _globals['_SCANPHASE']._serialized_end=2854
   _globals['_SUBMITSCANREQUEST']._serialized_start=109
-  _globals['_SUBMITSCANREQUEST']._serialized_end=244
-  _globals['_WATCHJOBREQUEST']._serialized_start=246
-  _globals['_WATCHJOBREQUEST']._serialized_end=303
-  _globals['_CANCELJOBREQUEST']._serialized_start=305
-  _globals['_CANCELJOBREQUEST']._serialized_end=339
-  _globals['_GETJOBREQUEST']._serialized_start=341
-  _globals['_GETJOBREQUEST']._serialized_end=372
-  _globals['_LISTJOBSREQUEST']._serialized_start=374
-  _globals['_LISTJOBSREQUEST']._serialized_end=468
-  _globals['_LISTJOBSRESPONSE']._serialized_start=470
-  _globals['_LISTJOBSRESPONSE']._serialized_end=545
-  _globals['_LISTVIDEOSREQUEST']._serialized_start=547
-  _globals['_LISTVIDEOSREQUEST']._serialized_end=642
-  _globals['_LISTVIDEOSRESPONSE']._serialized_start=644
-  _globals['_LISTVIDEOSRESPONSE']._serialized_end=725
-  _globals['_JOBEVENT']._serialized_start=727
-  _globals['_JOBEVENT']._serialized_end=834
-  _globals['_JOB']._serialized_start=837
-  _globals['_JOB']._serialized_end=1276
-  _globals['_JOBPROGRESS']._serialized_start=1279
-  _globals['_JOBPROGRESS']._serialized_end=1412
-  _globals['_SCANRESULT']._serialized_start=1415
-  _globals['_SCANRESULT']._serialized_end=1572
-  _globals['_FILEERROR']._serialized_start=1574
-  _globals['_FILEERROR']._serialized_end=1616
-  _globals['_VIDEO']._serialized_start=1619
-  _globals['_VIDEO']._serialized_end=2112
-  _globals['_SCANSERVICE']._serialized_start=2389
-  _globals['_SCANSERVICE']._serialized_end=2803
+  _globals['_SUBMITSCANREQUEST']._serialized_end=261
+  _globals['_WATCHJOBREQUEST']._serialized_start=263
+  _globals['_WATCHJOBREQUEST']._serialized_end=320
+  _globals['_CANCELJOBREQUEST']._serialized_start=322
+  _globals['_CANCELJOBREQUEST']._serialized_end=356
+  _globals['_GETJOBREQUEST']._serialized_start=358
+  _globals['_GETJOBREQUEST']._serialized_end=389
+  _globals['_LISTJOBSREQUEST']._serialized_start=391
+  _globals['_LISTJOBSREQUEST']._serialized_end=485
+  _globals['_LISTJOBSRESPONSE']._serialized_start=487
+  _globals['_LISTJOBSRESPONSE']._serialized_end=562
+  _globals['_LISTVIDEOSREQUEST']._serialized_start=564
+  _globals['_LISTVIDEOSREQUEST']._serialized_end=684
+  _globals['_LISTVIDEOSRESPONSE']._serialized_start=686
+  _globals['_LISTVIDEOSRESPONSE']._serialized_end=767
+  _globals['_LISTFILEERRORSREQUEST']._serialized_start=769
+  _globals['_LISTFILEERRORSREQUEST']._serialized_end=852
+  _globals['_LISTFILEERRORSRESPONSE']._serialized_start=854
+  _globals['_LISTFILEERRORSRESPONSE']._serialized_end=948
+  _globals['_JOBEVENT']._serialized_start=950
+  _globals['_JOBEVENT']._serialized_end=1057
+  _globals['_JOB']._serialized_start=1060
+  _globals['_JOB']._serialized_end=1516
+  _globals['_JOBPROGRESS']._serialized_start=1519
+  _globals['_JOBPROGRESS']._serialized_end=1652
+  _globals['_SCANRESULT']._serialized_start=1655
+  _globals['_SCANRESULT']._serialized_end=1862
+  _globals['_FILEERROR']._serialized_start=1865
+  _globals['_FILEERROR']._serialized_end=2034
+  _globals['_VIDEO']._serialized_start=2037
+  _globals['_VIDEO']._serialized_end=2580
+  _globals['_SCANSERVICE']._serialized_start=2857
+  _globals['_SCANSERVICE']._serialized_end=3362
 # @@protoc_insertion_point(module_scope)

@@ -95,12 +95,17 @@ class SubmitScanRequest(_message.Message):
     RECURSIVE_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REPROBE_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Absolute path of the directory to scan. Required. Must lie inside an allowed root."""
     recursive: _builtins.bool
     """Whether to descend into subdirectories. Absent means true."""
     request_id: _builtins.str
     """Optional client-chosen key (at most 128 characters) that makes retries of this call safe."""
+    reprobe: _builtins.bool
+    """Probe every file again, even those whose size and mtime are unchanged and those that failed
+    before (for example after an FFmpeg upgrade). Files probed again count as updated.
+    """
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
         """Longest time the job may run once started; the job then ends TIMEOUT with partial results.
@@ -114,10 +119,11 @@ class SubmitScanRequest(_message.Message):
         recursive: _builtins.bool | None = ...,
         timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
+        reprobe: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_recursive", b"_recursive", "recursive", b"recursive", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recursive", b"_recursive", "path", b"path", "recursive", b"recursive", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_recursive", b"_recursive", "path", b"path", "recursive", b"recursive", "reprobe", b"reprobe", "request_id", b"request_id", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__recursive: _TypeAlias = _typing.Literal["recursive"]  # noqa: Y015
     _WhichOneofArgType__recursive: _TypeAlias = _typing.Literal["_recursive", b"_recursive"]  # noqa: Y015
@@ -266,6 +272,7 @@ class ListVideosRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     PATH_PREFIX_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_MISSING_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of videos to return; 0 means the default (100); larger values are capped at
     1000.
@@ -276,6 +283,8 @@ class ListVideosRequest(_message.Message):
     """Only videos whose path starts with this string."""
     job_id: _builtins.str
     """Only videos last probed (added or updated) by this job."""
+    include_missing: _builtins.bool
+    """Also list missing videos (tombstones: a scan found them gone; see Video.missing_time)."""
     def __init__(
         self,
         *,
@@ -283,10 +292,11 @@ class ListVideosRequest(_message.Message):
         page_token: _builtins.str = ...,
         path_prefix: _builtins.str = ...,
         job_id: _builtins.str = ...,
+        include_missing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "path_prefix", b"path_prefix"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_missing", b"include_missing", "job_id", b"job_id", "page_size", b"page_size", "page_token", b"page_token", "path_prefix", b"path_prefix"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +329,66 @@ class ListVideosResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListVideosResponse: _TypeAlias = ListVideosResponse  # noqa: Y015
+
+@_typing.final
+class ListFileErrorsRequest(_message.Message):
+    """Request of ListFileErrors."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    PATH_PREFIX_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Maximum number of files to return; 0 means the default (100); larger values are capped at
+    1000.
+    """
+    page_token: _builtins.str
+    """The next_page_token of a previous call with the same filter; empty for the first page."""
+    path_prefix: _builtins.str
+    """Only files whose path starts with this string."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        path_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "path_prefix", b"path_prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFileErrorsRequest: _TypeAlias = ListFileErrorsRequest  # noqa: Y015
+
+@_typing.final
+class ListFileErrorsResponse(_message.Message):
+    """Response of ListFileErrors."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILE_ERRORS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token for the next page; empty when this is the last page."""
+    @_builtins.property
+    def file_errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileError]:
+        """Files that could not be probed, ordered by path."""
+
+    def __init__(
+        self,
+        *,
+        file_errors: _abc.Iterable[Global___FileError] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file_errors", b"file_errors", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFileErrorsResponse: _TypeAlias = ListFileErrorsResponse  # noqa: Y015
 
 @_typing.final
 class JobEvent(_message.Message):
@@ -374,6 +444,7 @@ class Job(_message.Message):
     TIMEOUT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    REPROBE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     state: Global___JobState.ValueType
@@ -392,6 +463,8 @@ class Job(_message.Message):
     """How many times a worker started the job: more than 1 when a server restart resumed it.
     Each resume is a separate event on WatchJob.
     """
+    reprobe: _builtins.bool
+    """Whether the job probes every file again (SubmitScanRequest.reprobe)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the job was submitted."""
@@ -433,10 +506,11 @@ class Job(_message.Message):
         timeout: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        reprobe: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "progress", b"progress", "result", b"result", "start_time", b"start_time", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "path", b"path", "progress", b"progress", "recursive", b"recursive", "request_id", b"request_id", "result", b"result", "start_time", b"start_time", "state", b"state", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "path", b"path", "progress", b"progress", "recursive", b"recursive", "reprobe", b"reprobe", "request_id", b"request_id", "result", b"result", "start_time", b"start_time", "state", b"state", "timeout", b"timeout"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,7 +556,9 @@ Global___JobProgress: _TypeAlias = JobProgress  # noqa: Y015
 
 @_typing.final
 class ScanResult(_message.Message):
-    """Counts of what a job did. scanned = added + updated + unchanged + failed."""
+    """Counts of what a job did. scanned = added + updated + unchanged + moved + restored + failed;
+    removed is separate (those files were not found).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -493,6 +569,9 @@ class ScanResult(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     ERROR_COUNT_FIELD_NUMBER: _builtins.int
+    REMOVED_FIELD_NUMBER: _builtins.int
+    MOVED_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
     scanned: _builtins.int
     """Files handled."""
     added: _builtins.int
@@ -505,6 +584,17 @@ class ScanResult(_message.Message):
     """Files that could not be probed (corrupt, unreadable, vanished); see errors."""
     error_count: _builtins.int
     """Total number of per-file errors, including those not listed in errors."""
+    removed: _builtins.int
+    """Catalogued videos under the scanned directories that are gone from disk: they are now
+    missing (tombstones, see Video.missing_time). Only directories the job listed completely
+    are reconciled.
+    """
+    moved: _builtins.int
+    """Files found at a new path that are the same file (same device, inode, size and mtime) as a
+    catalogued video gone from its old path: moved with their metadata, not probed again.
+    """
+    restored: _builtins.int
+    """Missing videos back at their path unchanged (same size and mtime), not probed again."""
     @_builtins.property
     def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileError]:
         """The first per-file errors, at most a server-configured number."""
@@ -519,10 +609,13 @@ class ScanResult(_message.Message):
         failed: _builtins.int = ...,
         errors: _abc.Iterable[Global___FileError] | None = ...,
         error_count: _builtins.int = ...,
+        removed: _builtins.int = ...,
+        moved: _builtins.int = ...,
+        restored: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "error_count", b"error_count", "errors", b"errors", "failed", b"failed", "scanned", b"scanned", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "error_count", b"error_count", "errors", b"errors", "failed", b"failed", "moved", b"moved", "removed", b"removed", "restored", b"restored", "scanned", b"scanned", "unchanged", b"unchanged", "updated", b"updated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -536,19 +629,39 @@ class FileError(_message.Message):
 
     PATH_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    MTIME_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    ERROR_TIME_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """The file's path; non-UTF-8 bytes are backslash-escaped."""
     message: _builtins.str
     """What went wrong."""
+    size_bytes: _builtins.int
+    """ListFileErrors only: the file's size when it failed."""
+    job_id: _builtins.str
+    """ListFileErrors only: the job that last tried to probe the file."""
+    @_builtins.property
+    def mtime(self) -> _timestamp_pb2.Timestamp:
+        """ListFileErrors only: the file's modification time when it failed."""
+
+    @_builtins.property
+    def error_time(self) -> _timestamp_pb2.Timestamp:
+        """ListFileErrors only: when the file last failed to probe."""
+
     def __init__(
         self,
         *,
         path: _builtins.str = ...,
         message: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        mtime: _timestamp_pb2.Timestamp | None = ...,
+        job_id: _builtins.str = ...,
+        error_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error_time", b"error_time", "mtime", b"mtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "path", b"path"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_time", b"error_time", "job_id", b"job_id", "message", b"message", "mtime", b"mtime", "path", b"path", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -578,6 +691,7 @@ class Video(_message.Message):
     FIRST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
+    MISSING_TIME_FIELD_NUMBER: _builtins.int
     path: _builtins.str
     """Absolute path; non-UTF-8 bytes are backslash-escaped."""
     size_bytes: _builtins.int
@@ -624,6 +738,13 @@ class Video(_message.Message):
         last one writes nothing for unchanged files).
         """
 
+    @_builtins.property
+    def missing_time(self) -> _timestamp_pb2.Timestamp:
+        """Set when a scan found the file gone: the video is missing (a tombstone), hidden from
+        ListVideos unless include_missing is set, and purged after the server's missing retention.
+        A later scan that finds it back unchanged clears it (restored, without a probe).
+        """
+
     def __init__(
         self,
         *,
@@ -645,10 +766,11 @@ class Video(_message.Message):
         first_seen_time: _timestamp_pb2.Timestamp | None = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
         job_id: _builtins.str = ...,
+        missing_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "first_seen_time", b"first_seen_time", "last_seen_time", b"last_seen_time", "mtime", b"mtime"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "first_seen_time", b"first_seen_time", "last_seen_time", b"last_seen_time", "missing_time", b"missing_time", "mtime", b"mtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_codec", b"audio_codec", "audio_streams", b"audio_streams", "bit_rate", b"bit_rate", "container", b"container", "data_streams", b"data_streams", "duration", b"duration", "first_seen_time", b"first_seen_time", "frame_rate_denominator", b"frame_rate_denominator", "frame_rate_numerator", b"frame_rate_numerator", "height", b"height", "job_id", b"job_id", "last_seen_time", b"last_seen_time", "mtime", b"mtime", "path", b"path", "size_bytes", b"size_bytes", "subtitle_streams", b"subtitle_streams", "video_codec", b"video_codec", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_codec", b"audio_codec", "audio_streams", b"audio_streams", "bit_rate", b"bit_rate", "container", b"container", "data_streams", b"data_streams", "duration", b"duration", "first_seen_time", b"first_seen_time", "frame_rate_denominator", b"frame_rate_denominator", "frame_rate_numerator", b"frame_rate_numerator", "height", b"height", "job_id", b"job_id", "last_seen_time", b"last_seen_time", "missing_time", b"missing_time", "mtime", b"mtime", "path", b"path", "size_bytes", b"size_bytes", "subtitle_streams", b"subtitle_streams", "video_codec", b"video_codec", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

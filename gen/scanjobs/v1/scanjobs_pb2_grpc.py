@@ -70,6 +70,11 @@ class ScanServiceStub:
                 request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListVideosRequest.SerializeToString,
                 response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListVideosResponse.FromString,
                 _registered_method=True)
+        self.ListFileErrors = channel.unary_unary(
+                '/scanjobs.v1.ScanService/ListFileErrors',
+                request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.SerializeToString,
+                response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.FromString,
+                _registered_method=True)
 
 
 class ScanServiceServicer:
@@ -136,7 +141,19 @@ class ScanServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListVideos(self, request, context):
-        """Lists the video catalog ordered by path.
+        """Lists the video catalog ordered by path: only videos under the server's current roots,
+        and only those present on disk unless include_missing is set.
+
+        Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListFileErrors(self, request, context):
+        """Lists the files that could not be probed, with their errors, ordered by path: only files
+        under the server's current roots. A scan does not open such a file again while its size and
+        mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
         """
@@ -176,6 +193,11 @@ def add_ScanServiceServicer_to_server(servicer, server):
                     servicer.ListVideos,
                     request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListVideosRequest.FromString,
                     response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListVideosResponse.SerializeToString,
+            ),
+            'ListFileErrors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFileErrors,
+                    request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.FromString,
+                    response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +368,33 @@ class ScanService:
             '/scanjobs.v1.ScanService/ListVideos',
             scanjobs_dot_v1_dot_scanjobs__pb2.ListVideosRequest.SerializeToString,
             scanjobs_dot_v1_dot_scanjobs__pb2.ListVideosResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFileErrors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scanjobs.v1.ScanService/ListFileErrors',
+            scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.SerializeToString,
+            scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

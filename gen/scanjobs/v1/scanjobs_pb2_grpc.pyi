@@ -74,7 +74,15 @@ class ScanServiceStub:
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
     """
     ListVideos: _grpc.UnaryUnaryMultiCallable[_scanjobs_pb2.ListVideosRequest, _scanjobs_pb2.ListVideosResponse]
-    """Lists the video catalog ordered by path.
+    """Lists the video catalog ordered by path: only videos under the server's current roots,
+    and only those present on disk unless include_missing is set.
+
+    Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+    """
+    ListFileErrors: _grpc.UnaryUnaryMultiCallable[_scanjobs_pb2.ListFileErrorsRequest, _scanjobs_pb2.ListFileErrorsResponse]
+    """Lists the files that could not be probed, with their errors, ordered by path: only files
+    under the server's current roots. A scan does not open such a file again while its size and
+    mtime are unchanged (unless the scan asks for reprobe).
 
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
     """
@@ -125,7 +133,15 @@ class ScanServiceAsyncStub(ScanServiceStub):
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
     """
     ListVideos: _aio.UnaryUnaryMultiCallable[_scanjobs_pb2.ListVideosRequest, _scanjobs_pb2.ListVideosResponse]  # type: ignore[assignment]
-    """Lists the video catalog ordered by path.
+    """Lists the video catalog ordered by path: only videos under the server's current roots,
+    and only those present on disk unless include_missing is set.
+
+    Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+    """
+    ListFileErrors: _aio.UnaryUnaryMultiCallable[_scanjobs_pb2.ListFileErrorsRequest, _scanjobs_pb2.ListFileErrorsResponse]  # type: ignore[assignment]
+    """Lists the files that could not be probed, with their errors, ordered by path: only files
+    under the server's current roots. A scan does not open such a file again while its size and
+    mtime are unchanged (unless the scan asks for reprobe).
 
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
     """
@@ -209,7 +225,21 @@ class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scanjobs_pb2.ListVideosRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scanjobs_pb2.ListVideosResponse, _abc.Awaitable[_scanjobs_pb2.ListVideosResponse]]:
-        """Lists the video catalog ordered by path.
+        """Lists the video catalog ordered by path: only videos under the server's current roots,
+        and only those present on disk unless include_missing is set.
+
+        Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+
+    @_abc_1.abstractmethod
+    def ListFileErrors(
+        self,
+        request: _scanjobs_pb2.ListFileErrorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scanjobs_pb2.ListFileErrorsResponse, _abc.Awaitable[_scanjobs_pb2.ListFileErrorsResponse]]:
+        """Lists the files that could not be probed, with their errors, ordered by path: only files
+        under the server's current roots. A scan does not open such a file again while its size and
+        mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
         """

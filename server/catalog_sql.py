@@ -1,0 +1,253 @@
+"""The catalog's SQL, shared by SQLite (``server.store``) and PostgreSQL (``server.pgstore``).
+
+Statements are written with ``?`` placeholders; :func:`pg` gives PostgreSQL's. A directory's
+commit is a list of :class:`Step` s that both backends run in one transaction, adding up the
+rows each counted step touched: the counts a job reports are those its statements applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from fractions import Fraction
+from typing import Any, NamedTuple
+
+from .catalog import (
+    DirectoryChanges,
+    Failure,
+    FileStamp,
+    Known,
+    ScanCounts,
+    Video,
+    ancestors,
+    below,
+    parent_dir,
+)
+from .probe import MediaInfo
+
+__all__ = [
+    "COUNTS_UPSERT",
+    "FAILURE_COLUMNS",
+    "KNOWN_COLUMNS",
+    "VIDEO_UPSERT",
+    "Step",
+    "commit_steps",
+    "counts_row",
+    "listing",
+    "pg",
+    "row_failure",
+    "row_known",
+    "row_video",
+    "video_row",
+]
+
+VIDEO_UPSERT = """
+INSERT INTO videos VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+ON CONFLICT (path) DO UPDATE SET
+    size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns,
+    container = excluded.container, duration_s = excluded.duration_s,
+    bit_rate = excluded.bit_rate, video_codec = excluded.video_codec,
+    width = excluded.width, height = excluded.height,
+    frame_rate_num = excluded.frame_rate_num, frame_rate_den = excluded.frame_rate_den,
+    audio_codec = excluded.audio_codec, audio_streams = excluded.audio_streams,
+    subtitle_streams = excluded.subtitle_streams, data_streams = excluded.data_streams,
+    last_seen_ns = excluded.last_seen_ns, job_id = excluded.job_id,
+    device = excluded.device, inode = excluded.inode, missing_ns = NULL
+"""
+KNOWN_COLUMNS = "path, size_bytes, mtime_ns, last_seen_ns, device, inode, missing_ns"
+FAILURE_COLUMNS = "path, size_bytes, mtime_ns, message, job_id, time_ns"
+COUNTS_UPSERT = """
+INSERT INTO job_counts VALUES (?,?,?,?,?,?,?,?,?)
+ON CONFLICT (job_id) DO UPDATE SET
+    added = job_counts.added + excluded.added,
+    updated = job_counts.updated + excluded.updated,
+    unchanged = job_counts.unchanged + excluded.unchanged,
+    moved = job_counts.moved + excluded.moved,
+    restored = job_counts.restored + excluded.restored,
+    failed = job_counts.failed + excluded.failed,
+    removed = job_counts.removed + excluded.removed,
+    time_ns = excluded.time_ns
+"""
+_FAILURE_UPSERT = """
+INSERT INTO file_errors VALUES (?,?,?,?,?,?,?)
+ON CONFLICT (path) DO UPDATE SET
+    size_bytes = excluded.size_bytes, mtime_ns = excluded.mtime_ns,
+    message = excluded.message, job_id = excluded.job_id, time_ns = excluded.time_ns
+"""
+
+
+def pg(sql: str) -> str:
+    """A statement with PostgreSQL's placeholders."""
+    return sql.replace("?", "%s")
+
+
+class Step(NamedTuple):
+    """One statement run for each of ``rows``; ``counter`` (if any) adds up the rows touched."""
+
+    sql: str
+    rows: list[tuple[object, ...]]
+    counter: str | None = None
+
+
+def commit_steps(c: DirectoryChanges) -> list[Step]:
+    """The statements of one directory's commit, in order; empty ones left out."""
+    now = c.now_ns
+    steps = [
+        *_move_steps(c),
+        Step(VIDEO_UPSERT, [video_row(v, c.job_id, now) for v in c.probed]),
+        Step("DELETE FROM file_errors WHERE path = ?", [(v.path,) for v in c.probed]),
+        Step(
+            "UPDATE videos SET last_seen_ns = ?, device = ?, inode = ?"
+            " WHERE path = ? AND missing_ns IS NULL",
+            [(now, dev, ino, path) for path, dev, ino in c.seen],
+        ),
+        Step(
+            "UPDATE videos SET missing_ns = NULL, last_seen_ns = ?, device = ?, inode = ?"
+            " WHERE path = ? AND missing_ns IS NOT NULL",
+            [(now, dev, ino, path) for path, dev, ino in c.restored],
+            "restored",
+        ),
+        Step(_FAILURE_UPSERT, [_failure_row(f, c.job_id, now) for f in c.failures]),
+        Step(
+            "UPDATE videos SET missing_ns = ? WHERE path = ? AND missing_ns IS NULL",
+            [(now, path) for path in c.missing],
+            "removed",
+        ),
+        Step("DELETE FROM file_errors WHERE path = ?", [(path,) for path in c.missing]),
+        Step(
+            "UPDATE videos SET missing_ns = ? WHERE path >= ? AND path < ? AND missing_ns IS NULL",
+            [(now, *below(d)) for d in c.gone_dirs],
+            "removed",
+        ),
+        Step(
+            "DELETE FROM file_errors WHERE path >= ? AND path < ?", [below(d) for d in c.gone_dirs]
+        ),
+    ]
+    if c.writes_rows():
+        steps.append(
+            Step(
+                "INSERT INTO catalog_dirs VALUES (?, ?) ON CONFLICT (path) DO NOTHING",
+                list(ancestors(c.directory)),
+            )
+        )
+    return [s for s in steps if s.rows]
+
+
+def _move_steps(c: DirectoryChanges) -> list[Step]:
+    moves = c.moved
+    return [
+        # No-op updates: the first locks each moved row (in PostgreSQL a concurrent commit of
+        # another directory may be marking it missing right now), the second then counts the
+        # rows this job had marked missing: those files were not removed after all.
+        Step(
+            "UPDATE videos SET missing_ns = missing_ns WHERE path = ?",
+            [(m.old_path,) for m in moves],
+        ),
+        Step(
+            "UPDATE videos SET missing_ns = missing_ns WHERE path = ? AND missing_ns >= ?",
+            [(m.old_path, c.since_ns) for m in moves],
+            "unremoved",
+        ),
+        Step(
+            "DELETE FROM videos WHERE path = ? AND EXISTS (SELECT 1 FROM videos WHERE path = ?)",
+            [(m.new_path, m.old_path) for m in moves],
+        ),
+        Step(
+            "UPDATE videos SET path = ?, dir = ?, device = ?, inode = ?, missing_ns = NULL,"
+            " last_seen_ns = ? WHERE path = ?",
+            [
+                (m.new_path, parent_dir(m.new_path), m.device, m.inode, c.now_ns, m.old_path)
+                for m in moves
+            ],
+            "moved",
+        ),
+        Step("DELETE FROM file_errors WHERE path = ?", [(m.new_path,) for m in moves]),
+    ]
+
+
+def counts_row(
+    c: DirectoryChanges, counters: dict[str, int]
+) -> tuple[ScanCounts, tuple[object, ...]]:
+    """The counts a commit applied, and the ``job_counts`` row that adds them to the job's."""
+    counts = replace(
+        c.counts,
+        moved=counters.get("moved", 0),
+        restored=counters.get("restored", 0),
+        removed=counters.get("removed", 0) - counters.get("unremoved", 0),
+    )
+    return counts, (c.job_id, *counts.as_tuple(), c.now_ns)
+
+
+def listing(
+    table: str,
+    columns: str,
+    *,
+    after: bytes,
+    path_prefix: bytes,
+    roots: Sequence[bytes],
+    extra: str = "",
+) -> tuple[str, list[object]]:
+    """A paged listing of ``table`` by path: after a token, under a prefix and the roots."""
+    sql = (
+        f"SELECT {columns} FROM {table} WHERE path > ? AND path >= ?"  # noqa: S608 - names are ours
+        " AND substr(path, 1, ?) = ?"
+    )
+    args: list[object] = [after, path_prefix, len(path_prefix), path_prefix]
+    if roots:
+        sql += " AND (" + " OR ".join("(path >= ? AND path < ?)" for _ in roots) + ")"
+        for root in roots:
+            args.extend(below(root))
+    return sql + extra + " ORDER BY path LIMIT ?", args
+
+
+def video_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
+    """The ``videos`` columns of a video, in table order."""
+    info = video.info
+    rate = info.frame_rate
+    return (
+        video.path, video.stamp.size_bytes, video.stamp.mtime_ns, info.container,
+        info.duration_s, info.bit_rate, info.video_codec, info.width, info.height,
+        rate.numerator if rate else None, rate.denominator if rate else None,
+        info.audio_codec, info.audio_streams, info.subtitle_streams, info.data_streams,
+        now_ns, now_ns, job_id, parent_dir(video.path), video.device, video.inode, None,
+    )  # fmt: skip
+
+
+def row_video(row: Sequence[Any]) -> Video:
+    """Inverse of :func:`video_row`."""
+    (path, size, mtime, container, duration, bit_rate, vcodec, width, height, num, den,
+     acodec, audio_n, subs_n, data_n, first, last, job_id, _dir, device, inode,
+     missing) = row  # fmt: skip
+    info = MediaInfo(
+        container=container,
+        duration_s=duration,
+        bit_rate=bit_rate,
+        video_codec=vcodec,
+        width=width,
+        height=height,
+        frame_rate=Fraction(num, den) if num is not None and den else None,
+        audio_codec=acodec,
+        audio_streams=audio_n,
+        subtitle_streams=subs_n,
+        data_streams=data_n,
+    )
+    return Video(
+        bytes(path), FileStamp(size, mtime), info, first, last, job_id, device, inode, missing
+    )
+
+
+def row_known(row: Sequence[Any]) -> Known:
+    """A :class:`Known` from the :data:`KNOWN_COLUMNS` of a row."""
+    path, size, mtime, last_seen, device, inode, missing = row
+    return Known(bytes(path), size, mtime, last_seen, device, inode, missing)
+
+
+def _failure_row(f: Failure, job_id: str, now_ns: int) -> tuple[object, ...]:
+    return (f.path, parent_dir(f.path), f.stamp.size_bytes, f.stamp.mtime_ns, f.message,
+            job_id, now_ns)  # fmt: skip
+
+
+def row_failure(row: Sequence[Any]) -> Failure:
+    """A :class:`Failure` from the :data:`FAILURE_COLUMNS` of a row."""
+    path, size, mtime, message, job_id, time_ns = row
+    return Failure(bytes(path), FileStamp(size, mtime), message, job_id, time_ns)
