@@ -12,6 +12,8 @@ ScanJobsError
 ├── ResourceExhausted    RESOURCE_EXHAUSTED
 ├── Unauthenticated      UNAUTHENTICATED
 └── Unavailable          UNAVAILABLE
+    ├── ShuttingDown     UNAVAILABLE  (this server is draining: retry on another one)
+    └── DatabaseUnavailable  UNAVAILABLE  (the shared database cannot be reached)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import ClassVar
 
 __all__ = [
     "AlreadyExists",
+    "DatabaseUnavailable",
     "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
@@ -28,6 +31,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ScanJobsError",
+    "ShuttingDown",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -107,6 +111,18 @@ class Unauthenticated(ScanJobsError):
 
 
 class Unavailable(ScanJobsError):
-    """The server is shutting down; retry elsewhere or later."""
+    """The service cannot answer now; retry elsewhere or later."""
+
+    reason = "UNAVAILABLE"
+
+
+class ShuttingDown(Unavailable):
+    """This server is shutting down; another replica, or this one restarted, will answer."""
 
     reason = "SHUTTING_DOWN"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached: an outage, not a shutdown of this server."""
+
+    reason = "DATABASE_UNAVAILABLE"

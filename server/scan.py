@@ -24,8 +24,8 @@ from typing import NamedTuple
 from .catalog import Catalog, FileStamp, Video
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
 from .probe import ProbeFailure, ProbeOutcome, Prober, ProbeTarget
-from .queue import JobContext
 from .roots import RootPolicy
+from .runner import JobContext
 
 __all__ = [
     "DEFAULT_EXTENSIONS",

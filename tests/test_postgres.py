@@ -3,6 +3,8 @@ the polling safety net under NOTIFY."""
 
 from __future__ import annotations
 
+import asyncio
+
 import psycopg
 import pytest
 
@@ -47,11 +49,17 @@ async def test_a_cancel_whose_notification_is_lost_is_found_by_the_lease_renewal
     try:
         job = await queue.submit(JobSpec("/block"))
         await handler.started_event(job.id).wait()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:  # a cancel without NOTIFY
-            conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job.id,))
+        # A cancel without NOTIFY, from a thread: a blocking call on the event loop would
+        # wait for a row lock that the queue's own transaction there holds.
+        await asyncio.to_thread(_flag_cancel, postgres_url, job.id)
         final = await until_state(queue, job.id, JobState.CANCELLED)
     finally:
         await queue.close(grace_s=1.0)
         await db.close()
     assert final.cancel_requested
     assert handler.cancelled == [job.id]
+
+
+def _flag_cancel(postgres_url: str, job_id: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))

@@ -25,14 +25,10 @@ from scanjobs.server.errors import (
 from scanjobs.server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
 from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
 from scanjobs.server.pgstore import PgDatabase
-from scanjobs.server.queue import (
-    AsyncioJobQueue,
-    InMemoryJobStore,
-    JobContext,
-    QueueConfig,
-    Subscription,
-)
+from scanjobs.server.queue import AsyncioJobQueue, InMemoryJobStore, QueueConfig
+from scanjobs.server.runner import JobContext
 from scanjobs.server.store import Database, SqliteJobStore
+from scanjobs.server.watch import Subscription
 
 PARTIAL = ScanResult(added=1)
 
