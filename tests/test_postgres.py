@@ -13,7 +13,7 @@ from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
 from scanjobs.server.pgstore import PgDatabase
 from scanjobs.server.queue import QueueConfig
 from scanjobs.server.store import DatabaseCorrupt
-from tests.test_queue_contract import ScriptedHandler, until_state
+from tests.queues import ScriptedHandler, until_state
 
 
 async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
