@@ -36,6 +36,7 @@ class ScriptedHandler:
     def __init__(self) -> None:
         self.started: dict[str, asyncio.Event] = {}
         self.release = asyncio.Event()
+        self.resume_chatty = asyncio.Event()
         self.ran: list[str] = []
         self.cancelled: list[str] = []
 
@@ -63,7 +64,7 @@ class ScriptedHandler:
                 if n % 100 == 0:
                     await asyncio.sleep(0)
             if path == "/chatty-then-block":
-                await self.release.wait()
+                await self.resume_chatty.wait()
             return ScanResult(added=2000)
         if path == "/stubborn":  # ignores its first cancel; the second one ends it
             with contextlib.suppress(asyncio.CancelledError):

@@ -2,8 +2,8 @@
 
 The handler is scripted by the job's path: ``/block`` reports one file and waits until the
 test releases it, ``/fail`` raises a bug, ``/refuse`` raises an expected error, ``/chatty``
-reports progress many times (``/chatty-then-block`` then waits for the release), anything
-else completes at once.
+reports progress many times (``/chatty-then-block`` then waits for ``resume_chatty``),
+anything else completes at once.
 """
 
 from __future__ import annotations
@@ -245,15 +245,18 @@ async def test_slow_watcher_does_not_block_the_job_and_gets_coalesced_progress(
     make_queue: QueueFactory,
 ) -> None:
     handler = ScriptedHandler()
-    queue = await make_queue(handler, progress_interval_s=0.0)
+    queue = await make_queue(handler, progress_interval_s=0.0, workers=1)
+    blocker = await queue.submit(JobSpec("/block"))
+    await handler.started_event(blocker.id).wait()
     job = await queue.submit(JobSpec("/chatty-then-block"))
     slow = await queue.watch(job.id)  # subscribed, never read until the end
     fast_events = []
     async with await queue.watch(job.id) as fast:
+        handler.release.set()  # both watchers are there before the job starts
         async for event in fast:
             fast_events.append(event)
             if not event.state_change:  # it saw progress: the job may end now
-                handler.release.set()
+                handler.resume_chatty.set()
 
     slow_events = await collect(slow)
 
