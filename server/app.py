@@ -17,11 +17,12 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .core import ScanJobs
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
 from .probe import ProbePool
-from .queue import AsyncioJobQueue, QueueConfig
+from .queue import AsyncioJobQueue
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
@@ -118,14 +119,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             max_errors=config.max_errors,
         ),
     )
-    queue_config = QueueConfig(
-        workers=config.workers,
-        job_timeout_s=config.job_timeout_s,
-        max_pending=config.max_pending,
-        retention_s=config.job_retention_s,
-        max_watchers=config.max_watchers,
-        max_watchers_per_job=config.max_watchers_per_job,
-    )
+    queue_config = config.queue_config()
     queue: AsyncioJobQueue | PgJobQueue
     if isinstance(db, PgDatabase):  # replicas share the jobs through PostgreSQL
         cluster = ClusterConfig(replica=f"{socket.gethostname()}:{os.getpid()}",
@@ -140,7 +134,8 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
 
-    pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
+    core = ScanJobs(queue, catalog, roots)
+    pb_grpc.add_ScanServiceServicer_to_server(ScanService(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

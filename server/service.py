@@ -13,7 +13,6 @@ import collections
 import hashlib
 import hmac
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,19 +29,15 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from . import errors
-from .catalog import Catalog, Video
-from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
-from .queue import JobQueue
-from .roots import RootPolicy
+from .catalog import Video
+from .core import ScanJobs
+from .jobs import Job, JobEvent, JobState, Phase, display_path
 
 __all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "scanjobs"
-MAX_PAGE_SIZE = 1000
-MAX_REQUEST_ID = 128
-_MAX_TIMEOUT_S = 7 * 24 * 3600
 
 _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -266,49 +261,51 @@ def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) 
 
 
 class ScanService(pb_grpc.ScanServiceServicer):
-    """Maps ScanService RPCs onto the job queue and the catalog."""
+    """Maps ScanService RPCs onto the core (:class:`server.core.ScanJobs`): converts the
+    messages, nothing else; errors are mapped by :class:`ServiceInterceptor`."""
 
-    def __init__(self, queue: JobQueue, catalog: Catalog, roots: RootPolicy) -> None:
-        self._queue = queue
-        self._catalog = catalog
-        self._roots = roots
+    def __init__(self, core: ScanJobs) -> None:
+        self._core = core
         self._events: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
         # The wire form of recent job snapshots, by identity: snapshots are immutable, and a
         # busy job is asked for the same snapshot many times between two changes.
         self._jobs: collections.OrderedDict[int, tuple[Job, pb.Job]] = collections.OrderedDict()
 
     async def SubmitScan(self, request: pb.SubmitScanRequest, context: _Context) -> pb.Job:
-        spec = _spec_of(request)
-        path = await asyncio.to_thread(self._roots.check, spec.path)
-        job = await self._queue.submit(
-            JobSpec(path, spec.recursive, spec.timeout_s, spec.request_id)
+        timeout_s = None
+        if request.HasField("timeout"):
+            timeout_s = request.timeout.ToTimedelta().total_seconds()
+        job = await self._core.submit_scan(
+            request.path,
+            recursive=request.recursive if request.HasField("recursive") else True,
+            timeout_s=timeout_s,
+            request_id=request.request_id,
         )
         return job_to_proto(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.Job:
-        return self._job_proto(await self._queue.get(_job_id(request.job_id)))
+        return self._job_proto(await self._core.get_job(request.job_id))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: _Context) -> pb.Job:
-        return job_to_proto(await self._queue.cancel(_job_id(request.job_id)))
+        return job_to_proto(await self._core.cancel_job(request.job_id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: _Context) -> pb.ListJobsResponse:
-        page_size = _page_size(request.page_size, default=50)
         if request.state not in _PB_TO_STATE and request.state != pb.JOB_STATE_UNSPECIFIED:
             raise errors.InvalidArgument(f"unknown state {request.state}", field="state")
-        state = _PB_TO_STATE.get(request.state)
-        jobs, token = await self._queue.list_jobs(
-            state=state, page_size=page_size, page_token=request.page_token
+        jobs, token = await self._core.list_jobs(
+            state=_PB_TO_STATE.get(request.state),
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
 
     async def ListVideos(
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
-        page_size = _page_size(request.page_size, default=100)
-        videos, token = await self._catalog.list_videos(
-            path_prefix=os.fsencode(request.path_prefix),
+        videos, token = await self._core.list_videos(
+            path_prefix=request.path_prefix,
             job_id=request.job_id,
-            page_size=page_size,
+            page_size=request.page_size,
             page_token=request.page_token,
         )
         return pb.ListVideosResponse(
@@ -320,7 +317,7 @@ class ScanService(pb_grpc.ScanServiceServicer):
     ) -> None:
         # A coroutine around context.write, not an async generator: its cleanup must run when
         # the client hangs up (CancelledError here), not whenever the generator is collected.
-        subscription = await self._queue.watch(_job_id(request.job_id), request.after_sequence)
+        subscription = await self._core.watch_job(request.job_id, request.after_sequence)
         try:
             async for event in subscription:
                 # Bytes pass the stream's serializer untouched (see ServiceInterceptor).
@@ -352,37 +349,6 @@ class ScanService(pb_grpc.ScanServiceServicer):
         if len(self._jobs) > 256:
             self._jobs.popitem(last=False)
         return message
-
-
-def _job_id(raw: str) -> str:
-    if not raw:
-        raise errors.InvalidArgument("job_id is required", field="job_id")
-    if len(raw) > 64:
-        raise errors.InvalidArgument("job_id is longer than 64 characters", field="job_id")
-    return raw
-
-
-def _page_size(raw: int, *, default: int) -> int:
-    if raw < 0:
-        raise errors.InvalidArgument("page_size must not be negative", field="page_size")
-    return min(raw or default, MAX_PAGE_SIZE)
-
-
-def _spec_of(request: pb.SubmitScanRequest) -> JobSpec:
-    path = RootPolicy.check_syntax(request.path)
-    timeout_s: float | None = None
-    if request.HasField("timeout"):
-        timeout_s = request.timeout.ToTimedelta().total_seconds()
-        if timeout_s < 0 or timeout_s > _MAX_TIMEOUT_S:
-            raise errors.InvalidArgument(
-                f"timeout must be between 0 and {_MAX_TIMEOUT_S} seconds", field="timeout"
-            )
-    if len(request.request_id) > MAX_REQUEST_ID:
-        raise errors.InvalidArgument(
-            f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id"
-        )
-    recursive = request.recursive if request.HasField("recursive") else True
-    return JobSpec(path, recursive, timeout_s or None, request.request_id)
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
