@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -108,6 +109,25 @@ def gated_library(root: Path) -> Path:
     return root
 
 
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Wait until ``condition()`` holds, checking it between turns of the event loop.
+
+    For what no event announces (a thread ended, a file appeared, a process got a request);
+    the timeout is only a generous bound, never part of what a test asserts.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"never happened within {timeout_s:g} s: {what}") from None
+
+
+def probing(path: Path) -> bool:
+    """True once the misbehaving worker took ``path`` (a ``gate`` or ``hang`` file)."""
+    return path.with_name(path.name + ".probing").exists()
+
+
 async def until_running(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.Job:
     """The job once a worker started it."""
     async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
@@ -121,6 +141,24 @@ async def watch_all(
 ) -> list[pb.JobEvent]:
     """Every event of a WatchJob stream until it ends."""
     return [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_sequence=after))]
+
+
+async def joined(
+    stub: pb_grpc.ScanServiceAsyncStub, job_id: str
+) -> asyncio.Task[list[pb.JobEvent]]:
+    """A watcher that is in: its first event has arrived. The task gives every event until
+    the stream ends."""
+    stream = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    first = await stream.read()
+    assert first is not grpc.aio.EOF
+
+    async def rest() -> list[pb.JobEvent]:
+        events = [first]
+        while (event := await stream.read()) is not grpc.aio.EOF:
+            events.append(event)
+        return events
+
+    return asyncio.create_task(rest())
 
 
 async def wait_terminal(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.Job:

@@ -2,7 +2,9 @@
 
 ``hang`` never answers; ``crash`` kills the worker; ``gate`` waits until a file named
 ``open-gate`` exists next to it (so a test decides when the probe finishes); anything else is
-probed for real. Run as ``python tests/misbehaving_worker.py``.
+probed for real. A ``hang`` or ``gate`` file being probed is announced by a file next to it
+named ``<name>.probing``, so that a test waits for exactly that. Run as
+``python tests/misbehaving_worker.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from scanjobs.server import probe
 
 def _probe(target: probe.ProbeTarget) -> probe.ProbeOutcome:
     name = os.path.basename(target.path)
+    if b"hang" in name or b"gate" in name:
+        with open(target.path + b".probing", "wb"):
+            pass
     if b"hang" in name:
         time.sleep(3600)
     if b"crash" in name:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from scanjobs.server.probe import MediaInfo, ProbeFailure, ProbePool, ProbeTarget, probe_file
-from tests.conftest import MISBEHAVING_WORKER
+from tests.conftest import MISBEHAVING_WORKER, eventually
+from tests.conftest import probing as is_probing
 from tests.media import write_video
 
 
@@ -137,11 +138,7 @@ async def pool() -> AsyncIterator[ProbePool]:
 
 
 async def _until_idle(pool: ProbePool) -> None:
-    for _ in range(500):
-        if pool.background_tasks == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("replacement worker never started")
+    await eventually(lambda: pool.background_tasks == 0, "the replacement worker started")
 
 
 async def test_pool_probes_a_batch_in_order(pool: ProbePool, tmp_path: Path) -> None:
@@ -182,7 +179,7 @@ async def test_cancel_kills_the_worker_instead_of_waiting(pool: ProbePool, tmp_p
     hang = tmp_path / "hang.mp4"
     hang.write_bytes(b"x")
     probing = asyncio.create_task(pool.probe([target(hang)]))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: is_probing(hang), "the hanging file is inside a worker")
     pids_before = {w.proc.pid for w in pool._all}
 
     probing.cancel()

@@ -129,9 +129,7 @@ async def test_listing_by_state_pages_through_that_state_only(make_queue: QueueF
     seen: list[str] = []
     token = ""
     for _ in range(3):
-        page, token = await queue.list_jobs(
-            state=JobState.COMPLETED, page_size=1, page_token=token
-        )
+        page, token = await queue.list_jobs(state=JobState.COMPLETED, page_size=1, page_token=token)
         seen += [j.id for j in page]
         if not token:
             break
