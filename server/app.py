@@ -57,27 +57,41 @@ class App:
     db: Database | PgDatabase
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
+    metrics: Metrics
     grace_s: float
+    lame_duck_s: float
     stopped: bool = False
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop.
+        """Drain, then stop: every part in two stages, none left running. Idempotent.
 
-        Idempotent.
+        1. Lame duck: health says NOT_SERVING and every new ScanService call is answered
+           UNAVAILABLE (``SHUTTING_DOWN``) for ``lame_duck_s`` seconds, while the server
+           still takes calls, so that a client that sent one after NOT_SERVING gets an
+           answer it retries elsewhere instead of grpc's own CANCELLED (grpc/grpc#41785).
+           Meanwhile running jobs stop at their next safe point (they resume on the next
+           start) and WatchJob streams end with UNAVAILABLE.
+        2. Within the grace period, calls in flight finish; then the gRPC server stops
+           (cancelling what is left), the probe workers exit (or are killed), and the
+           database and the metrics endpoint close.
         """
         if self.stopped:
             return
         self.stopped = True
-        deadline = asyncio.get_running_loop().time() + self.grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        lame_duck_until = loop.time() + min(self.lame_duck_s, self.grace_s)
+        self.calls.refuse_new_calls()  # first: who saw NOT_SERVING never gets through
         await self.health.enter_graceful_shutdown()
-        await self.queue.close(self.grace_s)  # refuses submits, ends WatchJob streams
+        await self.queue.close(self.grace_s)  # ends WatchJob streams with UNAVAILABLE
+        await asyncio.sleep(max(0.0, lame_duck_until - loop.time()))
         # Wait for our own calls only: a client's endless health Watch must not hold us up.
-        left = max(0.0, deadline - asyncio.get_running_loop().time())
-        if not await self.calls.drained(left):
+        if not await self.calls.drained(max(0.0, deadline - loop.time())):
             log.warning("calls still in flight at the end of the grace period")
         await self.server.stop(None)
         await self.probes.close()
         await self.db.close()
+        self.metrics.close()
         log.info("server stopped")
 
 
@@ -130,7 +144,12 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
             scanner, queue_config, store=SqliteJobStore(db), listeners=[metrics.on_event]
         )
     metrics.watch_queue(queue.stats)
-    await queue.start()
+    try:
+        await queue.start()
+    except BaseException:  # nothing left open or running behind a failed start
+        await probes.close()
+        await db.close()
+        raise
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
 
@@ -147,7 +166,18 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
-    return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+    return App(
+        server,
+        port,
+        queue,
+        probes,
+        db,
+        health_servicer,
+        calls,
+        metrics,
+        config.shutdown_grace_s,
+        config.lame_duck_s,
+    )
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:

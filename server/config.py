@@ -40,6 +40,7 @@ class Config:
     max_pending: int = _QUEUE.max_pending
     max_jobs: int = _QUEUE.max_jobs
     shutdown_grace_s: float = 10.0
+    lame_duck_s: float = 2.0
     log_level: str = "INFO"
     job_retention_s: float = _QUEUE.retention_s
     tokens: frozenset[str] = field(default_factory=frozenset)
@@ -93,6 +94,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _extensions(text: str) -> frozenset[str]:
     items = {e.strip().lower() for e in text.split(",") if e.strip()}
     if not items:
@@ -137,6 +145,9 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "seconds an ended job is kept; the catalog is never pruned"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "shutdown_grace_s",
      "seconds to drain on SIGTERM before stopping hard"),
+    ("--lame-duck", "LAME_DUCK", _non_negative_float, "lame_duck_s",
+     "seconds, within the grace period, that a draining server keeps answering new calls "
+     "UNAVAILABLE (health NOT_SERVING) before it stops listening"),
     ("--metrics-listen", "METRICS_LISTEN", str, "metrics_listen",
      "host:port to serve Prometheus metrics on (/metrics); off unless given"),
     ("--token-file", "TOKEN_FILE", Path, None,
@@ -230,6 +241,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         max_pending=args.max_pending,
         max_jobs=args.max_jobs,
         shutdown_grace_s=args.shutdown_grace,
+        lame_duck_s=args.lame_duck,
         log_level=args.log_level,
         job_retention_s=args.job_retention,
         tokens=tokens,

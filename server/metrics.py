@@ -6,7 +6,9 @@ callbacks (``on_event``, ``on_probe``), and gauges are read from the queue when 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -43,6 +45,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._durations = Histogram(
             "scanjobs_job_duration_seconds", "Run time of ended jobs, start to end",
             ["state"], buckets=_DURATION_BUCKETS, registry=self.registry,
@@ -91,4 +94,14 @@ class Metrics:
     def serve(self, listen: str) -> None:
         """Expose ``/metrics`` over HTTP on ``host:port`` (a daemon thread)."""
         host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+        address = host.strip("[]") or "127.0.0.1"
+        self._http = start_http_server(int(port), addr=address, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop serving ``/metrics`` and close its socket; idempotent."""
+        if self._http is not None:
+            server, thread = self._http
+            self._http = None
+            server.shutdown()
+            server.server_close()
+            thread.join()

@@ -137,14 +137,21 @@ class PgJobQueue:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen for notifications, start the workers, the lease keeper and the pruner."""
-        self._listener = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
-        await self._listener.execute(f"LISTEN {_CHANNEL}")
-        self._tasks.spawn(self._listen(self._listener), "pg-listen")
-        self._runner.start()
-        self._tasks.spawn(self._keep_leases(), "pg-leases")
-        await self._tidy()
-        self._tasks.spawn(self._housekeeping(), "pg-housekeeping")
+        """Listen for notifications, start the workers, the lease keeper and the pruner.
+
+        If any of it fails, what was started is stopped again before the error propagates.
+        """
+        try:
+            self._listener = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
+            await self._listener.execute(f"LISTEN {_CHANNEL}")
+            self._tasks.spawn(self._listen(self._listener), "pg-listen")
+            self._runner.start()
+            self._tasks.spawn(self._keep_leases(), "pg-leases")
+            await self._tidy()
+            self._tasks.spawn(self._housekeeping(), "pg-housekeeping")
+        except BaseException:
+            await self.close(grace_s=0.0)
+            raise
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop claiming, stop local jobs at a safe point and hand them back at once (their

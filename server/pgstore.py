@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import psycopg
+import psycopg_pool
 from psycopg_pool import AsyncConnectionPool
 
 from .catalog import (
@@ -104,13 +105,16 @@ class PgDatabase:
         Raises:
             DatabaseCorrupt: the schema is newer than this server, or the database is unusable.
         """
+        pool = AsyncConnectionPool(url, min_size=1, max_size=size, open=False)
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 await _migrate(conn)
-            pool = AsyncConnectionPool(url, min_size=1, max_size=size, open=False)
             await pool.open(wait=True, timeout=30)
-        except psycopg.Error as exc:
-            raise DatabaseCorrupt(f"cannot use the database: {exc}") from None
+        except BaseException as exc:
+            await pool.close()  # no connection left open behind a failed start
+            if isinstance(exc, psycopg.Error | psycopg_pool.PoolTimeout):
+                raise DatabaseCorrupt(f"cannot use the database: {exc}") from None
+            raise
         return cls(url, pool)
 
     async def close(self) -> None:

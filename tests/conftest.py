@@ -55,6 +55,7 @@ def make_config(root: Path, data_dir: Path, **overrides: Any) -> Config:
         extensions=DEFAULT_EXTENSIONS,
         max_pending=100,
         shutdown_grace_s=2.0,
+        lame_duck_s=0.0,  # in-process: nothing sends calls after the drain began
         log_level="INFO",
     )
     return dataclasses.replace(base, **overrides)
