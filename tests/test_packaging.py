@@ -44,11 +44,15 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
     subprocess.run(
         [_uv(), "venv", "--quiet", "--python", sys.executable, str(where)],
-        check=True, env=env, timeout=120,
+        check=True,
+        env=env,
+        timeout=120,
     )
     subprocess.run(
         [_uv(), "pip", "install", "--quiet", "--python", str(where / "bin" / "python"), str(wheel)],
-        check=True, env=env, timeout=600,
+        check=True,
+        env=env,
+        timeout=600,
     )
     return where
 
@@ -57,8 +61,13 @@ def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"scanjobs"}
-    for module in ("scanjobs/server/__main__.py", "scanjobs/client/cli.py",
-                   "scanjobs/v1/scanjobs_pb2.py", "scanjobs/v1/scanjobs_pb2.pyi", "scanjobs/py.typed"):
+    for module in (
+        "scanjobs/server/__main__.py",
+        "scanjobs/client/cli.py",
+        "scanjobs/v1/scanjobs_pb2.py",
+        "scanjobs/v1/scanjobs_pb2.pyi",
+        "scanjobs/py.typed",
+    ):
         assert module in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
@@ -89,9 +98,20 @@ def test_both_commands_run_a_scan_from_the_installed_wheel(venv: Path, tmp_path:
     write_video(media / "clip.mp4")
     data = tmp_path / "data"
     server = subprocess.Popen(
-        [str(venv / "bin" / "scanjobs-server"), "--listen", "127.0.0.1:0",
-         "--root", str(media), "--data-dir", str(data), "--probe-processes", "1"],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        [
+            str(venv / "bin" / "scanjobs-server"),
+            "--listen",
+            "127.0.0.1:0",
+            "--root",
+            str(media),
+            "--data-dir",
+            str(data),
+            "--probe-processes",
+            "1",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert server.stderr is not None
@@ -101,11 +121,25 @@ def test_both_commands_run_a_scan_from_the_installed_wheel(venv: Path, tmp_path:
                 port = json.loads(line)["port"]
                 break
         assert port, "the installed scanjobs-server never served"
-        scan = _run(venv, str(venv / "bin" / "scanjobs"), "--target", f"127.0.0.1:{port}",
-                    "--json", "scan", str(media), cwd=tmp_path)
+        scan = _run(
+            venv,
+            str(venv / "bin" / "scanjobs"),
+            "--target",
+            f"127.0.0.1:{port}",
+            "--json",
+            "scan",
+            str(media),
+            cwd=tmp_path,
+        )
         assert scan.returncode == 0, scan.stderr
-        videos = _run(venv, str(venv / "bin" / "scanjobs"), "--target", f"127.0.0.1:{port}",
-                      "videos", cwd=tmp_path)
+        videos = _run(
+            venv,
+            str(venv / "bin" / "scanjobs"),
+            "--target",
+            f"127.0.0.1:{port}",
+            "videos",
+            cwd=tmp_path,
+        )
         assert str(media / "clip.mp4") in videos.stdout
     finally:
         server.terminate()
