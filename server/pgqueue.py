@@ -378,7 +378,16 @@ class PgJobQueue:
         return [event_from_row(tuple(r)) for r in rows]
 
     async def _listen(self, conn: _Conn) -> None:
-        """Dispatch notifications: new work, events to wake watchers, cancels for owners."""
+        """Dispatch notifications: new work, events to wake watchers, cancels for owners.
+
+        Should the connection fail, polling every ``poll_s`` (workers, watchers, leases)
+        keeps everything working, only slower."""
+        try:
+            await self._dispatch(conn)
+        except psycopg.Error:
+            log.exception("notifications stopped; polling every %g s", self._cluster.poll_s)
+
+    async def _dispatch(self, conn: _Conn) -> None:
         async for note in conn.notifies():
             payload = note.payload
             if payload == _NEW_WORK:

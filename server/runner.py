@@ -328,9 +328,13 @@ class JobRunner:
     def _progress_due(self, run: _Run) -> None:
         run.progress_timer = None
         if run.published is not run.job and not run.job.terminal and not self._closing:
-            self._tasks.spawn(
-                self._publish(run, run.job, state_change=False), f"progress-{run.job.id}"
-            )
+            self._tasks.spawn(self._publish_progress(run), f"progress-{run.job.id}")
+
+    async def _publish_progress(self, run: _Run) -> None:
+        try:
+            await self._publish(run, run.job, state_change=False)
+        except Exception:  # the store failed: the next progress, or the end, tries again
+            log.exception("publishing progress failed")
 
     async def _publish(self, run: _Run, job: Job, *, state_change: bool) -> None:
         """Commit a change of ``run``, in order with its other changes, never after its end."""

@@ -51,7 +51,7 @@ def make_config(root: Path, data_dir: Path, **overrides: Any) -> Config:
         workers=2,
         job_timeout_s=60.0,
         probe_processes=2,
-        probe_timeout_s=5.0,
+        probe_timeout_s=60.0,  # generous: a busy machine is slow, and no test waits for it
         extensions=DEFAULT_EXTENSIONS,
         max_pending=100,
         shutdown_grace_s=2.0,

@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.timeout(600)  # a benchmark run: minutes on a busy machine
 def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     proc = subprocess.run(

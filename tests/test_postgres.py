@@ -4,10 +4,12 @@ the polling safety net under NOTIFY."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import psycopg
 import pytest
 
+from scanjobs.server.errors import DatabaseUnavailable, ShuttingDown, Unavailable
 from scanjobs.server.jobs import JobSpec, JobState
 from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
 from scanjobs.server.pgstore import PgDatabase
@@ -63,3 +65,49 @@ async def test_a_cancel_whose_notification_is_lost_is_found_by_the_lease_renewal
 def _flag_cancel(postgres_url: str, job_id: str) -> None:
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
+
+
+async def test_a_watch_that_loses_the_database_ends_with_database_unavailable(
+    postgres_url: str,
+) -> None:
+    db = await PgDatabase.open(postgres_url)
+    handler = ScriptedHandler()
+    queue = PgJobQueue(handler, db, QueueConfig(), ClusterConfig(lease_s=5.0, poll_s=0.1))
+    await queue.start()
+    outage: asyncio.Task[None] | None = None
+    try:
+        job = await queue.submit(JobSpec("/block"))
+        await handler.started_event(job.id).wait()
+        subscription = await queue.watch(job.id)
+        await anext(subscription)
+
+        outage = asyncio.create_task(_cut_connections_until_cancelled(postgres_url))
+        with pytest.raises(Unavailable) as ended:
+            async with asyncio.timeout(60):
+                await anext(subscription)
+    finally:
+        if outage is not None:
+            outage.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await outage
+        handler.release.set()
+        await queue.close(grace_s=1.0)
+        await db.close()
+    assert isinstance(ended.value, DatabaseUnavailable)
+    assert not isinstance(ended.value, ShuttingDown)
+    assert ended.value.reason == "DATABASE_UNAVAILABLE"
+
+
+async def _cut_connections_until_cancelled(postgres_url: str) -> None:
+    """An outage as the queue sees it: each of its connections is cut, again and again."""
+    while True:
+        await asyncio.to_thread(_terminate_others, postgres_url)
+        await asyncio.sleep(0.05)
+
+
+def _terminate_others(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
