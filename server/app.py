@@ -116,7 +116,11 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     db, catalog = await _open_storage(config)
     if probes is None:
         probes = ProbePool(
-            config.probe_processes, config.probe_timeout_s, on_probe=metrics.on_probe
+            config.probe_processes,
+            config.probe_timeout_s,
+            on_probe=metrics.on_probe,
+            memory_mib=config.probe_memory_mib,
+            user=config.probe_user,
         )
     try:
         await probes.start()

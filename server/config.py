@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .pgqueue import ClusterConfig
+from .probe import DEFAULT_PROBE_MEMORY_MIB, MIN_PROBE_MEMORY_MIB, worker_account
 from .queue import QueueConfig
 from .scan import ScanConfig
 
@@ -36,6 +37,8 @@ class Config:
     job_timeout_s: float = _QUEUE.job_timeout_s
     probe_processes: int = os.cpu_count() or 1
     probe_timeout_s: float = 30.0
+    probe_memory_mib: int = DEFAULT_PROBE_MEMORY_MIB
+    probe_user: str | None = None
     extensions: frozenset[str] = _SCAN.extensions
     max_pending: int = _QUEUE.max_pending
     max_jobs: int = _QUEUE.max_jobs
@@ -87,6 +90,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _probe_memory(text: str) -> int:
+    value = int(text)
+    if value != 0 and value < MIN_PROBE_MEMORY_MIB:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (no limit) or at least {MIN_PROBE_MEMORY_MIB} MiB (a worker needs "
+            f"that much address space to load FFmpeg), got {value}"
+        )
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -126,6 +139,12 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "probe worker processes; the default is the CPU count"),
     ("--probe-timeout", "PROBE_TIMEOUT", _positive_float, "probe_timeout_s",
      "seconds one file may take to probe before it is a per-file error"),
+    ("--probe-memory", "PROBE_MEMORY", _probe_memory, "probe_memory_mib",
+     "address-space limit of each probe worker, in MiB (a file that needs more is a per-file "
+     "error); 0 for none"),
+    ("--probe-user", "PROBE_USER", str, "probe_user",
+     "run probe workers as this user (name or uid), with its primary group only; the "
+     "server must start as root"),
     ("--extensions", "EXTENSIONS", _extensions, "extensions",
      "comma-separated video file extensions"),
     ("--max-pending", "MAX_PENDING", _positive_int, "max_pending",
@@ -200,6 +219,17 @@ def _tokens(path: Path | None) -> frozenset[str]:
     return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
 
 
+def _check_probe_user(parser: argparse.ArgumentParser, user: str | None) -> None:
+    if user is None:
+        return
+    try:
+        uid, _ = worker_account(user)
+    except KeyError:
+        parser.error(f"--probe-user: no such user: {user}")
+    if os.geteuid() not in (0, uid):
+        parser.error("--probe-user needs the server to start as root")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     """Parse flags (falling back to the environment); exits with usage on bad input."""
     parser = _parser()
@@ -212,6 +242,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
             parser.error(f"--root must be an absolute path: {root}")
     if args.database and not args.database.startswith(("postgresql://", "postgres://")):
         parser.error("--database takes a postgresql:// URL")
+    _check_probe_user(parser, args.probe_user)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -237,6 +268,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         job_timeout_s=args.job_timeout,
         probe_processes=args.probe_processes,
         probe_timeout_s=args.probe_timeout,
+        probe_memory_mib=args.probe_memory,
+        probe_user=args.probe_user,
         extensions=args.extensions,
         max_pending=args.max_pending,
         max_jobs=args.max_jobs,

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
-import pickle
+import pwd
+import resource
 import stat
-import struct
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
+
+from . import probe_wire as wire
+from .fsopen import open_beneath
+from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
 
 __all__ = [
+    "DEFAULT_PROBE_MEMORY_MIB",
+    "MIN_PROBE_MEMORY_MIB",
     "MediaInfo",
     "ProbeFailure",
     "ProbeOutcome",
@@ -31,6 +37,8 @@ __all__ = [
     "ProbeTarget",
     "Prober",
     "probe_file",
+    "worker_account",
+    "worker_environment",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +46,16 @@ log = logging.getLogger(__name__)
 # Demuxers FFmpeg may pick, whatever a file's content claims to be. Playlist and concat
 # demuxers (hls, concat, ...) would open other files named inside a file, even outside the
 # allowed roots, so they are left out.
+DEFAULT_PROBE_MEMORY_MIB = 1024
+MIN_PROBE_MEMORY_MIB = 256
+# What a worker keeps of the server's environment: what Python and FFmpeg need to run, and
+# nothing else. A database URL or a cloud key must never reach a process that parses files an
+# attacker may have crafted. (COVERAGE_PROCESS_CONFIG lets the test suite measure workers.)
+_WORKER_ENVIRONMENT = (
+    "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH",
+    "COVERAGE_PROCESS_CONFIG",
+)  # fmt: skip
+_MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
 _FORMAT_WHITELIST = (
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,h264,hevc,m4v,mjpeg"
 )
@@ -49,47 +67,6 @@ _FORMAT_BY_SUFFIX = {
     b".mkv": _MKV, b".webm": _MKV,
     b".avi": "avi", b".ts": "mpegts", b".flv": "flv", b".wmv": "asf", b".ogv": "ogg",
 }  # fmt: skip
-_FRAME = struct.Struct("!I")
-
-
-@dataclass(frozen=True, slots=True)
-class MediaInfo:
-    """What a probe learns about one file. Zero / empty means unknown or absent."""
-
-    container: str
-    duration_s: float | None
-    bit_rate: int
-    video_codec: str
-    width: int
-    height: int
-    frame_rate: Fraction | None
-    audio_codec: str
-    audio_streams: int
-    subtitle_streams: int
-    data_streams: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeTarget:
-    """A file to probe, and the identity (device, inode) the walk saw for it.
-
-    The worker probes the file only if what it opens is that very file: a name swapped for a
-    symlink, a FIFO or another file between walk and probe is refused, never read.
-    """
-
-    path: bytes
-    device: int
-    inode: int
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeFailure:
-    """A file that could not be probed, and why, in words fit for a caller."""
-
-    message: str
-
-
-ProbeOutcome = MediaInfo | ProbeFailure
 
 
 class Prober(Protocol):
@@ -105,7 +82,8 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
     try:
         fd = _open_verified(target)
         try:
-            return _probe_fd(fd, _FORMAT_BY_SUFFIX.get(os.path.splitext(target.path)[1].lower()))
+            suffix = os.path.splitext(target.relative)[1].lower()
+            return _probe_fd(fd, _FORMAT_BY_SUFFIX.get(suffix))
         finally:
             os.close(fd)
     except _Swapped:
@@ -114,6 +92,8 @@ def probe_file(target: ProbeTarget) -> ProbeOutcome:
         return ProbeFailure("file disappeared before it was probed")
     except PermissionError:
         return ProbeFailure("permission denied")
+    except MemoryError:
+        return ProbeFailure("the probe ran out of memory (--probe-memory)")
     except (av.FFmpegError, OSError, ValueError, UnicodeError) as exc:
         return ProbeFailure(f"not a readable video: {_short(exc)}")
 
@@ -143,8 +123,17 @@ class _Swapped(Exception):
 
 def _open_verified(target: ProbeTarget) -> int:
     """A descriptor of the file the walk vetted (same device and inode), or _Swapped."""
-    # O_NONBLOCK: opening a FIFO swapped in since the walk must not hang the worker.
-    fd = os.open(target.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    root_fd = os.open(target.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        # Beneath the root, no symlink followed: a folder on the way swapped for a symlink
+        # is ELOOP, not a way out. O_NONBLOCK: a FIFO swapped in must not hang the worker.
+        fd = open_beneath(root_fd, target.relative, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            raise _Swapped from None
+        raise
+    finally:
+        os.close(root_fd)
     try:
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != (target.device, target.inode) or not stat.S_ISREG(st.st_mode):
@@ -209,13 +198,14 @@ class _Worker:
         self.stdout = proc.stdout
 
     async def send(self, targets: Sequence[ProbeTarget]) -> None:
-        payload = pickle.dumps([(t.path, t.device, t.inode) for t in targets])
-        self.stdin.write(_FRAME.pack(len(payload)) + payload)
+        self.stdin.write(wire.encode_targets(tuple(targets)))
         await self.stdin.drain()
 
     async def receive(self) -> ProbeOutcome:
-        (size,) = _FRAME.unpack(await self.stdout.readexactly(_FRAME.size))
-        return _from_wire(pickle.loads(await self.stdout.readexactly(size)))  # noqa: S301 - our child
+        """The next outcome; raises wire.BadReply before reading an oversized payload."""
+        (size,) = wire.FRAME.unpack(await self.stdout.readexactly(wire.FRAME.size))
+        wire.check_size(size)
+        return wire.decode_outcome(await self.stdout.readexactly(size))
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -270,6 +260,14 @@ class ProbePool:
             worker is replaced.
         command: the worker's command line; by default this module run by this interpreter.
         on_probe: called with the seconds each file took (metrics).
+        memory_mib: each worker's address-space limit (``RLIMIT_AS``), in MiB; 0 for none.
+        user: run the workers as this user (a name or a uid) and its primary group, with no
+            supplementary groups; the server must start as root for that.
+
+    Workers start with a clean environment (:func:`worker_environment`).
+
+    Raises:
+        KeyError: ``user`` is not a known user.
     """
 
     def __init__(
@@ -279,7 +277,14 @@ class ProbePool:
         *,
         command: Sequence[str] = (sys.executable, "-m", "scanjobs.server.probe"),
         on_probe: Callable[[float], None] | None = None,
+        memory_mib: int = DEFAULT_PROBE_MEMORY_MIB,
+        user: str | None = None,
     ) -> None:
+        self._memory_mib = memory_mib
+        self._account: dict[str, Any] = {}
+        if user is not None:
+            uid, gid = worker_account(user)
+            self._account = {"user": uid, "group": gid, "extra_groups": []}
         self._on_probe = on_probe
         self._command = tuple(command)
         self._size = max(1, processes)
@@ -358,7 +363,10 @@ class ProbePool:
                 raise
             outcomes.append(ProbeFailure(f"probe took longer than {self._timeout_s:g} s"))
             return False
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, pickle.PickleError):
+        except wire.BadReply as exc:  # the worker is not ours any more: replace it
+            outcomes.append(ProbeFailure(str(exc)))
+            return False
+        except (asyncio.IncompleteReadError, ConnectionError):
             outcomes.append(ProbeFailure("the file crashed the probe worker"))
             return False
         finally:
@@ -383,6 +391,8 @@ class ProbePool:
             *self._command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            env={**worker_environment(), _MEMORY_VARIABLE: str(self._memory_mib)},
+            **self._account,
         )
         worker = _Worker(proc)
         self._all.add(worker)
@@ -392,32 +402,19 @@ class ProbePool:
         self._idle.put_nowait(worker)
 
 
-# Outcomes cross the pipe as plain tuples: unpickling frozen slotted dataclasses (and
-# Fractions) runs Python code per object, which showed up in the server's profile.
-_Wire = tuple[str, tuple[object, ...]]
+def worker_environment() -> dict[str, str]:
+    """The environment a probe worker starts with: the server's, minus anything not needed."""
+    return {name: os.environ[name] for name in _WORKER_ENVIRONMENT if name in os.environ}
 
 
-def _to_wire(outcome: ProbeOutcome) -> _Wire:
-    if isinstance(outcome, ProbeFailure):
-        return ("failure", (outcome.message,))
-    rate = outcome.frame_rate
-    return (
-        "info",
-        (outcome.container, outcome.duration_s, outcome.bit_rate, outcome.video_codec,
-         outcome.width, outcome.height, rate.numerator if rate else 0,
-         rate.denominator if rate else 0, outcome.audio_codec, outcome.audio_streams,
-         outcome.subtitle_streams, outcome.data_streams),
-    )  # fmt: skip
+def worker_account(user: str) -> tuple[int, int]:
+    """The uid and primary gid of ``user`` (a name or a numeric uid).
 
-
-def _from_wire(message: object) -> ProbeOutcome:
-    match message:
-        case ("failure", (str() as text,)):
-            return ProbeFailure(text)
-        case ("info", (c, d, b, vc, w, h, int() as num, int() as den, ac, an, sn, dn)):
-            rate = Fraction(num, den) if den else None
-            return MediaInfo(c, d, b, vc, w, h, rate, ac, an, sn, dn)  # type: ignore[arg-type]
-    raise ValueError("probe worker sent an unexpected message")
+    Raises:
+        KeyError: no such user.
+    """
+    entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    return entry.pw_uid, entry.pw_gid
 
 
 # -- the worker process --------------------------------------------------------------------
@@ -428,26 +425,27 @@ def _serve(
     stdout: BinaryIO,
     probe: Callable[[ProbeTarget], ProbeOutcome] = probe_file,
 ) -> None:
-    """Worker main loop: read batches, write one framed outcome per file."""
+    """Worker main loop: read batches, write one framed outcome per file.
+
+    The address-space limit the pool passed (``SCANJOBS_PROBE_MEMORY``, MiB) is set first,
+    before FFmpeg is loaded and before any file is read.
+    """
+    memory_bytes = int(os.environ.get(_MEMORY_VARIABLE) or 0) * 2**20
+    if memory_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     import av
 
     av.logging.set_level(None)
     while True:
-        header = stdin.read(_FRAME.size)
-        if len(header) < _FRAME.size:
+        header = stdin.read(wire.FRAME.size)
+        if len(header) < wire.FRAME.size:
             return  # the server closed our stdin or died
-        (size,) = _FRAME.unpack(header)
-        batch: list[tuple[bytes, int, int]] = pickle.loads(stdin.read(size))  # noqa: S301
-        for path, device, inode in batch:
-            payload = pickle.dumps(_to_wire(probe(ProbeTarget(path, device, inode))))
-            stdout.write(_FRAME.pack(len(payload)) + payload)
+        (size,) = wire.FRAME.unpack(header)
+        for target in wire.decode_targets(stdin.read(size)):
+            stdout.write(wire.encode_outcome(probe(target)))
             stdout.flush()
 
 
 if __name__ == "__main__":
-    # Run the copy imported under its real name, so that pickled outcomes name
-    # ``server.probe.MediaInfo`` rather than ``__main__.MediaInfo``.
-    from . import probe
-
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        probe._serve(sys.stdin.buffer, sys.stdout.buffer)
+        _serve(sys.stdin.buffer, sys.stdout.buffer)

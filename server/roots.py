@@ -6,15 +6,33 @@ caller cannot learn what exists outside the roots from the status codes.
 
 from __future__ import annotations
 
+import errno
 import os
-import stat
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from .errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from .fsopen import open_beneath, real_path
 
-__all__ = ["MAX_PATH_BYTES", "RootPolicy"]
+__all__ = ["MAX_PATH_BYTES", "Folder", "RootPolicy"]
 
 MAX_PATH_BYTES = 4096
+_ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Folder:
+    """A folder to scan, found by descriptor beneath an allowed root.
+
+    Attributes:
+        path: the folder as requested, normalised: the names the catalog keeps.
+        root: the resolved allowed root it lies beneath.
+        relative: its place beneath ``root``, free of symlinks (``b""`` for the root itself).
+    """
+
+    path: bytes
+    root: bytes
+    relative: bytes
 
 
 class RootPolicy:
@@ -38,6 +56,10 @@ class RootPolicy:
         self.resolved: tuple[str, ...] = tuple(dict.fromkeys(os.path.realpath(r) for r in given))
         self._lexical = tuple(dict.fromkeys([*given, *self.resolved]))
         self.resolved_bytes: tuple[bytes, ...] = tuple(os.fsencode(r) for r in self.resolved)
+        # Each root as a symlink target may name it (as given, or resolved), and where it is.
+        self._link_forms: tuple[tuple[bytes, bytes], ...] = tuple(
+            (os.fsencode(form), os.fsencode(os.path.realpath(form))) for form in self._lexical
+        )
 
     def check(self, raw: str) -> str:
         """Validate a requested scan directory and return it normalised.
@@ -48,23 +70,49 @@ class RootPolicy:
             NotFound: the path does not exist.
             FailedPrecondition: the path is not a directory.
         """
+        return os.fsdecode(self.locate(raw).path)
+
+    def locate(self, raw: str) -> Folder:
+        """Find a requested scan directory by descriptor beneath its root.
+
+        The path is checked by name first (so that a path outside the roots is refused before
+        any file-system access), then opened beneath its resolved root without following any
+        symlink, and what the descriptor really is (``/proc/self/fd``) is checked again: a
+        folder swapped for a symlink in between is refused, never followed.
+
+        Raises:
+            InvalidArgument: empty, relative, over-long or NUL-containing path.
+            PermissionDenied: outside every root, before or after resolving symlinks.
+            NotFound: the path does not exist.
+            FailedPrecondition: the path is not a directory, or cannot be reached.
+        """
         path = self.check_syntax(raw)
         if not _inside(path, self._lexical):
             raise PermissionDenied(f"{path} is outside the allowed roots")
-        real = os.path.realpath(path)
-        if not _inside(real, self.resolved):
+        real = os.fsencode(os.path.realpath(path))
+        root = self.root_of(real)
+        if root is None:
             raise PermissionDenied(f"{path} resolves outside the allowed roots")
+        folder = Folder(os.fsencode(path), root, real[len(root) :].lstrip(b"/"))
         try:
-            mode = os.stat(real).st_mode
-        except FileNotFoundError:
+            seen = _open_real(folder)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if isinstance(exc, NotADirectoryError) and _is_file(real):
+                raise FailedPrecondition(
+                    f"{path} is not a directory", reason="NOT_A_DIRECTORY"
+                ) from None
             raise NotFound(f"{path} does not exist", reason="PATH_NOT_FOUND") from None
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EXDEV):
+                raise PermissionDenied(
+                    f"{path} changed while it was opened: a symlink is not followed"
+                ) from None
             raise FailedPrecondition(
                 f"{path} cannot be read: {exc.strerror}", reason="PATH_UNREADABLE"
             ) from None
-        if not stat.S_ISDIR(mode):
-            raise FailedPrecondition(f"{path} is not a directory", reason="NOT_A_DIRECTORY")
-        return path
+        if seen != os.path.normpath(os.path.join(root, folder.relative)) or not self.allows(seen):
+            raise PermissionDenied(f"{path} resolves outside the allowed roots")
+        return folder
 
     @staticmethod
     def check_syntax(raw: str) -> str:
@@ -88,11 +136,48 @@ class RootPolicy:
 
     def allows(self, real_path: bytes) -> bool:
         """True if an already resolved path lies inside a root."""
-        return any(
-            real_path == r or real_path.startswith(r.rstrip(b"/") + b"/")
-            for r in self.resolved_bytes
-        )
+        return self.root_of(real_path) is not None
+
+    def root_of(self, real_path: bytes) -> bytes | None:
+        """The outermost resolved root that holds the resolved path ``real_path``, or None."""
+        inside = [r for r in self.resolved_bytes if _inside_bytes(real_path, r)]
+        return min(inside, key=len) if inside else None
+
+    def link_target(self, target: bytes) -> tuple[bytes, bytes] | None:
+        """Where an absolute symlink target lies: (resolved root, path beneath it), or None.
+
+        Matched by name against each root (as given or resolved), without looking anything
+        up: a target that does not start with a root is outside, whatever exists there.
+        """
+        for form, resolved in self._link_forms:
+            if _inside_bytes(target, form):
+                return resolved, target[len(form) :].lstrip(b"/") or b"."
+        return None
 
 
 def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _inside_bytes(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+def _open_real(folder: Folder) -> bytes:
+    """Open ``folder`` beneath its root without following symlinks; what it really is."""
+    root_fd = os.open(folder.root, _ROOT_FLAGS)
+    try:
+        fd = open_beneath(root_fd, folder.relative or b".", os.O_PATH | os.O_DIRECTORY)
+    finally:
+        os.close(root_fd)
+    try:
+        return real_path(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_file(real: bytes) -> bool:
+    try:
+        return not os.path.isdir(real) and os.path.lexists(real)
+    except OSError:
+        return False

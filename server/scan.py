@@ -2,7 +2,7 @@
 
 ::
 
-    walk (thread, os.scandir) -> bounded batches -> lanes, each: look up stamps in the catalog
+    walk (thread, by descriptor) -> bounded batches -> lanes, each: look up stamps in the catalog
     -> probe what changed (one worker round trip) -> commit the batch -> report progress
 
 The walk streams: it never holds the tree in memory, only a few batches of candidates.
@@ -14,18 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-from .catalog import Catalog, FileStamp, Video
+from .catalog import Catalog, Video
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
-from .probe import ProbeFailure, ProbeOutcome, Prober, ProbeTarget
+from .probe import ProbeFailure, ProbeOutcome, Prober
 from .roots import RootPolicy
 from .runner import JobContext
+from .walk import Candidate, WalkError, WalkItem, walk
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -37,93 +36,6 @@ __all__ = [
 ]
 
 DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
-
-
-class Candidate(NamedTuple):
-    """A regular file with a video extension, as the walk saw it (a tuple: the walk makes
-    one per file, and a rescan is mostly this)."""
-
-    path: bytes
-    size_bytes: int
-    mtime_ns: int
-    device: int
-    inode: int
-
-    @property
-    def stamp(self) -> FileStamp:
-        """Size and mtime, compared with the catalog's."""
-        return FileStamp(self.size_bytes, self.mtime_ns)
-
-    @property
-    def target(self) -> ProbeTarget:
-        """What the probe worker opens and verifies."""
-        return ProbeTarget(self.path, self.device, self.inode)
-
-
-@dataclass(frozen=True, slots=True)
-class WalkError:
-    """Something the walk could not read: a per-file error, not a job failure."""
-
-    path: bytes
-    message: str
-
-
-WalkItem = Candidate | WalkError
-
-
-def walk(
-    root: bytes,
-    *,
-    recursive: bool,
-    extensions: frozenset[bytes],
-    roots: RootPolicy,
-    stop: threading.Event | None = None,
-) -> Iterator[WalkItem]:
-    """Yield video files below ``root``, iteratively, without following directory symlinks.
-
-    A file symlink is followed only when its target resolves inside an allowed root. FIFOs,
-    sockets and devices are skipped without being opened.
-    """
-    suffixes = tuple(extensions)
-    stack = [root]
-    while stack:
-        if stop is not None and stop.is_set():
-            return
-        directory = stack.pop()
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:  # the hot loop: one cheap test per entry, then go on
-                    try:
-                        if entry.is_dir(follow_symlinks=False):
-                            if recursive:
-                                stack.append(entry.path)
-                            continue
-                    except OSError as exc:
-                        yield WalkError(entry.path, f"cannot read: {exc.strerror}")
-                        continue
-                    if entry.name.lower().endswith(suffixes):
-                        item = _candidate(entry, roots)
-                        if item is not None:
-                            yield item
-        except OSError as exc:
-            yield WalkError(directory, f"cannot read directory: {exc.strerror}")
-
-
-def _candidate(entry: os.DirEntry[bytes], roots: RootPolicy) -> WalkItem | None:
-    """A file with a video name: a candidate if it is a regular file we may read."""
-    try:
-        if entry.is_symlink():
-            real = os.path.realpath(entry.path)
-            if not roots.allows(real):
-                return WalkError(entry.path, "symlink points outside the allowed roots")
-            st = os.stat(real)
-        else:
-            st = entry.stat(follow_symlinks=False)
-    except OSError as exc:
-        return WalkError(entry.path, f"cannot read: {exc.strerror}")
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return Candidate(entry.path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
 
 
 class _Feed:
@@ -178,6 +90,9 @@ class _Feed:
         except Exception as exc:  # surfaced to the job on the loop
             self._deliver(exc)
         finally:
+            close = getattr(self._items, "close", None)
+            if close is not None:  # a walk holds descriptors: release them in this thread
+                close()
             self._deliver(None)
 
     def _hand(self, batch: list[WalkItem]) -> None:
@@ -322,12 +237,12 @@ class Scanner:
 
     async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
         """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
-        path = await asyncio.to_thread(self._roots.check, job.spec.path)
+        folder = await asyncio.to_thread(self._roots.locate, job.spec.path)
         tally = _Tally(ctx, self._config.max_errors)
         tally.report()  # announces the DISCOVERING phase
         stop = threading.Event()
         items = walk(
-            os.fsencode(path),
+            folder,
             recursive=job.spec.recursive,
             extensions=self._extensions,
             roots=self._roots,

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 
+from scanjobs.server import fsopen
 from scanjobs.server.app import App, start
 from scanjobs.server.config import Config
 from scanjobs.server.probe import ProbePool
@@ -74,7 +75,11 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
         pool = None
         if misbehaving:
             pool = ProbePool(
-                config.probe_processes, config.probe_timeout_s, command=MISBEHAVING_WORKER
+                config.probe_processes,
+                config.probe_timeout_s,
+                command=MISBEHAVING_WORKER,
+                memory_mib=config.probe_memory_mib,
+                user=config.probe_user,
             )
         app = await start(config, probes=pool)
         address = f"127.0.0.1:{app.port}"
@@ -87,6 +92,17 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
     for r in running:
         await r.channel.close()
         await r.app.stop()
+
+
+@pytest.fixture(params=["openat2", "by components"])
+def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with openat2, then with the per-component fallback used without it."""
+    if request.param == "openat2":
+        if not fsopen.has_openat2():
+            pytest.skip("this kernel refuses openat2")
+    else:
+        monkeypatch.setattr(fsopen, "has_openat2", lambda: False)
+    return str(request.param)
 
 
 @pytest.fixture

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
+import struct
 from collections.abc import AsyncIterator
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
+from scanjobs.server import probe_wire as wire
 from scanjobs.server.probe import MediaInfo, ProbeFailure, ProbePool, ProbeTarget, probe_file
 from tests.conftest import MISBEHAVING_WORKER, eventually
 from tests.conftest import probing as is_probing
@@ -17,8 +20,10 @@ from tests.media import write_video
 
 
 def target(path: Path | bytes) -> ProbeTarget:
+    """The file as the walk would hand it over, beneath its folder as the root."""
     st = os.stat(path)
-    return ProbeTarget(os.fsencode(path), st.st_dev, st.st_ino)
+    folder, name = os.path.split(os.fsencode(path))
+    return ProbeTarget(folder, name, st.st_dev, st.st_ino)
 
 
 def test_h264_aac_mp4_metadata(tmp_path: Path) -> None:
@@ -110,6 +115,21 @@ def test_a_file_swapped_after_the_walk_is_refused(tmp_path: Path) -> None:
     assert "changed" in outcome.message
 
 
+def test_a_folder_swapped_for_a_symlink_before_the_probe_is_refused(
+    tmp_path: Path, resolver: str
+) -> None:
+    # The symlink leads to the very file the walk saw (same device and inode): only opening
+    # beneath the root without following symlinks refuses it.
+    (tmp_path / "sub").mkdir()
+    path = write_video(tmp_path / "sub" / "a.mp4")
+    st = path.stat()
+    seen = ProbeTarget(os.fsencode(tmp_path), b"sub/a.mp4", st.st_dev, st.st_ino)
+    (tmp_path / "sub").rename(tmp_path / "elsewhere")
+    (tmp_path / "sub").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    outcome = probe_file(seen)
+    assert outcome == ProbeFailure("the file changed between walk and probe; it was not read")
+
+
 def test_a_vanished_file_is_a_failure(tmp_path: Path) -> None:
     path = write_video(tmp_path / "a.mp4")
     seen = target(path)
@@ -156,7 +176,7 @@ async def test_pool_probes_a_batch_in_order(pool: ProbePool, tmp_path: Path) -> 
     b = write_video(tmp_path / "b.mkv", container="matroska")
     (tmp_path / "c.mp4").write_bytes(b"junk")
     outcomes = await pool.probe([target(a), target(b), target(tmp_path / "c.mp4")])
-    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure]
+    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure], outcomes
 
 
 async def test_a_file_that_crashes_its_worker_costs_one_failure(
@@ -210,3 +230,63 @@ def test_a_file_whose_name_lies_is_still_described(tmp_path: Path) -> None:
     info = probe_file(target(path))
     assert isinstance(info, MediaInfo)
     assert (info.container, info.subtitle_streams) == ("matroska,webm", 1)
+
+
+# -- the wire between server and workers ------------------------------------------------------
+
+INFO_SAMPLE = MediaInfo("mov", 1.5, 900, "h264", 64, 48, Fraction(25), "aac", 1, 0, 2)
+NO_DURATION = MediaInfo("matroska,webm", None, 0, "vp9", 32, 16, Fraction(30000, 1001), "", 0, 1, 0)
+FAILURE = ProbeFailure("not a readable video: Invalid data")
+
+
+@pytest.mark.parametrize("outcome", [INFO_SAMPLE, NO_DURATION, FAILURE])
+def test_outcomes_cross_the_wire_unchanged(outcome: object) -> None:
+    frame = wire.encode_outcome(outcome)  # type: ignore[arg-type]
+    (size,) = wire.FRAME.unpack_from(frame)
+    assert wire.decode_outcome(frame[wire.FRAME.size :]) == outcome
+    assert size == len(frame) - wire.FRAME.size <= wire.MAX_REPLY_BYTES
+
+
+def test_targets_cross_the_wire_unchanged() -> None:
+    targets = [
+        ProbeTarget(b"/srv/media", b"caf\xe9/a.mp4", 2049, 12),
+        ProbeTarget(b"/", b"b", 1, 2),
+    ]
+    frame = wire.encode_targets(targets)
+    assert wire.decode_targets(frame[wire.FRAME.size :]) == targets
+
+
+def _media_payload(width: int = 64) -> bytes:
+    payload = wire.encode_outcome(INFO_SAMPLE)[wire.FRAME.size :]
+    # b"I", duration (8 bytes), bit rate (8), then the width (4)
+    return payload[:17] + struct.pack("!i", width) + payload[21:]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"X whatever",
+        pickle.dumps(("failure", ("hello",))),
+        b"F\xff\xfe",
+        _media_payload()[:-1],
+        _media_payload() + b"\x00",
+        _media_payload(width=-1),
+    ],
+    ids=["empty", "unknown kind", "pickle", "bad UTF-8", "truncated", "trailing", "negative"],
+)
+def test_a_reply_that_is_not_ours_is_refused(payload: bytes) -> None:
+    with pytest.raises(wire.BadReply):
+        wire.decode_outcome(payload)
+
+
+def test_an_oversized_reply_is_refused_before_it_is_read() -> None:
+    wire.check_size(wire.MAX_REPLY_BYTES)
+    with pytest.raises(wire.BadReply, match="oversized"):
+        wire.check_size(wire.MAX_REPLY_BYTES + 1)
+
+
+def test_long_texts_are_cut_to_fit_the_limit() -> None:
+    outcome = wire.decode_outcome(wire.encode_outcome(ProbeFailure("é" * 5000))[wire.FRAME.size :])
+    assert isinstance(outcome, ProbeFailure) and outcome.message.endswith("...")
+    assert len(outcome.message.encode()) <= 512

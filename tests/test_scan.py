@@ -14,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from scanjobs.server import fsopen
 from scanjobs.server.catalog import FileStamp, InMemoryCatalog, Video
 from scanjobs.server.jobs import JobSpec, JobState, Phase
 from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
 from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
 from scanjobs.server.roots import RootPolicy
 from scanjobs.server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
+from scanjobs.server.walk import Tree
 from tests.conftest import eventually
 
 VIDEO_EXTS = frozenset({b".mp4", b".mkv"})
@@ -28,7 +30,8 @@ INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
 
 def _walk(root: Path, *, roots: Sequence[Path] | None = None, recursive: bool = True) -> list:
     policy = RootPolicy([str(r) for r in roots or [root]])
-    return list(walk(os.fsencode(root), recursive=recursive, extensions=VIDEO_EXTS, roots=policy))
+    folder = policy.locate(str(root))
+    return list(walk(folder, recursive=recursive, extensions=VIDEO_EXTS, roots=policy))
 
 
 def _names(items: list) -> set[bytes]:
@@ -110,6 +113,44 @@ def test_walk_reports_symlink_loops_as_per_file_errors(tmp_path: Path) -> None:
     (tmp_path / "loopdir").symlink_to(tmp_path, target_is_directory=True)
     items = _walk(tmp_path)
     assert [type(i) for i in items] == [WalkError]
+
+
+def test_walk_finds_the_same_without_openat2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "outside.mp4").write_bytes(b"outside")
+    (root / "a" / "b" / "deep.mp4").write_bytes(b"deep")
+    (root / "a" / "in.mkv").symlink_to("b/deep.mp4")
+    (root / "a" / "up.mp4").symlink_to("../../outside.mp4")
+    (root / "dirlink").symlink_to(root / "a", target_is_directory=True)
+    (root / "gone.mp4").symlink_to("missing.mp4")
+    os.mkfifo(root / "pipe.mp4")
+    with_openat2 = sorted(map(repr, _walk(root)))
+    monkeypatch.setattr(fsopen, "has_openat2", lambda: False)
+    assert sorted(map(repr, _walk(root))) == with_openat2
+    assert len(with_openat2) == 4  # deep, in (followed), up (outside), gone (missing)
+
+
+def test_a_listing_holds_one_folder_and_says_whether_it_is_complete(tmp_path: Path) -> None:
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "top.mp4").write_bytes(b"x")
+    (tmp_path / "sub" / "a.mkv").write_bytes(b"x")
+    (tmp_path / "gone").mkdir()
+    policy = RootPolicy([str(tmp_path)])
+    with Tree(policy.locate(str(tmp_path)), VIDEO_EXTS, policy) as tree:
+        top = tree.list()
+        sub = tree.list(b"sub")
+        (tmp_path / "gone").rmdir()
+        (tmp_path / "gone").symlink_to(tmp_path / "sub", target_is_directory=True)
+        swapped = tree.list(b"gone")
+    assert (top.complete, sorted(top.folders), _names(top.items)) == (
+        True, [b"gone", b"sub"], {b"top.mp4"},
+    )  # fmt: skip
+    assert (sub.complete, sub.folders, _names(sub.items)) == (True, [b"sub/deeper"], {b"a.mkv"})
+    assert not swapped.complete
+    assert [type(i) for i in swapped.items] == [WalkError]
 
 
 def test_walk_keeps_non_utf8_names_exactly(tmp_path: Path) -> None:

@@ -1,0 +1,244 @@
+"""The walk: list a folder tree by descriptor, never led out of its root by a symlink.
+
+Each folder is opened beneath the root's descriptor, by its symlink-free path, without
+following any symlink (:func:`server.fsopen.open_beneath`), and listed through that
+descriptor. A folder swapped for a symlink after its parent was listed is an error for that
+folder, never a way out. Only one folder is open at a time, however wide or deep the tree:
+pending folders wait as names, not descriptors.
+
+:meth:`Tree.list` lists one folder completely and says whether it could (what reconciling a
+folder with the catalog needs); :func:`walk` streams the items of every folder below one.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from .catalog import FileStamp
+from .fsopen import open_beneath, real_path
+from .probe import ProbeTarget
+from .roots import Folder, RootPolicy
+
+__all__ = ["OUTSIDE_ROOTS", "Candidate", "Listing", "Tree", "WalkError", "WalkItem", "walk"]
+
+OUTSIDE_ROOTS = "symlink points outside the allowed roots"
+_ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+_ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class Candidate(NamedTuple):
+    """A regular file with a video extension, as the walk saw it (a tuple: the walk makes
+    one per file, and a rescan is mostly this).
+
+    ``path`` is the name the catalog keeps; ``root`` and ``relative`` say where the probe
+    opens it: the symlink-free place of the file (of a followed symlink's target) beneath
+    an allowed root.
+    """
+
+    path: bytes
+    size_bytes: int
+    mtime_ns: int
+    device: int
+    inode: int
+    root: bytes
+    relative: bytes
+
+    @property
+    def stamp(self) -> FileStamp:
+        """Size and mtime, compared with the catalog's."""
+        return FileStamp(self.size_bytes, self.mtime_ns)
+
+    @property
+    def target(self) -> ProbeTarget:
+        """What the probe worker opens and verifies."""
+        return ProbeTarget(self.root, self.relative, self.device, self.inode)
+
+
+@dataclass(frozen=True, slots=True)
+class WalkError:
+    """Something the walk could not read: a per-file error, not a job failure."""
+
+    path: bytes
+    message: str
+
+
+WalkItem = Candidate | WalkError
+
+
+@dataclass(slots=True)
+class Listing:
+    """One folder, as listed through its descriptor.
+
+    Attributes:
+        path: the folder, as the catalog names its files.
+        items: its video files and per-entry errors, in listing order.
+        folders: its sub-folders, relative to the walk's folder.
+        complete: True only if the folder was opened and read to its end; what is missing
+            from an incomplete listing may still exist.
+    """
+
+    path: bytes
+    items: list[WalkItem] = field(default_factory=list)
+    folders: list[bytes] = field(default_factory=list)
+    complete: bool = False
+
+
+class Tree:
+    """Lists the folders below one scan folder, each by descriptor beneath its root.
+
+    Use as a context manager: it holds the root's descriptor (``O_PATH``) while open.
+
+    Args:
+        folder: the scan folder, as :meth:`RootPolicy.locate` found it.
+        extensions: lower-case extensions, with the dot, that mark a video.
+        roots: where a file symlink may lead.
+    """
+
+    def __init__(self, folder: Folder, extensions: frozenset[bytes], roots: RootPolicy) -> None:
+        self._folder = folder
+        self._suffixes = tuple(os.fsdecode(e) for e in extensions)
+        self._roots = roots
+        self._root_fd = -1
+
+    def __enter__(self) -> Tree:
+        self._root_fd = os.open(self._folder.root, _ROOT_FLAGS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._root_fd)
+        self._root_fd = -1
+
+    def list(self, relative: bytes = b"") -> Listing:
+        """List the folder ``relative`` (to the scan folder; ``b""`` for itself)."""
+        folder = self._folder
+        path = folder.path + b"/" + relative if relative else folder.path
+        beneath = (folder.relative + b"/" + relative if folder.relative else relative) or b"."
+        listing = Listing(path)
+        try:
+            fd = open_beneath(self._root_fd, beneath, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            listing.items.append(WalkError(path, _unreadable_folder(exc)))
+            return listing
+        try:
+            self._read(fd, listing, relative, beneath)
+            listing.complete = True
+        except OSError as exc:
+            listing.items.append(WalkError(path, _unreadable_folder(exc)))
+        finally:
+            os.close(fd)
+        return listing
+
+    def _read(self, fd: int, listing: Listing, relative: bytes, beneath: bytes) -> None:
+        items, folders, suffixes = listing.items, listing.folders, self._suffixes
+        prefix = listing.path + b"/"
+        sub = relative + b"/" if relative else b""
+        under = beneath + b"/" if beneath != b"." else b""
+        with os.scandir(fd) as entries:  # names are str here: they are encoded back once
+            for entry in entries:  # the hot loop: one cheap test per entry, then go on
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(sub + entry.name.encode(_ENCODING, _ERRORS))
+                        continue
+                except OSError as exc:
+                    name = entry.name.encode(_ENCODING, _ERRORS)
+                    items.append(WalkError(prefix + name, f"cannot read: {exc.strerror}"))
+                    continue
+                if entry.name.lower().endswith(suffixes):
+                    item = self._candidate(entry, fd, prefix, under)
+                    if item is not None:
+                        items.append(item)
+
+    def _candidate(
+        self, entry: os.DirEntry[str], fd: int, prefix: bytes, under: bytes
+    ) -> WalkItem | None:
+        """A file with a video name: a candidate if it is a regular file we may read."""
+        name = entry.name.encode(_ENCODING, _ERRORS)
+        path = prefix + name
+        try:
+            if entry.is_symlink():
+                return self._followed(path, os.readlink(name, dir_fd=fd), under)
+            st = entry.stat(follow_symlinks=False)
+        except OSError as exc:
+            return WalkError(path, f"cannot read: {exc.strerror}")
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        root = self._folder.root
+        return Candidate(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, root, under + name)
+
+    def _followed(self, path: bytes, target: bytes, under: bytes) -> WalkItem | None:
+        """A file symlink, followed only if no step of its resolution leaves the roots.
+
+        Every other link gets the same error whether or not its target exists, so that the
+        outcome says nothing about what lies outside the roots.
+        """
+        if target.startswith(b"/"):
+            where = self._roots.link_target(target)
+        else:
+            where = (self._folder.root, under + target)
+        if where is None:
+            return WalkError(path, OUTSIDE_ROOTS)
+        root, beneath = where
+        try:
+            st, real = self._resolve(root, beneath)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return WalkError(path, OUTSIDE_ROOTS)
+            return WalkError(path, f"cannot read: {exc.strerror}")
+        inside = self._roots.root_of(real)
+        if inside is None:  # cannot happen beneath a root's descriptor; refuse all the same
+            return WalkError(path, OUTSIDE_ROOTS)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        relative = real[len(inside) :].lstrip(b"/")
+        return Candidate(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, inside, relative)
+
+    def _resolve(self, root: bytes, beneath: bytes) -> tuple[os.stat_result, bytes]:
+        """Stat and name what ``beneath`` leads to, symlinks followed only beneath ``root``."""
+        root_fd = self._root_fd if root == self._folder.root else os.open(root, _ROOT_FLAGS)
+        try:
+            fd = open_beneath(root_fd, beneath, os.O_PATH, follow_symlinks=True)
+        finally:
+            if root_fd != self._root_fd:
+                os.close(root_fd)
+        try:
+            return os.fstat(fd), real_path(fd)
+        finally:
+            os.close(fd)
+
+
+def _unreadable_folder(exc: OSError) -> str:
+    if exc.errno in (errno.ELOOP, errno.EXDEV):
+        return "cannot read directory: it was replaced by a symlink, which is not followed"
+    return f"cannot read directory: {exc.strerror}"
+
+
+def walk(
+    folder: Folder,
+    *,
+    recursive: bool,
+    extensions: frozenset[bytes],
+    roots: RootPolicy,
+    stop: threading.Event | None = None,
+) -> Iterator[WalkItem]:
+    """Yield video files below ``folder``, folder by folder, without following folder symlinks.
+
+    A file symlink is followed only when no step of its resolution leaves the roots. FIFOs,
+    sockets and devices are skipped without being opened. Memory holds one folder's listing
+    and the names of the folders still to list.
+    """
+    with Tree(folder, extensions, roots) as tree:
+        pending = [b""]
+        while pending:
+            if stop is not None and stop.is_set():
+                return
+            listing = tree.list(pending.pop())
+            yield from listing.items
+            if recursive:
+                pending.extend(listing.folders)
