@@ -188,13 +188,16 @@ class ScanClient:
         while True:
             request = pb.WatchJobRequest(job_id=job_id, after_sequence=last)
             try:
+                ended = False
                 async for event in self._stub.WatchJob(request, metadata=self._metadata):
                     failures = 0
                     last = event.sequence
-                    yield event
-                    if event.job.state in TERMINAL_STATES:
-                        return
-                return  # the server ended the stream: only after a terminal event
+                    if not ended:
+                        yield event
+                    ended = ended or event.job.state in TERMINAL_STATES
+                # The server ends the stream with OK right after the terminal event; reading
+                # to that end (rather than hanging up) lets the call finish as OK on both sides.
+                return
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
                 if not isinstance(error, ServiceUnavailable) or failures >= self._reconnects:

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
-from .core import ScanJobs
+from .errors import StorageIOError
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -27,6 +28,9 @@ from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
 from .store import Database, SqliteCatalog, SqliteJobStore
+
+if TYPE_CHECKING:
+    from .http_server import HttpServer
 
 __all__ = ["App", "ListenError", "start"]
 
@@ -60,7 +64,13 @@ class App:
     metrics: Metrics
     grace_s: float
     lame_duck_s: float
+    http: HttpServer | None = None
     stopped: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port, when ``--http-listen`` is on."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self) -> None:
         """Drain, then stop: every part in two stages, none left running. Idempotent.
@@ -88,6 +98,8 @@ class App:
         # Wait for our own calls only: a client's endless health Watch must not hold us up.
         if not await self.calls.drained(max(0.0, deadline - loop.time())):
             log.warning("calls still in flight at the end of the grace period")
+        if self.http is not None:
+            await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
         await self.probes.close()
         await self.db.close()
@@ -109,11 +121,24 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     """
     roots = RootPolicy(config.roots)
     metrics = Metrics()
-    calls = ServiceInterceptor(config.tokens, on_call=metrics.on_rpc)
-    options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    calls = ServiceInterceptor(
+        config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
+    )
+    options = [
+        *_SERVER_OPTIONS,
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot hold thousands of
+        # streams (a client past it waits, or gets its stream refused).
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+    ]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
-    db, catalog = await _open_storage(config)
+    http_socket = _bind_http(config)
+    try:
+        db, catalog = await _open_storage(config)
+    except BaseException:
+        _close(http_socket)
+        raise
     if probes is None:
         probes = ProbePool(
             config.probe_processes,
@@ -125,6 +150,7 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
     try:
         await probes.start()
     except BaseException:
+        _close(http_socket)
         await db.close()
         raise
     scanner = Scanner(
@@ -155,20 +181,42 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         await db.close()
         raise
     if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
+        metrics.serve(
+            config.metrics_listen,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_client_ca=config.tls_client_ca,
+        )
 
-    core = ScanJobs(queue, catalog, roots)
-    pb_grpc.add_ScanServiceServicer_to_server(ScanService(core), server)
+    pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = None
+    if http_socket is not None:
+        # Imported only when the HTTP port is on: uvicorn and connectrpc cost about half a
+        # second of start-up that a gRPC-only server need not pay.
+        from .http_server import serve_http
+
+        http = await serve_http(config, http_socket, queue, catalog, roots, metrics)
+    await _set_health(health_servicer, serving=True)
+    if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
+
+        async def follow_database(reachable: bool) -> None:
+            await _set_health(health_servicer, serving=reachable)
+
+        db.monitor(follow_database)
     log.info(
-        "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
+        "serving",
+        extra={
+            "listen": config.listen,
+            "port": port,
+            "http_port": http.port if http else None,
+            "roots": list(roots.resolved),
+        },
     )
     return App(
         server,
@@ -181,7 +229,35 @@ async def start(config: Config, *, probes: ProbePool | None = None) -> App:
         metrics,
         config.shutdown_grace_s,
         config.lame_duck_s,
+        http,
     )
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+def _bind_http(config: Config) -> socket.socket | None:
+    if not config.http_listen:
+        return None
+    host, _, port = config.http_listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, int(port)), family=family)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot listen on {config.http_listen}: {exc}") from None
+
+
+async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:
@@ -190,7 +266,11 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
     if config.database:
         pg = await PgDatabase.open(config.database)
         return pg, PgCatalog(pg)
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageIOError(f"cannot create the data directory {config.data_dir}: "
+                             f"{exc.strerror}") from None  # fmt: skip
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
 

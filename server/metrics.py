@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
@@ -91,11 +92,26 @@ class Metrics:
         """One ScanService call ended."""
         self._rpcs.labels(method, code).inc()
 
-    def serve(self, listen: str) -> None:
-        """Expose ``/metrics`` over HTTP on ``host:port`` (a daemon thread)."""
+    def serve(
+        self,
+        listen: str,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_client_ca: Path | None = None,
+    ) -> None:
+        """Expose ``/metrics`` on ``host:port`` (a daemon thread): HTTPS with ``tls_cert`` and
+        ``tls_key``, and then only to clients with a certificate from ``tls_client_ca``."""
         host, _, port = listen.rpartition(":")
-        address = host.strip("[]") or "127.0.0.1"
-        self._http = start_http_server(int(port), addr=address, registry=self.registry)
+        self._http = start_http_server(
+            int(port),
+            addr=host.strip("[]") or "127.0.0.1",
+            registry=self.registry,
+            certfile=str(tls_cert) if tls_cert else None,
+            keyfile=str(tls_key) if tls_key else None,
+            client_cafile=str(tls_client_ca) if tls_client_ca else None,
+            client_auth_required=tls_client_ca is not None,
+        )
 
     def close(self) -> None:
         """Stop serving ``/metrics`` and close its socket; idempotent."""

@@ -64,6 +64,8 @@ _CANCEL = "cancel:"
 # Serialises submits, so that the job limits and request ids hold across replicas.
 _SUBMIT_LOCK = 0x5CA4_0B6
 _Conn = psycopg.AsyncConnection[Any]
+# What a lost database looks like: the pool's translation, or psycopg from a direct connection.
+_DATABASE_DOWN = (psycopg.Error, DatabaseUnavailable)
 _EVENT_COLUMNS = "SELECT sequence, state_change, snapshot, time_ns FROM job_events"
 _LATEST_EVENT = _EVENT_COLUMNS + " WHERE job_id = %s ORDER BY sequence DESC LIMIT 1"
 _EVENTS_AFTER = _EVENT_COLUMNS + " WHERE job_id = %s AND sequence > %s ORDER BY sequence"
@@ -161,7 +163,7 @@ class PgJobQueue:
             return
         self._closing = True
         await self._runner.close(grace_s)
-        with contextlib.suppress(psycopg.Error):
+        with contextlib.suppress(*_DATABASE_DOWN):
             async with self._db.pool.connection() as conn:
                 await conn.execute(
                     "UPDATE jobs SET owner = NULL, lease_until = now()"
@@ -361,9 +363,11 @@ class PgJobQueue:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._cluster.poll_s):
                         await wake.wait()
-        except psycopg.Error:
+        except _DATABASE_DOWN:
             log.exception("watch of job %s failed", job_id)
-            subscription.fail(DatabaseUnavailable("the database is unavailable; resume the watch"))
+            subscription.fail(
+                DatabaseUnavailable("the database cannot be reached; resume the watch shortly")
+            )
 
     async def _events(
         self, job_id: str, after: int, *, latest_only: bool = False
@@ -378,25 +382,44 @@ class PgJobQueue:
         return [event_from_row(tuple(r)) for r in rows]
 
     async def _listen(self, conn: _Conn) -> None:
-        """Dispatch notifications: new work, events to wake watchers, cancels for owners.
-
-        Should the connection fail, polling every ``poll_s`` (workers, watchers, leases)
-        keeps everything working, only slower."""
-        try:
-            await self._dispatch(conn)
-        except psycopg.Error:
-            log.exception("notifications stopped; polling every %g s", self._cluster.poll_s)
-
-    async def _dispatch(self, conn: _Conn) -> None:
-        async for note in conn.notifies():
-            payload = note.payload
-            if payload == _NEW_WORK:
-                self._work.set()
-            elif payload.startswith(_NEW_EVENT):
-                for wake in self._wakeups.get(payload.removeprefix(_NEW_EVENT), ()):
+        """Dispatch notifications; when the database was lost, listen again once it is back
+        and wake everyone, for what was notified meanwhile (polling every ``poll_s`` carries
+        on in between)."""
+        while True:
+            with contextlib.suppress(psycopg.OperationalError):
+                async for note in conn.notifies():
+                    self._dispatch(note.payload)
+            await conn.close()
+            conn = self._listener = await self._listen_again()
+            self._work.set()
+            for wakeups in self._wakeups.values():
+                for wake in wakeups:
                     wake.set()
-            elif payload.startswith(_CANCEL):
-                self._runner.request_stop(payload.removeprefix(_CANCEL), CancelReason.USER)
+
+    async def _listen_again(self) -> _Conn:
+        """A new listening connection, once the database takes one."""
+        while True:
+            await asyncio.sleep(self._cluster.poll_s)
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
+            except psycopg.OperationalError:
+                continue
+            try:
+                await conn.execute(f"LISTEN {_CHANNEL}")
+            except psycopg.OperationalError:
+                await conn.close()
+                continue
+            return conn
+
+    def _dispatch(self, payload: str) -> None:
+        """One notification: new work, an event to wake watchers, a cancel for the owner."""
+        if payload == _NEW_WORK:
+            self._work.set()
+        elif payload.startswith(_NEW_EVENT):
+            for wake in self._wakeups.get(payload.removeprefix(_NEW_EVENT), ()):
+                wake.set()
+        elif payload.startswith(_CANCEL):
+            self._runner.request_stop(payload.removeprefix(_CANCEL), CancelReason.USER)
 
     # -- writing events ----------------------------------------------------------------------
 
@@ -449,7 +472,7 @@ class PgJobQueue:
         ``start`` to it; when there is none, wait for work (or ``poll_s``) and return None."""
         try:
             claimed = await self._claim(start)
-        except psycopg.Error:
+        except _DATABASE_DOWN:
             log.exception("claiming a job failed")
             claimed = None
         if claimed is None:
@@ -494,7 +517,7 @@ class PgJobQueue:
                 continue
             try:
                 await self._renew()
-            except psycopg.Error:
+            except _DATABASE_DOWN:
                 log.exception("renewing leases failed")
 
     async def _renew(self) -> None:
@@ -519,7 +542,7 @@ class PgJobQueue:
             await asyncio.sleep(max(5.0, self._cluster.poll_s))
             try:
                 await self._tidy()
-            except psycopg.Error:
+            except _DATABASE_DOWN:
                 log.exception("housekeeping failed")
 
     async def _tidy(self) -> None:

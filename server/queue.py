@@ -14,14 +14,15 @@ import asyncio
 import base64
 import bisect
 import collections
+import contextlib
 import heapq
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted, ShuttingDown
+from .errors import InvalidArgument, NotFound, ResourceExhausted, ShuttingDown, StorageFault
 from .jobs import (
     TERMINAL,
     CancelReason,
@@ -29,10 +30,13 @@ from .jobs import (
     JobEvent,
     JobSpec,
     JobState,
+    ScanResult,
     cancel_reply,
+    finished,
     new_job,
     same_request,
 )
+from .jobstore import InMemoryJobStore, JobStore, StoredJob
 from .runner import JobHandler, JobRunner, OwnedTasks
 from .watch import Subscription, check_watcher_limits
 
@@ -50,6 +54,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_RETRY_S = 1.0  # between two attempts to commit events the store refused
+
 
 class JobQueue(Protocol):
     """What the transport needs from a job queue."""
@@ -61,77 +67,6 @@ class JobQueue(Protocol):
     ) -> tuple[list[Job], str]: ...
     async def cancel(self, job_id: str) -> Job: ...
     async def watch(self, job_id: str, after_sequence: int = 0) -> Subscription: ...
-
-
-@dataclass(frozen=True, slots=True)
-class StoredJob:
-    """A job as a store gives it back at start-up, with its latest stored event."""
-
-    job: Job
-    last_event: JobEvent
-
-
-class JobStore(Protocol):
-    """Where jobs and their events are kept across restarts."""
-
-    async def load(self) -> list[StoredJob]:
-        """Every kept job, in submission order."""
-        ...
-
-    async def append(self, events: Sequence[JobEvent]) -> None:
-        """Commit events, and each job's snapshot as of its latest event, atomically."""
-        ...
-
-    async def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
-        """Kept events of a job with a greater sequence, in order."""
-        ...
-
-    async def thin(self, job_id: str) -> None:
-        """Drop an ended job's progress events, keeping its state changes."""
-        ...
-
-    async def prune(self, ended_before: datetime) -> list[str]:
-        """Delete jobs that ended before ``ended_before``, and their events; return their ids."""
-        ...
-
-    async def delete(self, job_ids: Sequence[str]) -> None:
-        """Delete these jobs and their events."""
-        ...
-
-
-class InMemoryJobStore:
-    """A :class:`JobStore` that forgets everything with the process: the test double."""
-
-    def __init__(self) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._events: dict[str, list[JobEvent]] = {}
-
-    async def load(self) -> list[StoredJob]:
-        return [StoredJob(job, self._events[job_id][-1]) for job_id, job in self._jobs.items()]
-
-    async def append(self, events: Sequence[JobEvent]) -> None:
-        for event in events:
-            self._jobs[event.job.id] = event.job
-            self._events.setdefault(event.job.id, []).append(event)
-
-    async def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
-        return [e for e in self._events.get(job_id, []) if e.sequence > after_sequence]
-
-    async def thin(self, job_id: str) -> None:
-        events = self._events[job_id]
-        self._events[job_id] = [e for e in events if e.state_change]
-
-    async def prune(self, ended_before: datetime) -> list[str]:
-        gone = [
-            i for i, j in self._jobs.items() if j.end_time is not None and j.end_time < ended_before
-        ]
-        await self.delete(gone)
-        return gone
-
-    async def delete(self, job_ids: Sequence[str]) -> None:
-        for job_id in job_ids:
-            self._jobs.pop(job_id, None)
-            self._events.pop(job_id, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,7 +344,8 @@ class AsyncioJobQueue:
                 field="after_sequence",
             )
         await self._runner.flush(job_id)
-        await self._committed(entry)  # so that the snapshot is the current state
+        with contextlib.suppress(StorageFault):  # not kept yet: the rest follows once it is
+            await self._committed(entry)  # so that the snapshot is the current state
         subscription = Subscription(on_close=lambda s: self._unwatch(entry, s))
         await self._seed(entry, subscription, after_sequence)
         return subscription
@@ -442,7 +378,12 @@ class AsyncioJobQueue:
         if entry.job.state not in (JobState.PENDING, JobState.RUNNING):
             return None  # cancelled while it waited
         entry.waiting_to_resume = False
-        await self._commit(entry, start(entry.job))
+        try:
+            await self._commit(entry, start(entry.job))
+        except StorageFault as exc:  # kept once the store recovers, with the failure after it
+            failed = finished(entry.job, JobState.FAILED, ScanResult(), exc.message, self._clock())
+            self._set(entry, failed, state_change=True)
+            return None
         return entry.job  # with a cancel that arrived during the commit
 
     async def publish(self, job: Job, *, state_change: bool) -> Job:
@@ -451,7 +392,8 @@ class AsyncioJobQueue:
         if entry.job.cancel_requested and not job.cancel_requested:
             job, state_change = replace(job, cancel_requested=True), True
         self._set(entry, job, state_change=state_change)
-        await self._committed(entry)
+        with contextlib.suppress(StorageFault):  # queued: committed once the store recovers
+            await self._committed(entry)
         return job
 
     # -- bookkeeping -----------------------------------------------------------------------
@@ -505,6 +447,7 @@ class AsyncioJobQueue:
         entry.outbox.append(JobEvent(entry.sequence, job, state_change, self._clock()))
         if entry.drain is None or entry.drain.done():
             entry.drain = self._tasks.spawn(self._drain(entry), name=f"outbox-{job.id}")
+            entry.drain.add_done_callback(_observed)
 
     async def _commit(self, entry: _Entry, job: Job) -> None:
         self._set(entry, job, state_change=True)
@@ -518,14 +461,34 @@ class AsyncioJobQueue:
 
     async def _drain(self, entry: _Entry) -> None:
         """Commit the outbox in order, then announce what was committed. An ended job's
-        progress events are thinned before its end is announced."""
+        progress events are thinned before its end is announced.
+
+        When the store cannot take them (a full disk, say) the events stay queued and are
+        tried again every ``_RETRY_S``, so that no change is lost once it can be kept; whoever
+        waits for this commit gets the error now."""
         while entry.outbox:
             batch, entry.outbox = entry.outbox, []
-            await self._store.append(batch)
+            try:
+                await self._store.append(batch)
+            except StorageFault as exc:
+                entry.outbox[:0] = batch
+                log.warning("job %s: events not kept yet: %s", entry.job.id, exc.message)
+                if not self._closing:
+                    asyncio.get_running_loop().call_later(_RETRY_S, self._redrain, entry)
+                raise
             if batch[-1].job.terminal:
-                await self._store.thin(entry.job.id)
+                with contextlib.suppress(StorageFault):  # thinning is only a saving
+                    await self._store.thin(entry.job.id)
             for event in batch:
                 self._announce(entry, event)
+
+    def _redrain(self, entry: _Entry) -> None:
+        """Try a failed commit again, unless the job was forgotten (a refused submit)."""
+        if self._closing or self._entries.get(entry.job.id) is not entry or not entry.outbox:
+            return
+        if entry.drain is None or entry.drain.done():
+            entry.drain = self._tasks.spawn(self._drain(entry), name=f"outbox-{entry.job.id}")
+            entry.drain.add_done_callback(_observed)
 
     def _announce(self, entry: _Entry, event: JobEvent) -> None:
         entry.history.append(event)
@@ -545,13 +508,22 @@ class AsyncioJobQueue:
     async def _prune_forever(self) -> None:
         while True:
             await asyncio.sleep(self._config.prune_interval_s)
-            await self._prune()
+            try:
+                await self._prune()
+            except StorageFault as exc:  # a full disk must not end pruning for good
+                log.warning("pruning ended jobs failed: %s", exc.message)
 
     async def _prune(self) -> None:
         cutoff = self._clock() - timedelta(seconds=self._config.retention_s)
         for job_id in await self._store.prune(cutoff):
             if (entry := self._entries.get(job_id)) is not None:
                 self._forget(entry)
+
+
+def _observed(task: asyncio.Task[Any]) -> None:
+    """Mark a commit's failure as seen: the waiters (if any) got it, and it was logged."""
+    if not task.cancelled() and not isinstance(task.exception(), StorageFault | None):
+        log.error("committing events failed", exc_info=task.exception())
 
 
 def encode_page_token(number: int, state: JobState | None) -> str:

@@ -27,6 +27,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
 
+from .errors import DatabaseUnavailable
 from .jobs import (
     CancelReason,
     Job,
@@ -297,6 +298,8 @@ class JobRunner:
             if ctx.cancel_reason is None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
             result = ctx.result
+        except DatabaseUnavailable:
+            raise  # not the job's fault: it stays RUNNING, and resumes once its lease lapses
         except Exception as exc:  # a handler bug or an expected failure: the job fails
             error = failure_text(exc)
             return finished(run.job, JobState.FAILED, ctx.result, error, self._clock())

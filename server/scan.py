@@ -253,6 +253,10 @@ class Scanner:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(self._config.lanes):
                     lanes.create_task(self._lane(job.id, feed, tally, ctx))
+        except ExceptionGroup as group:
+            # The first lane's failure ends the job, as itself: a domain error keeps its
+            # reason (a full disk, a lost database) instead of hiding in a group.
+            raise group.exceptions[0] from group
         finally:
             feed.stop()
         return tally.result()

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import hmac
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,12 +27,24 @@ from grpc_status import rpc_status
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
-from . import errors
-from .catalog import Video
-from .core import ScanJobs
-from .jobs import Job, JobEvent, JobState, Phase, display_path
+from . import errors, intake
+from .auth import BearerTokens
+from .catalog import Catalog, Video
+from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
+from .queue import JobQueue
+from .roots import RootPolicy
 
-__all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "ScanService",
+    "ServiceInterceptor",
+    "code_of",
+    "event_to_proto",
+    "job_to_proto",
+    "spec_of",
+    "state_of",
+    "video_to_proto",
+]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +59,9 @@ _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,
 }
 _STATE_TO_PB = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
@@ -65,12 +79,18 @@ _PHASE_TO_PB = {
 }
 
 _METHOD_PREFIX = "/scanjobs.v1.ScanService/"
+_HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 _Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def code_of(exc: errors.ScanJobsError) -> grpc.StatusCode:
+    """The status code of an expected error: the one map that every transport derives from."""
+    return _CODES.get(type(exc)) or next(c for cls, c in _CODES.items() if isinstance(exc, cls))
 
 
 def status_of(exc: errors.ScanJobsError) -> grpc.Status:
     """The rich gRPC status for an expected error."""
-    code = _CODES.get(type(exc)) or next(c for cls, c in _CODES.items() if isinstance(exc, cls))
+    code = code_of(exc)
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
     details = [info]
@@ -102,18 +122,25 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     This is the one place where expected errors become status codes and bugs become a bare
     INTERNAL. Health and reflection stay open and keep their own behaviour.
 
+    Health ``Watch`` streams need no token, so their number is capped here
+    (``max_health_watchers``): past it a new one is RESOURCE_EXHAUSTED.
+
     Args:
         tokens: bearer tokens, any of which admits a call; none means no authentication.
         on_call: called with the method and status code name of every call (metrics).
+        max_health_watchers: open health ``Watch`` streams allowed at once.
     """
 
     def __init__(
         self,
         tokens: frozenset[str] = frozenset(),
         on_call: Callable[[str, str], None] | None = None,
+        max_health_watchers: int = 100,
     ) -> None:
         self._on_call = on_call
-        self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
+        self._max_health_watchers = max_health_watchers
+        self._health_watchers = 0
+        self._tokens = BearerTokens(tokens)
         self._in_flight = 0
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._idle = asyncio.Event()
@@ -146,11 +173,40 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:  # the same wrapper serves every call of a method
             return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(_METHOD_PREFIX):
+        if handler is None:
             return handler
-        wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        if method == _HEALTH_WATCH and handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._capped(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif method.startswith(_METHOD_PREFIX):
+            wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        else:
+            return handler
         self._wrapped[method] = wrapped
         return wrapped
+
+    def _capped(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+        """Health ``Watch`` with a cap on the streams open at once (they need no token)."""
+
+        async def capped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._health_watchers >= self._max_health_watchers:
+                status = status_of(
+                    errors.ResourceExhausted(
+                        f"too many health watchers (limit {self._max_health_watchers})",
+                        reason="TOO_MANY_WATCHERS",
+                    )
+                )
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            self._health_watchers += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self._health_watchers -= 1
+
+        return capped
 
     def _wrap(
         self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -178,10 +234,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             self._idle.clear()
             started = time.perf_counter()
             code = grpc.StatusCode.CANCELLED  # unless we learn better: the client went away
+            admitted = False  # a stranger's request fields are not worth a line in our logs
             try:
                 status = None
                 try:
                     self._authenticate(context)
+                    admitted = True
                     if self._refusing:
                         raise errors.ShuttingDown("the server is shutting down; retry elsewhere")
                     if isinstance(request, _Malformed):
@@ -200,29 +258,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
-                _log_call(name, code, time.perf_counter() - started, request)
+                _log_call(name, code, time.perf_counter() - started, request if admitted else None)
                 if self._on_call is not None:
                     self._on_call(name, code.name)
 
         return guarded
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Admit the call if it carries one of the tokens, compared in constant time."""
-        if not self._tokens:
+        """Admit the call if it carries one of the tokens."""
+        if not self._tokens.required:
             return
-        presented = b""
+        presented = None
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                presented = value.removeprefix("Bearer ").encode()
-        digest = hashlib.sha256(presented).digest()
-        match = False
-        for token in self._tokens:  # no early exit: the time does not depend on which matched
-            match |= hmac.compare_digest(digest, token)
-        if not presented or not match:
-            raise errors.Unauthenticated(
-                "missing or invalid bearer token (send 'authorization: Bearer <token>')",
-                reason="UNAUTHENTICATED",
-            )
+            if key == "authorization" and isinstance(value, str):
+                presented = value
+        self._tokens.check(presented)
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +305,7 @@ def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], 
 
 
 def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) -> None:
+    """One line per call; ``request`` (None before authentication) adds its ``job_id``."""
     if not log.isEnabledFor(logging.INFO):
         return
     fields: dict[str, object] = {
@@ -269,40 +320,30 @@ def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) 
 
 
 class ScanService(pb_grpc.ScanServiceServicer):
-    """Maps ScanService RPCs onto the core (:class:`server.core.ScanJobs`): converts the
-    messages, nothing else; errors are mapped by :class:`ServiceInterceptor`."""
+    """Maps ScanService RPCs onto the job queue and the catalog."""
 
-    def __init__(self, core: ScanJobs) -> None:
-        self._core = core
+    def __init__(self, queue: JobQueue, catalog: Catalog, roots: RootPolicy) -> None:
+        self._queue = queue
+        self._catalog = catalog
+        self._roots = roots
         self._events: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
         # The wire form of recent job snapshots, by identity: snapshots are immutable, and a
         # busy job is asked for the same snapshot many times between two changes.
         self._jobs: collections.OrderedDict[int, tuple[Job, pb.Job]] = collections.OrderedDict()
 
     async def SubmitScan(self, request: pb.SubmitScanRequest, context: _Context) -> pb.Job:
-        timeout_s = None
-        if request.HasField("timeout"):
-            timeout_s = request.timeout.ToTimedelta().total_seconds()
-        job = await self._core.submit_scan(
-            request.path,
-            recursive=request.recursive if request.HasField("recursive") else True,
-            timeout_s=timeout_s,
-            request_id=request.request_id,
-        )
-        return job_to_proto(job)
+        return job_to_proto(await intake.submit_scan(self._queue, self._roots, spec_of(request)))
 
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.Job:
-        return self._job_proto(await self._core.get_job(request.job_id))
+        return self._job_proto(await self._queue.get(intake.job_id(request.job_id)))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: _Context) -> pb.Job:
-        return job_to_proto(await self._core.cancel_job(request.job_id))
+        return job_to_proto(await self._queue.cancel(intake.job_id(request.job_id)))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: _Context) -> pb.ListJobsResponse:
-        if request.state not in _PB_TO_STATE and request.state != pb.JOB_STATE_UNSPECIFIED:
-            raise errors.InvalidArgument(f"unknown state {request.state}", field="state")
-        jobs, token = await self._core.list_jobs(
-            state=_PB_TO_STATE.get(request.state),
-            page_size=request.page_size,
+        jobs, token = await self._queue.list_jobs(
+            state=state_of(request.state),
+            page_size=intake.page_size(request.page_size, default=50),
             page_token=request.page_token,
         )
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
@@ -310,10 +351,10 @@ class ScanService(pb_grpc.ScanServiceServicer):
     async def ListVideos(
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
-        videos, token = await self._core.list_videos(
-            path_prefix=request.path_prefix,
+        videos, token = await self._catalog.list_videos(
+            path_prefix=os.fsencode(request.path_prefix),
             job_id=request.job_id,
-            page_size=request.page_size,
+            page_size=intake.page_size(request.page_size, default=100),
             page_token=request.page_token,
         )
         return pb.ListVideosResponse(
@@ -325,7 +366,9 @@ class ScanService(pb_grpc.ScanServiceServicer):
     ) -> None:
         # A coroutine around context.write, not an async generator: its cleanup must run when
         # the client hangs up (CancelledError here), not whenever the generator is collected.
-        subscription = await self._core.watch_job(request.job_id, request.after_sequence)
+        subscription = await self._queue.watch(
+            intake.job_id(request.job_id), request.after_sequence
+        )
         try:
             async for event in subscription:
                 # Bytes pass the stream's serializer untouched (see ServiceInterceptor).
@@ -338,11 +381,7 @@ class ScanService(pb_grpc.ScanServiceServicer):
         key = (event.job.id, event.sequence)
         data = self._events.get(key)
         if data is None:
-            message = pb.JobEvent(
-                sequence=event.sequence,
-                job=self._job_proto(event.job),
-                event_time=_timestamp(event.time),
-            )
+            message = event_to_proto(event, self._job_proto(event.job))
             data = self._events[key] = message.SerializeToString()
             if len(self._events) > 256:
                 self._events.popitem(last=False)
@@ -357,6 +396,30 @@ class ScanService(pb_grpc.ScanServiceServicer):
         if len(self._jobs) > 256:
             self._jobs.popitem(last=False)
         return message
+
+
+def spec_of(request: pb.SubmitScanRequest) -> JobSpec:
+    """The checked job spec of a SubmitScan request (see ``intake.job_spec``)."""
+    timeout_s = None
+    if request.HasField("timeout"):
+        timeout_s = request.timeout.ToTimedelta().total_seconds()
+    return intake.job_spec(
+        request.path,
+        recursive=request.recursive if request.HasField("recursive") else True,
+        timeout_s=timeout_s,
+        request_id=request.request_id,
+    )
+
+
+def state_of(value: int) -> JobState | None:
+    """The job state a ListJobs filter names; ``None`` for JOB_STATE_UNSPECIFIED (any state).
+
+    Raises:
+        InvalidArgument: not a known state.
+    """
+    if value not in _PB_TO_STATE and value != pb.JOB_STATE_UNSPECIFIED:
+        raise errors.InvalidArgument(f"unknown state {value}", field="state")
+    return _PB_TO_STATE.get(value)  # type: ignore[call-overload,no-any-return]
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -377,6 +440,15 @@ def _seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(round(value * 1e9))
     return duration
+
+
+def event_to_proto(event: JobEvent, job: pb.Job | None = None) -> pb.JobEvent:
+    """The wire form of a job event; ``job`` is its snapshot when already converted."""
+    return pb.JobEvent(
+        sequence=event.sequence,
+        job=job if job is not None else job_to_proto(event.job),
+        event_time=_timestamp(event.time),
+    )
 
 
 def job_to_proto(job: Job) -> pb.Job:

@@ -71,7 +71,8 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
     running: list[Running] = []
 
     async def _serve(root: Path, *, misbehaving: bool = False, **overrides: Any) -> Running:
-        config = make_config(root, tmp_path / f"data{len(running)}", **overrides)
+        data_dir = overrides.pop("data_dir", tmp_path / f"data{len(running)}")
+        config = make_config(root, data_dir, **overrides)
         pool = None
         if misbehaving:
             pool = ProbePool(
