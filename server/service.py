@@ -145,6 +145,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refusing = False
+
+    def refuse_new_calls(self) -> None:
+        """From now on answer every new ScanService call UNAVAILABLE (``SHUTTING_DOWN``), so
+        that clients retry elsewhere; calls already in flight go on."""
+        self._refusing = True
 
     async def drained(self, timeout_s: float) -> bool:
         """Wait until no ScanService call is in flight; False if ``timeout_s`` ran out."""
@@ -234,6 +240,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     self._authenticate(context)
                     admitted = True
+                    if self._refusing:
+                        raise errors.ShuttingDown("the server is shutting down; retry elsewhere")
                     if isinstance(request, _Malformed):
                         raise errors.InvalidArgument(request.message, reason="MALFORMED_REQUEST")
                     result = await behavior(request, context)
