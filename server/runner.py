@@ -344,7 +344,9 @@ class JobRunner:
         async with run.lock:
             if run.lost or run.published.terminal:
                 return
-            kept = await self._sink.publish(job, state_change=state_change)
+            # A progress write that starts after the end was decided carries the end: it is
+            # then the state change, or the end's thinning of progress would delete it.
+            kept = await self._sink.publish(job, state_change=state_change or job.terminal)
             run.published = job
             if kept is None:
                 log.warning("lost job %s to another replica", job.id)

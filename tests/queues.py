@@ -70,6 +70,9 @@ class ScriptedHandler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.release.wait()
             await asyncio.Event().wait()
+        if path == "/report-then-end":  # progress due in the very step the job ends
+            ctx.report(Progress(Phase.PROBING, 1, 1, "/report-then-end/one"), PARTIAL)
+            return ScanResult(added=1)
         if path == "/block":
             ctx.report(Progress(Phase.PROBING, 2, 1, "/block/one"), PARTIAL)
             await self.release.wait()

@@ -7,6 +7,8 @@ order of commit and listeners, the reason of a shutdown, and the cap on kept job
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from scanjobs.server.errors import NotFound, ResourceExhausted, ShuttingDown
@@ -45,6 +47,36 @@ async def test_an_ended_job_keeps_only_its_state_changes(make_queue: QueueFactor
     assert any(not e.state_change for e in live), "progress was published while it ran"
     assert [e.job.state for e in replay] == [JobState.RUNNING, JobState.COMPLETED]
     assert all(e.state_change for e in replay)
+
+
+async def test_a_progress_write_due_as_the_job_ends_never_hides_the_terminal_event(
+    make_queue: QueueFactory,
+) -> None:
+    # With no interval, the progress write is spawned in the same loop turn as the end, and
+    # it used to start after the end was decided: it then wrote the terminal snapshot as
+    # progress, which the end's thinning deleted, and the stored history had no end at all.
+    ended: set[str] = set()
+    all_ended = asyncio.Event()
+
+    def listener(event: JobEvent) -> None:
+        if event.job.terminal:
+            ended.add(event.job.id)
+            if len(ended) == 24:
+                all_ended.set()
+
+    queue = await make_queue(
+        ScriptedHandler(), listeners=[listener], progress_interval_s=0.0, workers=4
+    )
+    jobs = [await queue.submit(JobSpec("/report-then-end")) for _ in range(24)]
+    async with asyncio.timeout(60):
+        await all_ended.wait()
+
+    for job in jobs:
+        async with asyncio.timeout(10):  # a history without its end never ends
+            replay = await collect(await queue.watch(job.id, after_sequence=1))
+        assert replay, "the stored history ends before the end"
+        assert replay[-1].job.state is JobState.COMPLETED
+        assert replay[-1].state_change
 
 
 async def test_listeners_hear_of_an_event_only_once_it_is_committed(
