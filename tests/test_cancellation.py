@@ -66,10 +66,14 @@ async def test_cancel_mid_file_aborts_the_probe_in_flight(
 async def test_cancel_keeps_exactly_what_was_reported_in_the_catalog(
     serve: ServeFactory, tmp_path: Path
 ) -> None:
-    root = _library(tmp_path / "lib", videos=200, gates=1)
+    # The gated file sits in a folder of its own: a folder commits as a whole, so the 200
+    # videos are catalogued while the gate holds the job in the middle of its scan.
+    root = _library(tmp_path / "lib", videos=200, gates=0)
+    _library(root / "held", videos=0, gates=1)
     s = await serve(root, misbehaving=True)
     job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
     await _until(s, job.id, lambda j: j.result.added >= 50)
+    await eventually(lambda: probing(root / "held" / "gate0.mp4"), "the gate holds the scan")
 
     await s.stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
     final = await wait_terminal(s.stub, job.id)
