@@ -59,6 +59,8 @@ class App:
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
     grace_s: float
+    catalog: Catalog
+    service: ScanService
     stopped: bool = False
 
     async def stop(self) -> None:
@@ -72,12 +74,14 @@ class App:
         deadline = asyncio.get_running_loop().time() + self.grace_s
         await self.health.enter_graceful_shutdown()
         await self.queue.close(self.grace_s)  # refuses submits, ends WatchJob streams
+        self.service.close()  # ends WatchVideos streams
         # Wait for our own calls only: a client's endless health Watch must not hold us up.
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         if not await self.calls.drained(left):
             log.warning("calls still in flight at the end of the grace period")
         await self.server.stop(None)
         await self.probes.close()
+        await self.catalog.close()
         await self.db.close()
         log.info("server stopped")
 
@@ -111,6 +115,7 @@ async def start(
     try:
         await _tidy_catalog(catalog, roots, config, clock_ns)
     except BaseException:
+        await catalog.close()
         await db.close()
         raise
     if probes is None:
@@ -124,6 +129,7 @@ async def start(
     try:
         await probes.start()
     except BaseException:
+        await catalog.close()
         await db.close()
         raise
     scanner = Scanner(
@@ -135,6 +141,7 @@ async def start(
             lanes=max(2, config.probe_processes),
             max_errors=config.max_errors,
             missing_retention_ns=int(config.missing_retention_s * 1e9),
+            history_ns=int(config.catalog_history_s * 1e9),
         ),
         clock_ns=clock_ns,
     )
@@ -160,7 +167,8 @@ async def start(
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
 
-    pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
+    service = ScanService(queue, catalog, roots, max_video_watchers=config.max_watchers)
+    pb_grpc.add_ScanServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -172,7 +180,10 @@ async def start(
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
-    return App(server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s)
+    return App(
+        server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s,
+        catalog, service,
+    )  # fmt: skip
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:
@@ -180,7 +191,13 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
     ``--data-dir`` (one server)."""
     if config.database:
         pg = await PgDatabase.open(config.database)
-        return pg, PgCatalog(pg)
+        catalog = PgCatalog(pg)
+        try:
+            await catalog.listen()
+        except BaseException:
+            await pg.close()
+            raise
+        return pg, catalog
     config.data_dir.mkdir(parents=True, exist_ok=True)
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
@@ -191,6 +208,7 @@ async def _tidy_catalog(
 ) -> None:
     """Purge expired tombstones and, when asked, whatever lies outside the roots."""
     purged = await catalog.purge_missing(clock_ns() - int(config.missing_retention_s * 1e9))
+    await catalog.prune_changes(clock_ns() - int(config.catalog_history_s * 1e9))
     if config.purge_outside_roots:
         outside = await catalog.purge_outside(roots.listed())
         log.info("purged catalog rows outside the roots", extra={"rows": outside})

@@ -46,6 +46,7 @@ class Config:
     lease_s: float = 15.0
     missing_retention_s: float = 30 * 24 * 3600.0
     purge_outside_roots: bool = False
+    catalog_history_s: float = 7 * 24 * 3600.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -123,6 +124,9 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--missing-retention", "MISSING_RETENTION", _positive_float, str(30 * 24 * 3600),
      "seconds a video found missing is kept (hidden, restored if it comes back) before it "
      "is purged from the catalog"),
+    ("--catalog-history", "CATALOG_HISTORY", _positive_float, str(7 * 24 * 3600),
+     "seconds the catalog's changes are kept for WatchVideos; a client further behind "
+     "gets HISTORY_EXPIRED and lists again"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
     ("--metrics-listen", "METRICS_LISTEN", str, None,
@@ -252,4 +256,5 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         lease_s=args.lease,
         missing_retention_s=args.missing_retention,
         purge_outside_roots=args.purge_outside_roots,
+        catalog_history_s=args.catalog_history,
     )

@@ -10,6 +10,7 @@ ScanJobsError
 ├── FailedPrecondition   FAILED_PRECONDITION
 ├── AlreadyExists        ALREADY_EXISTS
 ├── ResourceExhausted    RESOURCE_EXHAUSTED
+├── OutOfRange           OUT_OF_RANGE
 ├── Unauthenticated      UNAUTHENTICATED
 └── Unavailable          UNAVAILABLE
 """
@@ -25,6 +26,7 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "ScanJobsError",
@@ -98,6 +100,12 @@ class ResourceExhausted(ScanJobsError):
     """A configured limit is reached."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+
+class OutOfRange(ScanJobsError):
+    """A position (a sequence) outside what the server keeps."""
+
+    reason = "OUT_OF_RANGE"
 
 
 class Unauthenticated(ScanJobsError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -31,6 +32,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from . import errors
 from .catalog import Catalog, Failure, Video
+from .changes import VideoChange, follow
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
 from .queue import JobQueue
 from .roots import RootPolicy, jobs_within_roots
@@ -51,6 +53,7 @@ _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
@@ -268,10 +271,22 @@ def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) 
 class ScanService(pb_grpc.ScanServiceServicer):
     """Maps ScanService RPCs onto the job queue and the catalog."""
 
-    def __init__(self, queue: JobQueue, catalog: Catalog, roots: RootPolicy) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        catalog: Catalog,
+        roots: RootPolicy,
+        *,
+        max_video_watchers: int = 4000,
+        poll_s: float = 5.0,
+    ) -> None:
         self._queue = queue
         self._catalog = catalog
         self._roots = roots
+        self._max_video_watchers = max_video_watchers
+        self._video_watchers = 0
+        self._poll_s = poll_s
+        self._closing = asyncio.Event()
         self._events: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
         # The wire form of recent job snapshots, by identity: snapshots are immutable, and a
         # busy job is asked for the same snapshot many times between two changes.
@@ -306,7 +321,7 @@ class ScanService(pb_grpc.ScanServiceServicer):
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
         page_size = _page_size(request.page_size, default=100)
-        videos, token = await self._catalog.list_videos(
+        videos, token, sequence = await self._catalog.catalog_listing(
             path_prefix=os.fsencode(request.path_prefix),
             job_id=request.job_id,
             page_size=page_size,
@@ -315,7 +330,9 @@ class ScanService(pb_grpc.ScanServiceServicer):
             roots=self._roots.listed(),
         )
         return pb.ListVideosResponse(
-            videos=[video_to_proto(v) for v in videos], next_page_token=token
+            videos=[video_to_proto(v) for v in videos],
+            next_page_token=token,
+            catalog_sequence=sequence,
         )
 
     async def ListFileErrors(
@@ -343,6 +360,60 @@ class ScanService(pb_grpc.ScanServiceServicer):
                 await context.write(self._event_bytes(event))
         finally:
             subscription.close()
+
+    async def WatchVideos(  # type: ignore[override]
+        self, request: pb.WatchVideosRequest, context: _Context
+    ) -> None:
+        # A coroutine around context.write, like WatchJob; the stream ends with UNAVAILABLE
+        # when the server shuts down.
+        if self._closing.is_set():
+            raise errors.Unavailable("the server is shutting down")
+        if self._video_watchers >= self._max_video_watchers:
+            raise errors.ResourceExhausted(
+                "too many WatchVideos streams", reason="TOO_MANY_WATCHERS"
+            )
+        self._video_watchers += 1
+        try:
+            # Headers now: a client knows the watch is in place before the first change.
+            await context.send_initial_metadata(())
+            await self._until_closing(self._send_changes(request, context))
+        finally:
+            self._video_watchers -= 1
+
+    async def _until_closing(self, work: Awaitable[None]) -> None:
+        """Run ``work`` until it ends, or until the server shuts down (UNAVAILABLE)."""
+        pump = asyncio.ensure_future(work)
+        closing = asyncio.create_task(self._closing.wait())
+        try:
+            await asyncio.wait({pump, closing}, return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                raise errors.Unavailable("the server is shutting down")
+            pump.result()
+        finally:
+            for task in (pump, closing):
+                task.cancel()
+            await asyncio.gather(pump, closing, return_exceptions=True)
+
+    async def _send_changes(self, request: pb.WatchVideosRequest, context: _Context) -> None:
+        changes = follow(
+            self._catalog,
+            path_prefix=os.fsencode(request.path_prefix),
+            after=request.after_sequence,
+            roots=self._roots.listed(),
+            poll_s=self._poll_s,
+        )
+        async with contextlib.aclosing(changes):
+            async for change in changes:
+                await context.write(change_to_proto(change))
+
+    def close(self) -> None:
+        """End every WatchVideos stream (with UNAVAILABLE) and refuse new ones."""
+        self._closing.set()
+
+    @property
+    def video_watchers(self) -> int:
+        """Open WatchVideos streams."""
+        return self._video_watchers
 
     def _event_bytes(self, event: JobEvent) -> bytes:
         """Convert and serialise an event once, however many watchers send it."""
@@ -484,6 +555,18 @@ def video_to_proto(video: Video) -> pb.Video:
         last_seen_time=_ns_timestamp(video.last_seen_ns),
         job_id=video.job_id,
         missing_time=_ns_timestamp(video.missing_ns) if video.missing_ns is not None else None,
+    )
+
+
+def change_to_proto(change: VideoChange) -> pb.VideoEvent:
+    """The wire form of a catalog change."""
+    previous = change.previous_path
+    return pb.VideoEvent(
+        sequence=change.sequence,
+        kind=int(change.kind),  # type: ignore[arg-type]  # the values are the enum's
+        video=video_to_proto(change.video),
+        previous_path=display_path(previous) if previous is not None else "",
+        event_time=_ns_timestamp(change.time_ns),
     )
 
 

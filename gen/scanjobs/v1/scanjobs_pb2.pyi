@@ -85,6 +85,40 @@ SCAN_PHASE_PROBING: ScanPhase.ValueType  # 2
 """Every file is found; files_done grows towards files_found."""
 Global___ScanPhase: _TypeAlias = ScanPhase  # noqa: Y015
 
+class _VideoEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VideoEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VideoEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIDEO_EVENT_KIND_UNSPECIFIED: _VideoEventKind.ValueType  # 0
+    VIDEO_EVENT_KIND_ADDED: _VideoEventKind.ValueType  # 1
+    """A new video (also a path that had been removed and now holds a different file)."""
+    VIDEO_EVENT_KIND_UPDATED: _VideoEventKind.ValueType  # 2
+    """A catalogued video changed (size or mtime) and was probed again, or was re-probed."""
+    VIDEO_EVENT_KIND_MOVED: _VideoEventKind.ValueType  # 3
+    """The same file found at a new path; previous_path is its old path."""
+    VIDEO_EVENT_KIND_REMOVED: _VideoEventKind.ValueType  # 4
+    """The file is gone; video.missing_time is set."""
+    VIDEO_EVENT_KIND_RESTORED: _VideoEventKind.ValueType  # 5
+    """A removed video is back unchanged."""
+
+class VideoEventKind(_VideoEventKind, metaclass=_VideoEventKindEnumTypeWrapper):
+    """What happened to a catalogued video."""
+
+VIDEO_EVENT_KIND_UNSPECIFIED: VideoEventKind.ValueType  # 0
+VIDEO_EVENT_KIND_ADDED: VideoEventKind.ValueType  # 1
+"""A new video (also a path that had been removed and now holds a different file)."""
+VIDEO_EVENT_KIND_UPDATED: VideoEventKind.ValueType  # 2
+"""A catalogued video changed (size or mtime) and was probed again, or was re-probed."""
+VIDEO_EVENT_KIND_MOVED: VideoEventKind.ValueType  # 3
+"""The same file found at a new path; previous_path is its old path."""
+VIDEO_EVENT_KIND_REMOVED: VideoEventKind.ValueType  # 4
+"""The file is gone; video.missing_time is set."""
+VIDEO_EVENT_KIND_RESTORED: VideoEventKind.ValueType  # 5
+"""A removed video is back unchanged."""
+Global___VideoEventKind: _TypeAlias = VideoEventKind  # noqa: Y015
+
 @_typing.final
 class SubmitScanRequest(_message.Message):
     """Request of SubmitScan."""
@@ -310,8 +344,13 @@ class ListVideosResponse(_message.Message):
 
     VIDEOS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CATALOG_SEQUENCE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
+    catalog_sequence: _builtins.int
+    """The catalog's change sequence as of this page: pass it to WatchVideos as after_sequence
+    to follow the changes after the listing (take the first page's for a paged listing).
+    """
     @_builtins.property
     def videos(self) -> _containers.RepeatedCompositeFieldContainer[Global___Video]:
         """Videos, ordered by path."""
@@ -321,14 +360,84 @@ class ListVideosResponse(_message.Message):
         *,
         videos: _abc.Iterable[Global___Video] | None = ...,
         next_page_token: _builtins.str = ...,
+        catalog_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "videos", b"videos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog_sequence", b"catalog_sequence", "next_page_token", b"next_page_token", "videos", b"videos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListVideosResponse: _TypeAlias = ListVideosResponse  # noqa: Y015
+
+@_typing.final
+class WatchVideosRequest(_message.Message):
+    """Request of WatchVideos."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_PREFIX_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    path_prefix: _builtins.str
+    """Only changes of videos whose path (or previous path, for a move) starts with this string."""
+    after_sequence: _builtins.int
+    """Send the changes after this sequence (0: from the oldest kept change)."""
+    def __init__(
+        self,
+        *,
+        path_prefix: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "path_prefix", b"path_prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchVideosRequest: _TypeAlias = WatchVideosRequest  # noqa: Y015
+
+@_typing.final
+class VideoEvent(_message.Message):
+    """One change of the catalog."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VIDEO_FIELD_NUMBER: _builtins.int
+    PREVIOUS_PATH_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Strictly increasing over the whole catalog. Pass the last one seen as after_sequence to
+    resume.
+    """
+    kind: Global___VideoEventKind.ValueType
+    previous_path: _builtins.str
+    """For VIDEO_EVENT_KIND_MOVED: the path it had before."""
+    @_builtins.property
+    def video(self) -> Global___Video:
+        """The video as of this change."""
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        kind: Global___VideoEventKind.ValueType = ...,
+        video: Global___Video | None = ...,
+        previous_path: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "video", b"video"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "kind", b"kind", "previous_path", b"previous_path", "sequence", b"sequence", "video", b"video"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoEvent: _TypeAlias = VideoEvent  # noqa: Y015
 
 @_typing.final
 class ListFileErrorsRequest(_message.Message):

@@ -75,6 +75,11 @@ class ScanServiceStub:
                 request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.SerializeToString,
                 response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.FromString,
                 _registered_method=True)
+        self.WatchVideos = channel.unary_stream(
+                '/scanjobs.v1.ScanService/WatchVideos',
+                request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.WatchVideosRequest.SerializeToString,
+                response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.VideoEvent.FromString,
+                _registered_method=True)
 
 
 class ScanServiceServicer:
@@ -161,6 +166,16 @@ class ScanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchVideos(self, request, context):
+        """Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +213,11 @@ def add_ScanServiceServicer_to_server(servicer, server):
                     servicer.ListFileErrors,
                     request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.FromString,
                     response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.SerializeToString,
+            ),
+            'WatchVideos': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchVideos,
+                    request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.WatchVideosRequest.FromString,
+                    response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.VideoEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +415,33 @@ class ScanService:
             '/scanjobs.v1.ScanService/ListFileErrors',
             scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.SerializeToString,
             scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchVideos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/scanjobs.v1.ScanService/WatchVideos',
+            scanjobs_dot_v1_dot_scanjobs__pb2.WatchVideosRequest.SerializeToString,
+            scanjobs_dot_v1_dot_scanjobs__pb2.VideoEvent.FromString,
             options,
             channel_credentials,
             insecure,

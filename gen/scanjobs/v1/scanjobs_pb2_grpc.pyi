@@ -86,6 +86,12 @@ class ScanServiceStub:
 
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
     """
+    WatchVideos: _grpc.UnaryStreamMultiCallable[_scanjobs_pb2.WatchVideosRequest, _scanjobs_pb2.VideoEvent]
+    """Streams every change of the catalog after after_sequence, in order, then the changes as
+    they happen; it never ends by itself. List with ListVideos, then watch from its
+    catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+    HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+    """
 
 @_typing.type_check_only
 class ScanServiceAsyncStub(ScanServiceStub):
@@ -144,6 +150,12 @@ class ScanServiceAsyncStub(ScanServiceStub):
     mtime are unchanged (unless the scan asks for reprobe).
 
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+    """
+    WatchVideos: _aio.UnaryStreamMultiCallable[_scanjobs_pb2.WatchVideosRequest, _scanjobs_pb2.VideoEvent]  # type: ignore[assignment]
+    """Streams every change of the catalog after after_sequence, in order, then the changes as
+    they happen; it never ends by itself. List with ListVideos, then watch from its
+    catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+    HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
     """
 
 class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -242,6 +254,18 @@ class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
         mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchVideos(
+        self,
+        request: _scanjobs_pb2.WatchVideosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scanjobs_pb2.VideoEvent], _abc.AsyncIterator[_scanjobs_pb2.VideoEvent]]:
+        """Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
         """
 
 def add_ScanServiceServicer_to_server(servicer: ScanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
