@@ -44,9 +44,7 @@ def summary(changes: list[VideoChange]) -> list[tuple[ChangeKind, bytes, bytes |
 
 
 async def sequence(catalog: Catalog) -> int:
-    _, _, at = await catalog.catalog_listing(
-        path_prefix=b"", job_id="", page_size=1, page_token=""
-    )
+    _, _, at = await catalog.catalog_listing(path_prefix=b"", job_id="", page_size=1, page_token="")
     return at
 
 

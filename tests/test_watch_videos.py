@@ -34,7 +34,9 @@ def kinds(events: list[pb.VideoEvent]) -> list[tuple[int, str, str]]:
 
 
 async def test_a_list_then_a_watch_from_its_sequence_sees_each_later_change_once(
-    serve: ServeFactory, tmp_path: Path, backend: dict[str, Any]  # noqa: F811
+    serve: ServeFactory,
+    tmp_path: Path,
+    backend: dict[str, Any],  # noqa: F811
 ) -> None:
     lib = tmp_path / "lib"
     lib.mkdir()
@@ -87,7 +89,9 @@ async def test_a_list_then_a_watch_from_its_sequence_sees_each_later_change_once
 
 
 async def test_a_watch_from_before_the_kept_history_is_out_of_range(
-    serve: ServeFactory, tmp_path: Path, backend: dict[str, Any]  # noqa: F811
+    serve: ServeFactory,
+    tmp_path: Path,
+    backend: dict[str, Any],  # noqa: F811
 ) -> None:
     lib = tmp_path / "lib"
     lib.mkdir()
