@@ -19,6 +19,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .leader import lead
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -28,6 +29,7 @@ from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
 from .store import Database, SqliteCatalog, SqliteJobStore
+from .watch import LibraryWatcher, QueueRunner, WatchConfig, cancel_quietly
 
 __all__ = ["App", "ListenError", "start"]
 
@@ -61,6 +63,8 @@ class App:
     grace_s: float
     catalog: Catalog
     service: ScanService
+    watcher: LibraryWatcher | None = None
+    watching: asyncio.Task[None] | None = None
     stopped: bool = False
 
     async def stop(self) -> None:
@@ -73,6 +77,7 @@ class App:
         self.stopped = True
         deadline = asyncio.get_running_loop().time() + self.grace_s
         await self.health.enter_graceful_shutdown()
+        await cancel_quietly(self.watching)
         await self.queue.close(self.grace_s)  # refuses submits, ends WatchJob streams
         self.service.close()  # ends WatchVideos streams
         # Wait for our own calls only: a client's endless health Watch must not hold us up.
@@ -167,7 +172,11 @@ async def start(
     if config.metrics_listen:
         metrics.serve(config.metrics_listen)
 
-    service = ScanService(queue, catalog, roots, max_video_watchers=config.max_watchers)
+    watcher = _watcher(config, queue, roots, metrics) if config.watch else None
+    service = ScanService(
+        queue, catalog, roots, max_video_watchers=config.max_watchers,
+        root_states=watcher.states if watcher is not None else None,
+    )  # fmt: skip
     pb_grpc.add_ScanServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -180,10 +189,31 @@ async def start(
     log.info(
         "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
     )
+    watching = None
+    if watcher is not None:
+        if isinstance(db, PgDatabase):  # one replica at a time watches
+            work = lead(db.url, watcher.run, retry_s=config.lease_s)
+        else:
+            work = watcher.run()
+        watching = asyncio.create_task(work, name="watch")
     return App(
         server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s,
-        catalog, service,
+        catalog, service, watcher, watching,
     )  # fmt: skip
+
+
+def _watcher(
+    config: Config, queue: AsyncioJobQueue | PgJobQueue, roots: RootPolicy, metrics: Metrics
+) -> LibraryWatcher:
+    watch_config = WatchConfig(
+        settle_s=config.watch_settle_s,
+        poll_s=config.poll_interval_s,
+        reconcile_s=config.reconcile_interval_s,
+        extensions=config.extensions,
+    )
+    return LibraryWatcher(
+        roots.resolved, QueueRunner(queue, roots), watch_config, on_state=metrics.on_root_state
+    )
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:

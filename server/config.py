@@ -47,6 +47,10 @@ class Config:
     missing_retention_s: float = 30 * 24 * 3600.0
     purge_outside_roots: bool = False
     catalog_history_s: float = 7 * 24 * 3600.0
+    watch: bool = False
+    watch_settle_s: float = 2.0
+    poll_interval_s: float = 60.0
+    reconcile_interval_s: float = 24 * 3600.0
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -127,6 +131,14 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--catalog-history", "CATALOG_HISTORY", _positive_float, str(7 * 24 * 3600),
      "seconds the catalog's changes are kept for WatchVideos; a client further behind "
      "gets HISTORY_EXPIRED and lists again"),
+    ("--watch-settle", "WATCH_SETTLE", _positive_float, "2",
+     "with --watch: seconds a changed file's size and mtime must stay the same (and its "
+     "directory quiet) before it is scanned"),
+    ("--poll-interval", "POLL_INTERVAL", _positive_float, "60",
+     "with --watch: seconds between polls of a root that events cannot watch (a network "
+     "file system, or the inotify watch limit reached)"),
+    ("--reconcile-interval", "RECONCILE_INTERVAL", _positive_float, str(24 * 3600),
+     "with --watch: seconds between full reconciles of each root (events can be missed)"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
     ("--metrics-listen", "METRICS_LISTEN", str, None,
@@ -160,6 +172,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--insecure", action="store_true", default=bool(_env("INSECURE")),
                    help="allow a non-loopback --listen with neither TLS nor a token")  # fmt: skip
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        default=bool(_env("WATCH")),
+        help="watch every --root: reconcile it at start, then scan what changes as it "
+        "changes (with --database, one replica at a time watches)",
+    )
     p.add_argument(
         "--purge-outside-roots",
         action="store_true",
@@ -257,4 +276,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         missing_retention_s=args.missing_retention,
         purge_outside_roots=args.purge_outside_roots,
         catalog_history_s=args.catalog_history,
+        watch=args.watch,
+        watch_settle_s=args.watch_settle,
+        poll_interval_s=args.poll_interval,
+        reconcile_interval_s=args.reconcile_interval,
     )

@@ -180,7 +180,9 @@ class _Tally:
             error_count=self.error_count,
             moved=c.moved,
             restored=c.restored,
-            removed=c.removed,
+            # A file that a concurrent job marked missing and this one found moved is taken
+            # off this job's removed count: the count never goes below none.
+            removed=max(0, c.removed),
         )
 
     def report(self) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -32,10 +31,11 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from . import errors
 from .catalog import Catalog, Failure, Video
-from .changes import VideoChange, follow
-from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
+from .jobs import Job, JobEvent, JobSpec, JobState, Phase, Trigger, display_path
+from .live_service import LiveLibrary
 from .queue import JobQueue
 from .roots import RootPolicy, jobs_within_roots
+from .watch import RootState
 
 __all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
 
@@ -66,6 +66,11 @@ _STATE_TO_PB = {
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 _PB_TO_STATE = {v: k for k, v in _STATE_TO_PB.items()}
+_TRIGGER_TO_PB = {
+    Trigger.API: pb.JOB_TRIGGER_API,
+    Trigger.WATCH: pb.JOB_TRIGGER_WATCH,
+    Trigger.SCHEDULE: pb.JOB_TRIGGER_SCHEDULE,
+}
 _PHASE_TO_PB = {
     Phase.UNSPECIFIED: pb.SCAN_PHASE_UNSPECIFIED,
     Phase.DISCOVERING: pb.SCAN_PHASE_DISCOVERING,
@@ -268,7 +273,7 @@ def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) 
     log.info("rpc", extra=fields)
 
 
-class ScanService(pb_grpc.ScanServiceServicer):
+class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[misc]
     """Maps ScanService RPCs onto the job queue and the catalog."""
 
     def __init__(
@@ -278,15 +283,12 @@ class ScanService(pb_grpc.ScanServiceServicer):
         roots: RootPolicy,
         *,
         max_video_watchers: int = 4000,
-        poll_s: float = 5.0,
+        root_states: Callable[[], list[RootState]] | None = None,
     ) -> None:
+        super().__init__(catalog, roots, max_video_watchers, root_states)
         self._queue = queue
         self._catalog = catalog
         self._roots = roots
-        self._max_video_watchers = max_video_watchers
-        self._video_watchers = 0
-        self._poll_s = poll_s
-        self._closing = asyncio.Event()
         self._events: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
         # The wire form of recent job snapshots, by identity: snapshots are immutable, and a
         # busy job is asked for the same snapshot many times between two changes.
@@ -360,60 +362,6 @@ class ScanService(pb_grpc.ScanServiceServicer):
                 await context.write(self._event_bytes(event))
         finally:
             subscription.close()
-
-    async def WatchVideos(  # type: ignore[override]
-        self, request: pb.WatchVideosRequest, context: _Context
-    ) -> None:
-        # A coroutine around context.write, like WatchJob; the stream ends with UNAVAILABLE
-        # when the server shuts down.
-        if self._closing.is_set():
-            raise errors.Unavailable("the server is shutting down")
-        if self._video_watchers >= self._max_video_watchers:
-            raise errors.ResourceExhausted(
-                "too many WatchVideos streams", reason="TOO_MANY_WATCHERS"
-            )
-        self._video_watchers += 1
-        try:
-            # Headers now: a client knows the watch is in place before the first change.
-            await context.send_initial_metadata(())
-            await self._until_closing(self._send_changes(request, context))
-        finally:
-            self._video_watchers -= 1
-
-    async def _until_closing(self, work: Awaitable[None]) -> None:
-        """Run ``work`` until it ends, or until the server shuts down (UNAVAILABLE)."""
-        pump = asyncio.ensure_future(work)
-        closing = asyncio.create_task(self._closing.wait())
-        try:
-            await asyncio.wait({pump, closing}, return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
-                raise errors.Unavailable("the server is shutting down")
-            pump.result()
-        finally:
-            for task in (pump, closing):
-                task.cancel()
-            await asyncio.gather(pump, closing, return_exceptions=True)
-
-    async def _send_changes(self, request: pb.WatchVideosRequest, context: _Context) -> None:
-        changes = follow(
-            self._catalog,
-            path_prefix=os.fsencode(request.path_prefix),
-            after=request.after_sequence,
-            roots=self._roots.listed(),
-            poll_s=self._poll_s,
-        )
-        async with contextlib.aclosing(changes):
-            async for change in changes:
-                await context.write(change_to_proto(change))
-
-    def close(self) -> None:
-        """End every WatchVideos stream (with UNAVAILABLE) and refuse new ones."""
-        self._closing.set()
-
-    @property
-    def video_watchers(self) -> int:
-        """Open WatchVideos streams."""
-        return self._video_watchers
 
     def _event_bytes(self, event: JobEvent) -> bytes:
         """Convert and serialise an event once, however many watchers send it."""
@@ -500,6 +448,7 @@ def job_to_proto(job: Job) -> pb.Job:
         state=_STATE_TO_PB[job.state],
         path=job.spec.path,
         recursive=job.spec.recursive,
+        trigger=_TRIGGER_TO_PB[job.spec.trigger],
         cancel_requested=job.cancel_requested,
         create_time=_timestamp(job.create_time),
         start_time=_timestamp(job.start_time),
@@ -555,18 +504,6 @@ def video_to_proto(video: Video) -> pb.Video:
         last_seen_time=_ns_timestamp(video.last_seen_ns),
         job_id=video.job_id,
         missing_time=_ns_timestamp(video.missing_ns) if video.missing_ns is not None else None,
-    )
-
-
-def change_to_proto(change: VideoChange) -> pb.VideoEvent:
-    """The wire form of a catalog change."""
-    previous = change.previous_path
-    return pb.VideoEvent(
-        sequence=change.sequence,
-        kind=int(change.kind),  # type: ignore[arg-type]  # the values are the enum's
-        video=video_to_proto(change.video),
-        previous_path=display_path(previous) if previous is not None else "",
-        event_time=_ns_timestamp(change.time_ns),
     )
 
 

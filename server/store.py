@@ -53,6 +53,7 @@ from .jobs import (
     Phase,
     Progress,
     ScanResult,
+    Trigger,
 )
 from .queue import StoredJob
 from .store_changes import CHANGES_SCHEMA, SqliteChanges
@@ -536,7 +537,8 @@ def encode_job(job: Job) -> str:
     return json.dumps(
         {
             "id": job.id,
-            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe],
+            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe,
+                     spec.trigger.value],
             "state": job.state.value,
             "times": [time_ns(job.create_time), time_ns(job.start_time), time_ns(job.end_time)],
             "timeout_s": job.timeout_s,
@@ -557,6 +559,12 @@ def encode_job(job: Job) -> str:
     )  # fmt: skip
 
 
+def _spec(fields: list[Any]) -> JobSpec:
+    # Snapshots written before triggers have none: they came through the API.
+    path, recursive, timeout_s, request_id, reprobe, *trigger = fields
+    return JobSpec(path, recursive, timeout_s, request_id, reprobe, Trigger(*trigger or ["api"]))
+
+
 def decode_job(text: str) -> Job:
     """Inverse of :func:`encode_job`."""
     d = json.loads(text)
@@ -566,7 +574,7 @@ def decode_job(text: str) -> Job:
     added, updated, unchanged, failed, errors, error_count, *reconciled = d["result"]
     return Job(
         id=d["id"],
-        spec=JobSpec(*d["spec"]),
+        spec=_spec(d["spec"]),
         state=JobState(d["state"]),
         create_time=_time(created) or datetime.fromtimestamp(0, UTC),
         timeout_s=d["timeout_s"],

@@ -92,6 +92,10 @@ class ScanServiceStub:
     catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
     HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
     """
+    ListRoots: _grpc.UnaryUnaryMultiCallable[_scanjobs_pb2.ListRootsRequest, _scanjobs_pb2.ListRootsResponse]
+    """The library roots and how each is watched (--watch): by events, by polling (and why),
+    or not at all; when each was last reconciled and how many videos it holds.
+    """
 
 @_typing.type_check_only
 class ScanServiceAsyncStub(ScanServiceStub):
@@ -156,6 +160,10 @@ class ScanServiceAsyncStub(ScanServiceStub):
     they happen; it never ends by itself. List with ListVideos, then watch from its
     catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
     HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+    """
+    ListRoots: _aio.UnaryUnaryMultiCallable[_scanjobs_pb2.ListRootsRequest, _scanjobs_pb2.ListRootsResponse]  # type: ignore[assignment]
+    """The library roots and how each is watched (--watch): by events, by polling (and why),
+    or not at all; when each was last reconciled and how many videos it holds.
     """
 
 class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -266,6 +274,16 @@ class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
         they happen; it never ends by itself. List with ListVideos, then watch from its
         catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
         HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRoots(
+        self,
+        request: _scanjobs_pb2.ListRootsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scanjobs_pb2.ListRootsResponse, _abc.Awaitable[_scanjobs_pb2.ListRootsResponse]]:
+        """The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
         """
 
 def add_ScanServiceServicer_to_server(servicer: ScanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
