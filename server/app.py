@@ -211,9 +211,15 @@ def _watcher(
         reconcile_s=config.reconcile_interval_s,
         extensions=config.extensions,
     )
-    return LibraryWatcher(
-        roots.resolved, QueueRunner(queue, roots), watch_config, on_state=metrics.on_root_state
+    idle = (
+        "another replica watches (one at a time with --database)"
+        if config.database
+        else "not watched yet"
     )
+    return LibraryWatcher(
+        roots.resolved, QueueRunner(queue, roots), watch_config,
+        on_state=metrics.on_root_state, idle_reason=idle,
+    )  # fmt: skip
 
 
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:

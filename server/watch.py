@@ -261,12 +261,14 @@ class LibraryWatcher:
         config: WatchConfig,
         *,
         on_state: Callable[[RootState], None] = lambda state: None,
+        idle_reason: str = "not watched yet",
     ) -> None:
         self._roots = list(roots)
         self._runner = runner
         self._config = config
         self._on_state = on_state
-        self._states = {r: RootState(r, WatchMode.OFF, "not watched yet") for r in roots}
+        self._idle_reason = idle_reason
+        self._states = {r: RootState(r, WatchMode.OFF, idle_reason) for r in roots}
 
     def states(self) -> list[RootState]:
         """Each root's state, in the configured order."""
@@ -286,7 +288,7 @@ class LibraryWatcher:
         finally:
             for root in self._roots:
                 previous = self._states[root]
-                self._update(replace(previous, mode=WatchMode.OFF, reason="not watched"))
+                self._update(replace(previous, mode=WatchMode.OFF, reason=self._idle_reason))
 
 
 class QueueRunner:

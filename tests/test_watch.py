@@ -208,3 +208,37 @@ def test_network_file_systems_are_found_in_the_mount_table(tmp_path: Path) -> No
     assert network_filesystem("/srv/nasty", str(table)) is None
     assert network_filesystem("/mnt/my share/films", str(table)) == "cifs"
     assert network_filesystem("/home", str(table)) is None
+
+
+async def test_one_replica_watches_and_another_takes_over_when_it_stops(
+    serve: ServeFactory, lib: Path, sample: Path, postgres_url: str
+) -> None:
+    options = {**WATCH, "database": postgres_url, "lease_s": 0.5}
+    first = await serve(lib, **options)
+    second = await serve(lib, **options)
+
+    async def modes() -> list[int]:
+        return [(await roots(s))[0].watch_mode for s in (first, second)]
+
+    async def one_leads() -> bool:
+        return sorted(await modes()) == [pb.WATCH_MODE_EVENTS, pb.WATCH_MODE_OFF]
+
+    await until(one_leads)
+    reasons = {(await roots(s))[0].reason for s in (first, second)}
+    assert "another replica watches (one at a time with --database)" in reasons
+    leader, other = (
+        (first, second) if (await modes())[0] == pb.WATCH_MODE_EVENTS else (second, first)
+    )
+    await reconciled(leader)
+    changes = Changes(other)  # any replica serves the changes
+    await leader.app.stop()
+
+    async def other_leads() -> bool:
+        (root,) = await roots(other)
+        return bool(root.watch_mode == pb.WATCH_MODE_EVENTS)
+
+    await until(other_leads)
+    await reconciled(other)
+    shutil.copyfile(sample, lib / "a.mp4")
+    (added,) = await changes.next()
+    assert name(added) == (K.VIDEO_EVENT_KIND_ADDED, "a.mp4", "")
