@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/scanjobs/v1/*.proto)
 ARGS ?=
 
-.PHONY: setup proto run demo test lint buf fmt bench clean
+.PHONY: setup proto web run demo test lint buf fmt bench clean
 
 setup: $(VENV)/.synced
 
@@ -24,8 +24,16 @@ $(VENV)/.synced: $(UV) pyproject.toml uv.lock
 proto: setup
 	rm -rf gen/scanjobs && $(PY) protos/generate.py gen
 
+# The page served at / on the HTTP port: TypeScript in web/, bundled into server/static
+# (committed, so that `make run` needs no Node.js). Rebuild it after changing web/ or protos/.
+web:
+	cd web && npm ci --no-audit --no-fund && npm run build
+
+HTTP_LISTEN ?= $(or $(SCANJOBS_HTTP_LISTEN),127.0.0.1:8080)
+
 run: setup
-	$(PY) -m scanjobs.server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" $(ARGS)
+	@echo "scan page: http://$(HTTP_LISTEN)/   (gRPC on $${SCANJOBS_LISTEN:-127.0.0.1:50051})"
+	$(PY) -m scanjobs.server --root "$${SCANJOBS_ROOT:-$$HOME}" --data-dir "$${SCANJOBS_DATA_DIR:-.data}" --http-listen "$(HTTP_LISTEN)" $(ARGS)
 
 demo: setup
 	$(PY) -m bench.demo

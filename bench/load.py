@@ -38,7 +38,12 @@ async def unary(target: str, job_id: str, seconds: float, in_flight: int) -> dic
 
 async def fan_out(target: str, job_id: str, watchers: int) -> dict[str, object]:
     """``watchers`` streams on one job; the delay of every event, creation to arrival."""
-    channels = [grpc.aio.insecure_channel(target) for _ in range(max(1, watchers // 100))]
+    # A connection each (no shared subchannel), as many clients would have: the server admits
+    # a bounded number of streams per connection.
+    channels = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, watchers // 100))
+    ]
     delays: list[float] = []
     ready = asyncio.Event()
     connected = 0

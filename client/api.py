@@ -203,22 +203,22 @@ class ScanClient:
             ServiceUnavailable: the stream broke and ``reconnects`` attempts in a row failed.
             ScanClientError: any other failure (e.g. NotFound).
         """
-        last, failures, ended = after_sequence, 0, False
+        last, failures = after_sequence, 0
         while True:
             request = pb.WatchJobRequest(job_id=job_id, after_sequence=last)
             try:
-                # Read on past the terminal event to the end of the stream, which follows it
-                # at once: hanging up first would end the call CANCELLED on the server.
+                ended = False
                 async for event in self._stub.WatchJob(request, metadata=self._metadata):
                     failures = 0
                     last = event.sequence
-                    ended = event.job.state in TERMINAL_STATES
-                    yield event
-                return  # the server ended the stream: only after a terminal event
+                    if not ended:
+                        yield event
+                    ended = ended or event.job.state in TERMINAL_STATES
+                # The server ends the stream with OK right after the terminal event; reading
+                # to that end (rather than hanging up) lets the call finish as OK on both sides.
+                return
             except grpc.aio.AioRpcError as exc:
                 error = from_rpc_error(exc)
-                if ended:
-                    return  # the job's end was seen; only the stream's own end was lost
                 if not isinstance(error, ServiceUnavailable) or failures >= self._reconnects:
                     raise error from None
             failures += 1

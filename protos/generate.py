@@ -3,8 +3,10 @@
 Usage: python protos/generate.py OUT_DIR
 
 Writes ``OUT_DIR/scanjobs/v1/scanjobs_pb2.py``, ``scanjobs_pb2_grpc.py`` and their ``.pyi``
-stubs (mypy-protobuf), plus the package markers. ``make proto`` runs it with ``gen``; a test runs
-it into a temporary folder and compares, so the committed copy never drifts from the .proto.
+stubs (mypy-protobuf), ``scanjobs_connect.py`` (the Connect / gRPC-Web service for the HTTP
+port, over the same ``google.protobuf`` messages), plus the package markers. ``make proto``
+runs it with ``gen``; a test runs it into a temporary folder and compares, so the committed
+copy never drifts from the .proto.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ def generate(out_dir: Path) -> None:
         "protoc",
         f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
         f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
+        f"--plugin=protoc-gen-connectrpc={bin_dir / 'protoc-gen-connectrpc'}",
         f"-I{_HERE}",
         f"-I{well_known}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        f"--connectrpc_out={out_dir}",
+        "--connectrpc_opt=protobuf=google",
         *protos,
     ]
     if protoc.main(args) != 0:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from . import logs
 from .app import ListenError, start
 from .config import Config, parse_args
+from .errors import StorageIOError
 from .store import DatabaseCorrupt, DatabaseInUse
 
 log = logging.getLogger("scanjobs.server")
@@ -45,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.log_level)
     try:
         asyncio.run(_serve(config))
-    except (DatabaseCorrupt, DatabaseInUse) as exc:
+    except (DatabaseCorrupt, DatabaseInUse, StorageIOError) as exc:
         log.error("cannot open the database: %s", exc)
         return EXIT_BAD_DATABASE
     except ListenError as exc:

@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,6 +20,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .errors import StorageIOError
 from .leader import lead
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
@@ -30,6 +32,9 @@ from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
 from .store import Database, SqliteCatalog, SqliteJobStore
 from .watch import LibraryWatcher, QueueRunner, WatchConfig, cancel_quietly
+
+if TYPE_CHECKING:
+    from .http_server import HttpServer
 
 __all__ = ["App", "ListenError", "start"]
 
@@ -63,9 +68,15 @@ class App:
     grace_s: float
     catalog: Catalog
     service: ScanService
+    http: HttpServer | None = None
     watcher: LibraryWatcher | None = None
     watching: asyncio.Task[None] | None = None
     stopped: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        """The HTTP port, when ``--http-listen`` is on."""
+        return self.http.port if self.http is not None else None
 
     async def stop(self) -> None:
         """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop.
@@ -84,6 +95,8 @@ class App:
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         if not await self.calls.drained(left):
             log.warning("calls still in flight at the end of the grace period")
+        if self.http is not None:
+            await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
         await self.probes.close()
         await self.catalog.close()
@@ -112,15 +125,29 @@ async def start(
     """
     roots = RootPolicy(config.roots)
     metrics = Metrics()
-    calls = ServiceInterceptor(config.tokens, on_call=metrics.on_rpc)
-    options = [*_SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes)]
+    calls = ServiceInterceptor(
+        config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
+    )
+    options = [
+        *_SERVER_OPTIONS,
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: one connection cannot hold thousands of
+        # streams (a client past it waits, or gets its stream refused).
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+    ]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
-    db, catalog = await _open_storage(config)
+    http_socket = _bind_http(config)
+    try:
+        db, catalog = await _open_storage(config)
+    except BaseException:
+        _close(http_socket)
+        raise
     try:
         await _tidy_catalog(catalog, roots, config, clock_ns)
     except BaseException:
         await catalog.close()
+        _close(http_socket)
         await db.close()
         raise
     if probes is None:
@@ -135,6 +162,7 @@ async def start(
         await probes.start()
     except BaseException:
         await catalog.close()
+        _close(http_socket)
         await db.close()
         raise
     scanner = Scanner(
@@ -170,7 +198,12 @@ async def start(
     metrics.watch_queue(queue.stats)
     await queue.start()
     if config.metrics_listen:
-        metrics.serve(config.metrics_listen)
+        metrics.serve(
+            config.metrics_listen,
+            tls_cert=config.tls_cert,
+            tls_key=config.tls_key,
+            tls_client_ca=config.tls_client_ca,
+        )
 
     watcher = _watcher(config, queue, roots, metrics) if config.watch else None
     service = ScanService(
@@ -184,22 +217,46 @@ async def start(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    http = None
+    if http_socket is not None:
+        # Imported only when the HTTP port is on: uvicorn and connectrpc cost about half a
+        # second of start-up that a gRPC-only server need not pay.
+        from .http_server import serve_http
+
+        http = await serve_http(
+            config, http_socket, queue, catalog, roots, metrics,
+            watcher.states if watcher is not None else None,
+        )  # fmt: skip
+    await _set_health(health_servicer, serving=True)
+    if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
+
+        async def follow_database(reachable: bool) -> None:
+            await _set_health(health_servicer, serving=reachable)
+
+        db.monitor(follow_database)
     log.info(
-        "serving", extra={"listen": config.listen, "port": port, "roots": list(roots.resolved)}
+        "serving",
+        extra={
+            "listen": config.listen,
+            "port": port,
+            "http_port": http.port if http else None,
+            "roots": list(roots.resolved),
+        },
     )
-    watching = None
-    if watcher is not None:
-        if isinstance(db, PgDatabase):  # one replica at a time watches
-            work = lead(db.url, watcher.run, retry_s=config.lease_s)
-        else:
-            work = watcher.run()
-        watching = asyncio.create_task(work, name="watch")
+    watching = _watch(watcher, db, config) if watcher is not None else None
     return App(
         server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s,
-        catalog, service, watcher, watching,
+        catalog, service, http, watcher, watching,
     )  # fmt: skip
+
+
+def _watch(
+    watcher: LibraryWatcher, db: Database | PgDatabase, config: Config
+) -> asyncio.Task[None]:
+    """Start watching: at once with SQLite, whenever this replica leads with PostgreSQL."""
+    if isinstance(db, PgDatabase):  # one replica at a time watches
+        return asyncio.create_task(lead(db.url, watcher.run, retry_s=config.lease_s))
+    return asyncio.create_task(watcher.run(), name="watch")
 
 
 def _watcher(
@@ -222,19 +279,46 @@ def _watcher(
     )  # fmt: skip
 
 
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
+
+
+def _bind_http(config: Config) -> socket.socket | None:
+    if not config.http_listen:
+        return None
+    host, _, port = config.http_listen.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - an empty host means every interface
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, int(port)), family=family)
+    except (OSError, ValueError) as exc:
+        raise ListenError(f"cannot listen on {config.http_listen}: {exc}") from None
+
+
+async def _set_health(servicer: health.aio.HealthServicer, *, serving: bool) -> None:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in ("", SERVICE_NAME):
+        await servicer.set(name, status)
+
+
 async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]:
     """PostgreSQL (shared by replicas) when ``--database`` names one, else SQLite under
     ``--data-dir`` (one server)."""
     if config.database:
         pg = await PgDatabase.open(config.database)
         catalog = PgCatalog(pg)
-        try:
-            await catalog.listen()
-        except BaseException:
-            await pg.close()
-            raise
+        await catalog.listen()
         return pg, catalog
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageIOError(f"cannot create the data directory {config.data_dir}: "
+                             f"{exc.strerror}") from None  # fmt: skip
     db = await Database.open(config.data_dir / "scanjobs.db")
     return db, SqliteCatalog(db)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from .probe import DEFAULT_PROBE_MEMORY_MIB, MIN_PROBE_MEMORY_MIB, worker_account
 from .scan import DEFAULT_EXTENSIONS
@@ -39,6 +43,8 @@ class Config:
     tls_client_ca: Path | None = None
     max_watchers: int = 4000
     max_watchers_per_job: int = 1000
+    max_health_watchers: int = 100
+    max_streams_per_connection: int = 1000
     max_errors: int = 50
     max_message_bytes: int = 64 * 1024
     metrics_listen: str | None = None
@@ -51,6 +57,8 @@ class Config:
     watch_settle_s: float = 2.0
     poll_interval_s: float = 60.0
     reconcile_interval_s: float = 24 * 3600.0
+    http_listen: str | None = None
+    http_cors_origins: tuple[str, ...] = ()
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -81,6 +89,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _origins(text: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+            raise argparse.ArgumentTypeError(
+                f"an origin is scheme://host[:port], without a path: {origin!r}"
+            )
+    return origins
+
+
 def _extensions(text: str) -> frozenset[str]:
     items = {e.strip().lower() for e in text.split(",") if e.strip()}
     if not items:
@@ -94,7 +113,8 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--data-dir", "DATA_DIR", Path, ".data", "where scanjobs.db (jobs, events, catalog) lives"),
     ("--database", "DATABASE", str, None,
      "postgresql:// URL: keep jobs, events and the catalog in PostgreSQL, shared by every "
-     "replica, instead of SQLite"),
+     "replica, instead of SQLite; pass it as SCANJOBS_DATABASE and the password in a "
+     ".pgpass file, not on the command line"),
     ("--lease", "LEASE", _positive_float, "15",
      "with --database: seconds a replica's claim on a job holds without renewal; then "
      "another replica takes the job over"),
@@ -119,6 +139,10 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "open WatchJob streams in total before RESOURCE_EXHAUSTED"),
     ("--max-watchers-per-job", "MAX_WATCHERS_PER_JOB", _positive_int, "1000",
      "open WatchJob streams of one job before RESOURCE_EXHAUSTED"),
+    ("--max-health-watchers", "MAX_HEALTH_WATCHERS", _positive_int, "100",
+     "open health Watch streams (unauthenticated) in total before RESOURCE_EXHAUSTED"),
+    ("--max-streams-per-connection", "MAX_STREAMS_PER_CONNECTION", _positive_int, "1000",
+     "calls one client connection may have open at once (HTTP/2 max concurrent streams)"),
     ("--max-errors", "MAX_ERRORS", _positive_int, "50",
      "per-file errors listed per job; the rest are only counted"),
     ("--max-message-bytes", "MAX_MESSAGE_BYTES", _positive_int, str(64 * 1024),
@@ -141,10 +165,18 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "with --watch: seconds between full reconciles of each root (events can be missed)"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
      "seconds to drain on SIGTERM before stopping hard"),
+    ("--http-listen", "HTTP_LISTEN", str, None,
+     "host:port to serve HTTP on: Connect and gRPC-Web, the REST paths /api/v1/..., and the "
+     "web page at /; same tokens, TLS and limits as the gRPC port; off unless given"),
+    ("--http-cors-origin", "HTTP_CORS_ORIGIN", _origins, None,
+     "comma-separated origins (scheme://host[:port]) whose pages may call the HTTP port; "
+     "cross-origin requests are refused unless listed"),
     ("--metrics-listen", "METRICS_LISTEN", str, None,
-     "host:port to serve Prometheus metrics on (/metrics); off unless given"),
+     "host:port to serve Prometheus metrics on (/metrics; HTTPS with the server's TLS "
+     "settings); off unless given"),
     ("--token-file", "TOKEN_FILE", Path, None,
-     "file of bearer tokens, one per line: every ScanService call must carry one"),
+     "file of bearer tokens, one per line: every ScanService call must carry one; refused "
+     "when group- or world-writable"),
     ("--tls-cert", "TLS_CERT", Path, None, "server certificate chain (PEM): serve TLS"),
     ("--tls-key", "TLS_KEY", Path, None, "server private key (PEM)"),
     ("--tls-client-ca", "TLS_CLIENT_CA", Path, None,
@@ -171,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
         help="log level (default INFO)",
     )
     p.add_argument("--insecure", action="store_true", default=bool(_env("INSECURE")),
-                   help="allow a non-loopback --listen with neither TLS nor a token")  # fmt: skip
+                   help="allow a non-loopback --listen or --metrics-listen without "
+                        "authentication (neither a token nor a client CA)")  # fmt: skip
     p.add_argument(
         "--watch",
         action="store_true",
@@ -200,10 +233,87 @@ def is_loopback(listen: str) -> bool:
         return False  # a host name, or "" (every interface)
 
 
+class UnsafeFile(ValueError):
+    """A secret's file that others could change."""
+
+
 def _tokens(path: Path | None) -> frozenset[str]:
+    """The tokens in ``path``; refuses a file that others may write, as OpenSSH does.
+
+    Raises:
+        OSError: the file cannot be read.
+        UnsafeFile: the file is writable by its group or by everyone.
+    """
     if path is None:
         return frozenset()
-    return frozenset(line.strip() for line in path.read_text().splitlines() if line.strip())
+    with path.open() as handle:  # the mode checked is the mode of the file read
+        if os.fstat(handle.fileno()).st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise UnsafeFile(
+                f"--token-file {path} is writable by its group or by others: anyone who can "
+                f"change it can let themselves in (chmod go-w {path})"
+            )
+        text = handle.read()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _checked_tokens(parser: argparse.ArgumentParser, path: Path | None) -> frozenset[str]:
+    try:
+        tokens = _tokens(path)
+    except OSError as exc:
+        parser.error(f"cannot read --token-file: {exc.strerror}")
+    except UnsafeFile as exc:
+        parser.error(str(exc))
+    if path is not None and not tokens:
+        parser.error("--token-file holds no token")
+    return tokens
+
+
+def _password_in(url: str) -> bool:
+    try:
+        return bool(conninfo_to_dict(url).get("password"))
+    except psycopg.ProgrammingError:
+        return False  # not a valid URL: psycopg says so when the server connects
+
+
+def _check_database(parser: argparse.ArgumentParser, url: str | None) -> None:
+    if not url:
+        return
+    if not url.startswith(("postgresql://", "postgres://")):
+        parser.error("--database takes a postgresql:// URL")
+    # A value that differs from the environment's came from the command line, which every
+    # local user can read (ps, /proc/PID/cmdline); the environment is private to the process.
+    if url != _env("DATABASE") and _password_in(url):
+        parser.error(
+            "--database carries a password, which every local user can read on the command "
+            "line: set SCANJOBS_DATABASE instead, or keep the password in a .pgpass file"
+        )
+
+
+def _check_exposure(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *, authenticated: bool
+) -> None:
+    """Refuse a non-loopback address without authentication unless ``--insecure``.
+
+    TLS alone is not authentication: it hides the calls from the network, not from whoever
+    connects. The metrics endpoint cannot check tokens, so only mutual TLS admits it there.
+    """
+    if args.insecure:
+        return
+    for listen in filter(None, (args.listen, args.http_listen)):
+        if not is_loopback(listen) and not authenticated:
+            parser.error(
+                f"refusing to listen on {listen} without authentication: anyone who can "
+                "reach it could read your file system's layout. Add --token-file or "
+                "--tls-client-ca (mutual TLS), or --insecure if the network is trusted."
+            )
+    metrics = args.metrics_listen
+    on_loopback = metrics and (is_loopback(metrics) or not metrics.rpartition(":")[0])
+    if metrics and not on_loopback and args.tls_client_ca is None:  # ":9100" is loopback
+        parser.error(
+            f"refusing to serve metrics on {metrics} without authentication: the metrics "
+            "endpoint admits only mutual TLS (--tls-client-ca). Use a loopback address, add "
+            "--tls-client-ca, or --insecure if the network is trusted."
+        )
 
 
 def _check_probe_user(parser: argparse.ArgumentParser, user: str | None) -> None:
@@ -227,26 +337,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     for root in roots:
         if not os.path.isabs(root):
             parser.error(f"--root must be an absolute path: {root}")
-    if args.database and not args.database.startswith(("postgresql://", "postgres://")):
-        parser.error("--database takes a postgresql:// URL")
+    _check_database(parser, args.database)
     _check_probe_user(parser, args.probe_user)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca is not None and args.tls_cert is None:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
-    try:
-        tokens = _tokens(args.token_file)
-    except OSError as exc:
-        parser.error(f"cannot read --token-file: {exc.strerror}")
-    if args.token_file is not None and not tokens:
-        parser.error("--token-file holds no token")
-    exposed = not is_loopback(args.listen) and args.tls_cert is None and not tokens
-    if exposed and not args.insecure:
-        parser.error(
-            f"refusing to listen on {args.listen} with neither TLS nor a token: anyone who "
-            "can reach it could read your file system's layout. Add --tls-cert/--tls-key, "
-            "--token-file, or --insecure if the network is trusted."
-        )
+    tokens = _checked_tokens(parser, args.token_file)
+    _check_exposure(parser, args, authenticated=bool(tokens) or args.tls_client_ca is not None)
     return Config(
         listen=args.listen,
         roots=tuple(roots),
@@ -268,6 +366,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=args.tls_client_ca,
         max_watchers=args.max_watchers,
         max_watchers_per_job=args.max_watchers_per_job,
+        max_health_watchers=args.max_health_watchers,
+        max_streams_per_connection=args.max_streams_per_connection,
         max_errors=args.max_errors,
         max_message_bytes=args.max_message_bytes,
         metrics_listen=args.metrics_listen,
@@ -280,4 +380,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         watch_settle_s=args.watch_settle,
         poll_interval_s=args.poll_interval,
         reconcile_interval_s=args.reconcile_interval,
+        http_listen=args.http_listen,
+        http_cors_origins=args.http_cors_origin or (),
     )

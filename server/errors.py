@@ -10,9 +10,17 @@ ScanJobsError
 ├── FailedPrecondition   FAILED_PRECONDITION
 ├── AlreadyExists        ALREADY_EXISTS
 ├── ResourceExhausted    RESOURCE_EXHAUSTED
+│   └── StorageFull          RESOURCE_EXHAUSTED  STORAGE_FULL          (also a StorageFault)
 ├── OutOfRange           OUT_OF_RANGE
 ├── Unauthenticated      UNAUTHENTICATED
 └── Unavailable          UNAVAILABLE
+    ├── DatabaseUnavailable  UNAVAILABLE         DATABASE_UNAVAILABLE  (also a StorageFault)
+    └── StorageIOError       UNAVAILABLE         STORAGE_IO_ERROR      (also a StorageFault)
+
+``StorageFault`` marks the faults of where jobs and the catalog are kept: the thin translation
+at the database boundary (``server.store.Database.run`` for SQLite, ``server.pgstore`` for
+PostgreSQL) raises them instead of the driver's exceptions, so that the core can tell "the
+disk is full" or "the database is down" from a bug, and the caller gets a reason.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from typing import ClassVar
 
 __all__ = [
     "AlreadyExists",
+    "DatabaseUnavailable",
     "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
@@ -30,6 +39,9 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ScanJobsError",
+    "StorageFault",
+    "StorageFull",
+    "StorageIOError",
     "Unauthenticated",
     "Unavailable",
 ]
@@ -118,3 +130,29 @@ class Unavailable(ScanJobsError):
     """The server is shutting down; retry elsewhere or later."""
 
     reason = "SHUTTING_DOWN"
+
+
+class StorageFault(ScanJobsError):
+    """Where jobs and the catalog are kept cannot take the request now; a retry later may
+    succeed without a restart. Mixed into each concrete fault below."""
+
+    reason = "STORAGE_FAULT"
+
+
+class StorageFull(StorageFault, ResourceExhausted):
+    """The data directory's file system is out of space: writes fail, reads still work."""
+
+    reason = "STORAGE_FULL"
+
+
+class DatabaseUnavailable(StorageFault, Unavailable):
+    """The database (PostgreSQL) cannot be reached."""
+
+    reason = "DATABASE_UNAVAILABLE"
+
+
+class StorageIOError(StorageFault, Unavailable):
+    """The SQLite database cannot be read or written: a read-only, failing or vanished data
+    directory."""
+
+    reason = "STORAGE_IO_ERROR"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -24,7 +24,7 @@ from .jobs import display_path
 from .roots import RootPolicy
 from .watch import RootState, WatchMode
 
-__all__ = ["LiveLibrary", "change_to_proto"]
+__all__ = ["LiveLibrary", "change_to_proto", "changes_of", "roots_reply"]
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 _MODE_TO_PB = {
@@ -100,42 +100,58 @@ class LiveLibrary:
             await asyncio.gather(pump, closing, return_exceptions=True)
 
     async def _send_changes(self, request: pb.WatchVideosRequest, context: _Context) -> None:
-        changes = follow(
-            self._live_catalog,
-            path_prefix=os.fsencode(request.path_prefix),
-            after=request.after_sequence,
-            roots=self._live_roots.listed(),
-            poll_s=self._poll_s,
-        )
+        changes = changes_of(self._live_catalog, self._live_roots, request, self._poll_s)
         async with contextlib.aclosing(changes):
             async for change in changes:
-                await context.write(change_to_proto(change))
+                await context.write(change)
 
     async def ListRoots(
         self, request: pb.ListRootsRequest, context: _Context
     ) -> pb.ListRootsResponse:
-        states = (
-            self._root_states()
-            if self._root_states is not None
-            else [
-                RootState(r, WatchMode.OFF, "the server runs without --watch")
-                for r in self._live_roots.resolved
-            ]
+        return await roots_reply(self._live_catalog, self._live_roots, self._root_states)
+
+
+def changes_of(
+    catalog: Catalog, roots: RootPolicy, request: pb.WatchVideosRequest, poll_s: float = 5.0
+) -> AsyncGenerator[pb.VideoEvent, None]:
+    """The VideoEvents a WatchVideos request asks for (see ``server.changes.follow``)."""
+
+    async def events() -> AsyncGenerator[pb.VideoEvent, None]:
+        changes = follow(
+            catalog,
+            path_prefix=os.fsencode(request.path_prefix),
+            after=request.after_sequence,
+            roots=roots.listed(),
+            poll_s=poll_s,
         )
-        roots = []
-        for state in states:
-            count, _ = await self._live_catalog.live_below(os.fsencode(state.path), 0)
-            last = state.last_reconcile_ns
-            roots.append(
-                pb.Root(
-                    path=state.path,
-                    watch_mode=_MODE_TO_PB[state.mode],
-                    reason=state.reason,
-                    last_reconcile_time=_ns_timestamp(last) if last is not None else None,
-                    video_count=count,
-                )
-            )
-        return pb.ListRootsResponse(roots=roots)
+        async with contextlib.aclosing(changes):
+            async for change in changes:
+                yield change_to_proto(change)
+
+    return events()
+
+
+async def roots_reply(
+    catalog: Catalog, roots: RootPolicy, root_states: Callable[[], list[RootState]] | None
+) -> pb.ListRootsResponse:
+    """Each root, how it is watched, when it was last reconciled, how many videos it has."""
+    states = (
+        root_states()
+        if root_states is not None
+        else [
+            RootState(r, WatchMode.OFF, "the server runs without --watch") for r in roots.resolved
+        ]
+    )
+    reply = pb.ListRootsResponse()
+    for state in states:
+        count, _ = await catalog.live_below(os.fsencode(state.path), 0)
+        root = reply.roots.add(
+            path=state.path, watch_mode=_MODE_TO_PB[state.mode], reason=state.reason,
+            video_count=count,
+        )  # fmt: skip
+        if state.last_reconcile_ns is not None:
+            root.last_reconcile_time.FromNanoseconds(state.last_reconcile_ns)
+    return reply
 
 
 def change_to_proto(change: VideoChange) -> pb.VideoEvent:

@@ -11,7 +11,7 @@ import logging
 import sys
 from datetime import UTC, datetime
 
-__all__ = ["configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure", "escape"]
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -36,17 +36,46 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+# Control characters (CR and LF above all) as escapes: a field can never start a line of its own.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+    ord("\\"): "\\\\",
+}
+
+
+def escape(text: str) -> str:
+    """``text`` with backslashes and control characters escaped, on one line."""
+    return text.translate(_CONTROLS)
+
+
+def _value(value: object) -> str:
+    """A field's value: escaped, and quoted when it holds a space, a quote or an ``=``."""
+    text = escape(str(value))
+    if not text or any(c in text for c in ' "='):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
+
+
 class TextFormatter(logging.Formatter):
-    """Readable lines for a terminal: time, level, message, then key=value fields."""
+    """Readable lines for a terminal: time, level, message, then key=value fields.
+
+    Every field is escaped (see :func:`escape`), so a caller's text cannot forge a line; the
+    lines of a traceback are indented, so none of them reads as a record of its own.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.fromtimestamp(record.created).strftime("%H:%M:%S")
-        extra = " ".join(f"{k}={v}" for k, v in _fields(record).items())
-        text = f"{stamp} {record.levelname:<7} {record.getMessage()}"
+        extra = " ".join(f"{escape(k)}={_value(v)}" for k, v in _fields(record).items())
+        text = f"{stamp} {record.levelname:<7} {escape(record.getMessage())}"
         if extra:
             text = f"{text}  {extra}"
         if record.exc_info:
-            text = f"{text}\n{self.formatException(record.exc_info)}"
+            lines = self.formatException(record.exc_info).splitlines()
+            text = "\n".join([text, *(f"    | {escape(line)}" for line in lines)])
         return text
 
 

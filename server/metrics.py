@@ -7,6 +7,7 @@ callbacks (``on_event``, ``on_probe``), and gauges are read from the queue when 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -100,7 +101,23 @@ class Metrics:
         """One ScanService call ended."""
         self._rpcs.labels(method, code).inc()
 
-    def serve(self, listen: str) -> None:
-        """Expose ``/metrics`` over HTTP on ``host:port`` (a daemon thread)."""
+    def serve(
+        self,
+        listen: str,
+        *,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_client_ca: Path | None = None,
+    ) -> None:
+        """Expose ``/metrics`` on ``host:port`` (a daemon thread): HTTPS with ``tls_cert`` and
+        ``tls_key``, and then only to clients with a certificate from ``tls_client_ca``."""
         host, _, port = listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=self.registry)
+        start_http_server(
+            int(port),
+            addr=host.strip("[]") or "127.0.0.1",
+            registry=self.registry,
+            certfile=str(tls_cert) if tls_cert else None,
+            keyfile=str(tls_key) if tls_key else None,
+            client_cafile=str(tls_client_ca) if tls_client_ca else None,
+            client_auth_required=tls_client_ca is not None,
+        )

@@ -29,6 +29,7 @@ import psycopg
 
 from .errors import (
     AlreadyExists,
+    DatabaseUnavailable,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -68,6 +69,8 @@ _CHANNEL = "scanjobs"
 # Serialises submits, so that the pending limit and request ids hold across replicas.
 _SUBMIT_LOCK = 0x5CA4_0B6
 _Conn = psycopg.AsyncConnection[Any]
+# What a lost database looks like: the pool's translation, or psycopg from a direct connection.
+_DATABASE_DOWN = (psycopg.Error, DatabaseUnavailable)
 _EVENT_COLUMNS = "SELECT sequence, state_change, snapshot, time_ns FROM job_events"
 _LATEST_EVENT = _EVENT_COLUMNS + " WHERE job_id = %s ORDER BY sequence DESC LIMIT 1"
 _EVENTS_AFTER = _EVENT_COLUMNS + " WHERE job_id = %s AND sequence > %s ORDER BY sequence"
@@ -165,7 +168,7 @@ class PgJobQueue:
             task.cancel()
         if workers:
             await asyncio.wait(workers, timeout=grace_s)
-        with contextlib.suppress(psycopg.Error):
+        with contextlib.suppress(*_DATABASE_DOWN):
             async with self._db.pool.connection() as conn:
                 await conn.execute(
                     "UPDATE jobs SET owner = NULL, lease_until = now()"
@@ -370,9 +373,11 @@ class PgJobQueue:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._cluster.poll_s):
                         await wake.wait()
-        except psycopg.Error:
+        except _DATABASE_DOWN:
             log.exception("watch of job %s failed", job_id, extra={"job_id": job_id})
-            subscription.fail(Unavailable("the database is unavailable; resume the watch"))
+            subscription.fail(
+                DatabaseUnavailable("the database cannot be reached; resume the watch shortly")
+            )
 
     async def _events(
         self, job_id: str, after: int, *, latest_only: bool = False
@@ -387,17 +392,45 @@ class PgJobQueue:
         return [event_from_row(tuple(r)) for r in rows]
 
     async def _listen(self, conn: _Conn) -> None:
-        """Dispatch notifications: new work, events to wake watchers, cancels for owners."""
-        async for note in conn.notifies():
-            kind, _, job_id = note.payload.partition(":")
-            if kind == "p":
-                self._work.set()
-            elif kind == "e":
-                for wake in self._wakeups.get(job_id, ()):
+        """Dispatch notifications; when the database was lost, listen again once it is back
+        and wake everyone, for what was notified meanwhile."""
+        while True:
+            with contextlib.suppress(psycopg.OperationalError):
+                async for note in conn.notifies():
+                    self._dispatch(note.payload)
+            await conn.close()
+            conn = self._listener = await self._listen_again()
+            self._work.set()
+            for wakeups in self._wakeups.values():
+                for wake in wakeups:
                     wake.set()
-            elif kind == "c" and (running := self._running.get(job_id)) is not None:
-                running.job = replace(running.job, cancel_requested=True)
-                _request_stop(running, CancelReason.USER)
+
+    async def _listen_again(self) -> _Conn:
+        """A new listening connection, once the database takes one."""
+        while True:
+            await asyncio.sleep(self._cluster.poll_s)
+            try:
+                conn = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
+            except psycopg.OperationalError:
+                continue
+            try:
+                await conn.execute(f"LISTEN {_CHANNEL}")
+            except psycopg.OperationalError:
+                await conn.close()
+                continue
+            return conn
+
+    def _dispatch(self, payload: str) -> None:
+        """One notification: new work, events to wake watchers, cancels for owners."""
+        kind, _, job_id = payload.partition(":")
+        if kind == "p":
+            self._work.set()
+        elif kind == "e":
+            for wake in self._wakeups.get(job_id, ()):
+                wake.set()
+        elif kind == "c" and (running := self._running.get(job_id)) is not None:
+            running.job = replace(running.job, cancel_requested=True)
+            _request_stop(running, CancelReason.USER)
 
     # -- writing events ----------------------------------------------------------------------
 
@@ -459,7 +492,7 @@ class PgJobQueue:
         while True:
             try:
                 claimed = await self._claim()
-            except psycopg.Error:
+            except _DATABASE_DOWN:
                 log.exception("claiming a job failed")
                 claimed = None
             if claimed is None:
@@ -470,7 +503,7 @@ class PgJobQueue:
                 continue
             try:
                 await self._run(claimed)
-            except psycopg.Error:
+            except _DATABASE_DOWN:
                 log.exception("job %s lost its database", claimed.id, extra={"job_id": claimed.id})
 
     async def _claim(self) -> Job | None:
@@ -532,6 +565,8 @@ class PgJobQueue:
                 if ctx.cancel_reason is None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
                     raise
                 result = ctx.result
+            except DatabaseUnavailable:
+                raise  # not the job's fault: its lease lapses and it resumes (worker logs it)
             except Exception as exc:  # a handler bug or an expected failure: the job fails
                 error = failure_text(running.job, exc)
                 done = finished(running.job, JobState.FAILED, running.context.result, error,
@@ -579,7 +614,7 @@ class PgJobQueue:
                 continue
             try:
                 await self._renew()
-            except psycopg.Error:
+            except _DATABASE_DOWN:
                 log.exception("renewing leases failed")
 
     async def _renew(self) -> None:
@@ -609,7 +644,7 @@ class PgJobQueue:
             await asyncio.sleep(max(5.0, self._cluster.poll_s))
             try:
                 await self._tidy()
-            except psycopg.Error:
+            except _DATABASE_DOWN:
                 log.exception("housekeeping failed")
 
     async def _tidy(self) -> None:

@@ -9,9 +9,10 @@ connection pool, so nothing blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -48,11 +49,11 @@ from .catalog_sql import (
     row_video,
 )
 from .changes import ChangeFeed, VideoChange, check_history
+from .errors import DatabaseUnavailable
 from .store import DatabaseCorrupt
 
-__all__ = ["PgCatalog", "PgDatabase"]
+__all__ = ["GuardedPool", "PgCatalog", "PgDatabase"]
 
-log = logging.getLogger(__name__)
 
 # Any fixed number: the key of the advisory lock that serialises migrations.
 _MIGRATION_LOCK = 0x5CA4_0B5
@@ -179,15 +180,53 @@ _MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
+# How long a call waits for a connection before it is DATABASE_UNAVAILABLE; and how often the
+# database is probed, so that health follows it and a new pool is ready soon after it returns.
+CONNECTION_WAIT_S = 0.5
+PROBE_INTERVAL_S = 0.5
+_POOL_SIZE = 8
+_UNREACHABLE = (psycopg.OperationalError, psycopg.InterfaceError)  # PoolTimeout included
+_log = logging.getLogger(__name__)
+
+
+def _unavailable(exc: Exception) -> DatabaseUnavailable:
+    _log.warning("the database is unavailable: %s", exc)
+    return DatabaseUnavailable("the database cannot be reached; retry shortly")
+
+
+class GuardedPool:
+    """The connection pool as the queue and the catalog use it: a connection within
+    ``CONNECTION_WAIT_S``, and a database that cannot be reached raised as
+    :class:`DatabaseUnavailable` (never a wait until the caller's deadline)."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self.pool = pool
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A pooled connection for the ``async with`` block.
+
+        Raises:
+            DatabaseUnavailable: no connection in time, or it broke during the block.
+        """
+        try:
+            async with self.pool.connection(timeout=CONNECTION_WAIT_S) as conn:
+                yield conn
+        except _UNREACHABLE as exc:
+            raise _unavailable(exc) from exc
+
+
 class PgDatabase:
     """A connection pool to one PostgreSQL database, migrated and locked for this server."""
 
-    def __init__(self, url: str, pool: AsyncConnectionPool) -> None:
+    def __init__(self, url: str, pool: AsyncConnectionPool, size: int = _POOL_SIZE) -> None:
         self.url = url
-        self.pool = pool
+        self.pool = GuardedPool(pool)
+        self._size = size
+        self._monitor: asyncio.Task[None] | None = None
 
     @classmethod
-    async def open(cls, url: str, *, size: int = 8) -> PgDatabase:
+    async def open(cls, url: str, *, size: int = _POOL_SIZE) -> PgDatabase:
         """Connect and migrate (replicas starting together migrate once, under a lock).
 
         Raises:
@@ -196,15 +235,85 @@ class PgDatabase:
         try:
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 await _migrate(conn)
-            pool = AsyncConnectionPool(url, min_size=1, max_size=size, open=False)
-            await pool.open(wait=True, timeout=30)
+            pool = await _open_pool(url, size, timeout_s=30)
         except psycopg.Error as exc:
             raise DatabaseCorrupt(f"cannot use the database: {exc}") from None
-        return cls(url, pool)
+        return cls(url, pool, size)
+
+    def monitor(self, on_change: Callable[[bool], Awaitable[None]]) -> None:
+        """Probe the database every ``PROBE_INTERVAL_S`` and call ``on_change(reachable)``
+        when that changes; when it comes back, swap in a fresh pool (the old one would wait
+        out its reconnection back-off). Runs until :meth:`close`."""
+        self._monitor = asyncio.create_task(self._watch(on_change), name="pg-monitor")
+
+    async def _watch(self, on_change: Callable[[bool], Awaitable[None]]) -> None:
+        reachable, probe = True, _Probe(self.url)
+        try:
+            while True:
+                now = await probe.ok()
+                if now and not reachable:
+                    now = await self._renew_pool()
+                if now != reachable:
+                    reachable = now
+                    _log.warning("the database is %s", "reachable" if now else "unreachable")
+                    await on_change(now)
+                await asyncio.sleep(PROBE_INTERVAL_S)
+        finally:
+            await probe.close()
+
+    async def _renew_pool(self) -> bool:
+        """A fresh pool in place of the old one; False if the database is gone again."""
+        try:
+            fresh = await _open_pool(self.url, self._size, timeout_s=2)
+        except psycopg.Error as exc:
+            _log.warning("cannot reopen the connection pool: %s", exc)
+            return False
+        stale, self.pool.pool = self.pool.pool, fresh
+        await stale.close(timeout=1.0)
+        return True
 
     async def close(self) -> None:
-        """Close the pool; idempotent."""
-        await self.pool.close()
+        """Stop the monitor, close the pool; idempotent."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        await self.pool.pool.close()
+
+
+class _Probe:
+    """One connection kept for ``SELECT 1``, opened again when it was lost."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def ok(self) -> bool:
+        """True if the database answers within a second."""
+        try:
+            async with asyncio.timeout(1.0):
+                if self._conn is None:
+                    self._conn = await psycopg.AsyncConnection.connect(self._url, autocommit=True)
+                await self._conn.execute("SELECT 1")
+        except (*_UNREACHABLE, TimeoutError):
+            await self.close()
+            return False
+        return True
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+
+async def _open_pool(url: str, size: int, *, timeout_s: float) -> AsyncConnectionPool:
+    pool = AsyncConnectionPool(url, min_size=1, max_size=size, open=False)
+    try:
+        await pool.open(wait=True, timeout=timeout_s)
+    except BaseException:
+        await pool.close()
+        raise
+    return pool
 
 
 async def _migrate(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -245,7 +354,6 @@ class PgCatalog:
         self._db = db
         self._pool = db.pool
         self._feed = ChangeFeed()
-        self._listener: psycopg.AsyncConnection[Any] | None = None
         self._listening: asyncio.Task[None] | None = None
 
     @property
@@ -253,17 +361,24 @@ class PgCatalog:
         return self._feed
 
     async def listen(self) -> None:
-        """Wake :attr:`feed` when any replica commits changes (``NOTIFY``)."""
-        self._listener = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
-        await self._listener.execute(f"LISTEN {CHANNEL}")
-        self._listening = asyncio.create_task(self._dispatch(self._listener), name="pg-changes")
+        """Wake :attr:`feed` when any replica commits changes (``NOTIFY``), from now on."""
+        self._listening = asyncio.create_task(self._dispatch(), name="pg-changes")
 
-    async def _dispatch(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        try:
-            async for _ in conn.notifies():
-                self._feed.wake()
-        except psycopg.Error:
-            log.warning("lost the catalog's change notifications; polling")
+    async def _dispatch(self) -> None:
+        """Wake the feed on each notification; reconnect when the connection drops (the
+        followers poll meanwhile, and are woken once listening again)."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._db.url, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._feed.wake()  # whatever was committed while nobody listened
+                    async for _ in conn.notifies():
+                        self._feed.wake()
+            except psycopg.Error as exc:
+                _log.warning("catalog change notifications lost; reconnecting: %s", exc)
+            await asyncio.sleep(1.0)
 
     async def _fetch(self, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
         async with self._pool.connection() as conn:
@@ -438,8 +553,6 @@ class PgCatalog:
         if self._listening is not None:
             self._listening.cancel()
             await asyncio.gather(self._listening, return_exceptions=True)
-        if self._listener is not None:
-            await self._listener.close()
 
 
 _VIDEOS_OF_DIR = f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = %s"  # noqa: S608 - constant

@@ -36,6 +36,7 @@ from .errors import (
     NotFound,
     ResourceExhausted,
     ScanJobsError,
+    StorageFault,
     Unavailable,
 )
 from .jobs import (
@@ -63,6 +64,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_RETRY_S = 1.0  # between two attempts to commit events the store refused
 _OUTCOME = {CancelReason.USER: JobState.CANCELLED, CancelReason.TIMEOUT: JobState.TIMEOUT}
 
 
@@ -536,7 +538,8 @@ class AsyncioJobQueue:
                 field="after_sequence",
             )
         self._flush(entry)
-        await self._committed(entry)  # so that the snapshot is the current state
+        with contextlib.suppress(StorageFault):  # not kept yet: the rest follows once it is
+            await self._committed(entry)  # so that the snapshot is the current state
         last = entry.history[-1]
         subscription = Subscription(on_close=lambda s: self._unwatch(entry, s))
         if not last.job.terminal:
@@ -663,14 +666,35 @@ class AsyncioJobQueue:
         entry.outbox.append(JobEvent(entry.sequence, entry.job, state_change, self._clock()))
         if entry.drain is None or entry.drain.done():
             entry.drain = self._spawn(self._drain(entry), name=f"outbox-{entry.job.id}")
+            entry.drain.add_done_callback(_observed)
 
     async def _drain(self, entry: _Entry) -> None:
-        """Commit the outbox in order, then announce what was committed."""
+        """Commit the outbox in order, then announce what was committed.
+
+        When the store cannot take them (a full disk, say) the events stay queued and are
+        tried again every ``_RETRY_S``, so that no change is lost once it can be kept; whoever
+        waits for this commit gets the error now."""
         while entry.outbox:
             batch, entry.outbox = entry.outbox, []
-            await self._store.append(batch)
+            try:
+                await self._store.append(batch)
+            except StorageFault as exc:
+                entry.outbox[:0] = batch
+                log.warning("job %s: events not kept yet: %s", entry.job.id, exc.message,
+                            extra={"job_id": entry.job.id})  # fmt: skip
+                if not self._closing:
+                    asyncio.get_running_loop().call_later(_RETRY_S, self._redrain, entry)
+                raise
             for event in batch:
                 self._announce(entry, event)
+
+    def _redrain(self, entry: _Entry) -> None:
+        """Try a failed commit again, unless the job was forgotten (a refused submit)."""
+        if self._closing or self._entries.get(entry.job.id) is not entry or not entry.outbox:
+            return
+        if entry.drain is None or entry.drain.done():
+            entry.drain = self._spawn(self._drain(entry), name=f"outbox-{entry.job.id}")
+            entry.drain.add_done_callback(_observed)
 
     def _announce(self, entry: _Entry, event: JobEvent) -> None:
         entry.history.append(event)
@@ -717,7 +741,11 @@ class AsyncioJobQueue:
             started = replace(
                 job, attempts=job.attempts + 1, progress=Progress(), result=ScanResult()
             )
-        await self._set_committed(entry, started)
+        try:
+            await self._set_committed(entry, started)
+        except StorageFault as exc:  # kept once the store recovers, with the failure after it
+            self._finish(entry, JobState.FAILED, ScanResult(), exc.message)
+            return
         task = asyncio.create_task(self._handler(started, ctx), name=f"job-{job.id}")
         entry.task = task
         timer = asyncio.get_running_loop().call_later(
@@ -761,7 +789,10 @@ class AsyncioJobQueue:
     async def _prune_forever(self) -> None:
         while True:
             await asyncio.sleep(self._config.prune_interval_s)
-            await self._prune()
+            try:
+                await self._prune()
+            except StorageFault as exc:  # a full disk must not end pruning for good
+                log.warning("pruning ended jobs failed: %s", exc.message)
 
     async def _prune(self) -> None:
         cutoff = self._clock() - timedelta(seconds=self._config.retention_s)
@@ -789,6 +820,12 @@ def finished(job: Job, state: JobState, result: ScanResult, error: str, now: dat
         progress = replace(progress, files_found=progress.files_done, current_path="")
     log.info("job %s ended %s", job.id, state.value, extra={"job_id": job.id})
     return transition(job, state, now, result=result, error=error, progress=progress)
+
+
+def _observed(task: asyncio.Task[Any]) -> None:
+    """Mark a commit's failure as seen: the waiters (if any) got it, and it was logged."""
+    if not task.cancelled() and not isinstance(task.exception(), StorageFault | None):
+        log.error("committing events failed", exc_info=task.exception())
 
 
 async def wait_owned(task: asyncio.Task[ScanResult]) -> ScanResult:

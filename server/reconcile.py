@@ -42,7 +42,7 @@ from .catalog import (
 from .fsopen import open_beneath
 from .probe import ProbeFailure, Prober
 from .roots import RootPolicy
-from .walk import Candidate, Listing
+from .walk import Candidate, Listing, WalkError
 
 __all__ = ["DirectoryScan", "Reported"]
 
@@ -61,6 +61,10 @@ class _Plan:
     errors: list[tuple[bytes, str]] = field(default_factory=list)
     unchanged: int = 0
     failed: int = 0
+    # Rows (videos, failures) whose file the listing holds: when they are all the rows,
+    # nothing is missing, which a rescan learns without building the set of listed paths.
+    matched_videos: int = 0
+    matched_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +101,10 @@ class DirectoryScan:
     async def __call__(self, listing: Listing) -> None:
         """Reconcile one directory."""
         rows = await self.catalog.read_directory(listing.path)
-        plan = self._compare(listing, rows)
+        files, unreadable = listing.files, listing.errors
+        plan = self._compare(listing.path, files, unreadable, rows)
         if plan.maybe_moved:
-            await self._find_moves(plan, listing)
+            await self._find_moves(plan, listing, files, unreadable)
         todo = plan.to_probe
         for start in range(0, len(todo), self.chunk):
             part = todo[start : start + self.chunk]
@@ -111,7 +116,7 @@ class DirectoryScan:
             else:  # a large directory: commit what is probed as it goes (never a removal)
                 await self._commit(probed, errors, part[-1].path)
         if listing.complete:
-            await self._reconcile(plan, listing, rows)
+            await self._reconcile(plan, listing, rows, files, unreadable)
         c = plan.changes
         c.counts = c.counts + ScanCounts(unchanged=plan.unchanged, failed=plan.failed)
         await self._commit(c, plan.errors, listing.path)
@@ -119,15 +124,18 @@ class DirectoryScan:
     def _changes(self, directory: bytes) -> DirectoryChanges:
         return DirectoryChanges(self.job_id, directory, self.clock_ns(), self.since_ns)
 
-    def _compare(self, listing: Listing, rows: DirectoryRows) -> _Plan:
-        plan = _Plan(self._changes(listing.path))
-        for error in listing.errors:
+    def _compare(
+        self, directory: bytes, files: list[Candidate], errors: list[WalkError],
+        rows: DirectoryRows,
+    ) -> _Plan:  # fmt: skip
+        plan = _Plan(self._changes(directory))
+        for error in errors:
             plan.failed += 1
             plan.errors.append((error.path, error.message))
         videos, failures = rows.videos, rows.failures
         stale_before = plan.changes.now_ns - self.seen_resolution_ns
         unchanged = 0
-        for file in listing.files:
+        for file in files:
             row = videos.get(file.path)
             if (  # the common case of a rescan, tested first and cheaply: nothing to do
                 row is not None
@@ -144,6 +152,7 @@ class DirectoryScan:
                 continue
             self._sort(plan, file, row, failures.get(file.path), stale_before)
         plan.unchanged += unchanged
+        plan.matched_videos += unchanged
         return plan
 
     def _sort(
@@ -151,6 +160,8 @@ class DirectoryScan:
         stale_before: int,
     ) -> None:  # fmt: skip
         """What one file that is not plainly unchanged needs."""
+        plan.matched_videos += row is not None
+        plan.matched_failures += failure is not None
         stamp = file.stamp
         if self.reprobe:
             plan.to_probe.append(file)
@@ -169,7 +180,9 @@ class DirectoryScan:
             if row is not None:
                 plan.known.add(file.path)
 
-    async def _find_moves(self, plan: _Plan, listing: Listing) -> None:
+    async def _find_moves(
+        self, plan: _Plan, listing: Listing, files: list[Candidate], errors: list[WalkError]
+    ) -> None:
         candidates = plan.maybe_moved
         matches = await self.catalog.find_identities(
             list({(f.device, f.inode) for f in candidates})
@@ -177,7 +190,7 @@ class DirectoryScan:
         by_identity: dict[tuple[int, int, int, int], list[Known]] = {}
         for row in matches:
             by_identity.setdefault((row.device, row.inode, *row.stamp), []).append(row)
-        listed = {f.path for f in listing.files} | {e.path for e in listing.errors}
+        listed = {f.path for f in files} | {e.path for e in errors}
         for file in candidates:
             rows = by_identity.get((file.device, file.inode, *file.stamp), [])
             source = await self._moved_from(file, rows, listing, listed)
@@ -228,16 +241,23 @@ class DirectoryScan:
         changes.counts = ScanCounts(added=added, updated=updated, failed=len(errors))
         return changes, errors
 
-    async def _reconcile(self, plan: _Plan, listing: Listing, rows: DirectoryRows) -> None:
+    async def _reconcile(
+        self, plan: _Plan, listing: Listing, rows: DirectoryRows, files: list[Candidate],
+        errors: list[WalkError],
+    ) -> None:  # fmt: skip
         c = plan.changes
-        present = {f.path for f in listing.files} | {e.path for e in listing.errors}
-        moved_away = {m.old_path for m in c.moved}
-        c.missing = [
-            p
-            for p, row in rows.videos.items()
-            if row.missing_ns is None and p not in present and p not in moved_away
-        ]
-        c.missing += [p for p in rows.failures if p not in present]
+        everything_listed = plan.matched_videos == len(rows.videos) and (
+            plan.matched_failures == len(rows.failures)
+        )
+        if not everything_listed:
+            present = {f.path for f in files} | {e.path for e in errors}
+            moved_away = {m.old_path for m in c.moved}
+            c.missing = [
+                p
+                for p, row in rows.videos.items()
+                if row.missing_ns is None and p not in present and p not in moved_away
+            ]
+            c.missing += [p for p in rows.failures if p not in present]
         if self.recursive:
             c.gone_dirs = sorted(rows.subdirs - set(listing.subdirs))
         if listing.entries == 0 and (c.missing or c.gone_dirs):

@@ -150,7 +150,7 @@ class _Tally:
         if listing is None:
             self.walking = False
         else:
-            self.found += len(listing.files) + len(listing.errors)
+            self.found += len(listing.entry_items())
         self.report()
 
     def note(self, path: bytes, message: str) -> None:
@@ -250,6 +250,10 @@ class Scanner:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(config.lanes):
                     lanes.create_task(_lane(directory_scan, feed, tally, ctx))
+        except ExceptionGroup as group:
+            # The first lane's failure ends the job, as itself: a domain error keeps its
+            # reason (a full disk, a lost database) instead of hiding in a group.
+            raise group.exceptions[0] from group
         finally:
             feed.stop()
         return tally.result()

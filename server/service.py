@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import hmac
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,22 +26,31 @@ from grpc_status import rpc_status
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
-from . import errors
+from . import errors, intake
+from .auth import BearerTokens
 from .catalog import Catalog, Failure, Video
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, Trigger, display_path
 from .live_service import LiveLibrary
 from .queue import JobQueue
-from .roots import RootPolicy, jobs_within_roots
+from .roots import RootPolicy
 from .watch import RootState
 
-__all__ = ["ERROR_DOMAIN", "ScanService", "ServiceInterceptor", "job_to_proto", "video_to_proto"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "ScanService",
+    "ServiceInterceptor",
+    "code_of",
+    "event_to_proto",
+    "failure_to_proto",
+    "job_to_proto",
+    "spec_of",
+    "state_of",
+    "video_to_proto",
+]
 
 log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "scanjobs"
-MAX_PAGE_SIZE = 1000
-MAX_REQUEST_ID = 128
-_MAX_TIMEOUT_S = 7 * 24 * 3600
 
 _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -56,6 +62,9 @@ _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DatabaseUnavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.StorageIOError: grpc.StatusCode.UNAVAILABLE,
 }
 _STATE_TO_PB = {
     JobState.PENDING: pb.JOB_STATE_PENDING,
@@ -78,12 +87,18 @@ _PHASE_TO_PB = {
 }
 
 _METHOD_PREFIX = "/scanjobs.v1.ScanService/"
+_HEALTH_WATCH = "/grpc.health.v1.Health/Watch"
 _Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def code_of(exc: errors.ScanJobsError) -> grpc.StatusCode:
+    """The status code of an expected error: the one map that every transport derives from."""
+    return _CODES.get(type(exc)) or next(c for cls, c in _CODES.items() if isinstance(exc, cls))
 
 
 def status_of(exc: errors.ScanJobsError) -> grpc.Status:
     """The rich gRPC status for an expected error."""
-    code = _CODES.get(type(exc)) or next(c for cls, c in _CODES.items() if isinstance(exc, cls))
+    code = code_of(exc)
     info = any_pb2.Any()
     info.Pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN))
     details = [info]
@@ -115,18 +130,25 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     This is the one place where expected errors become status codes and bugs become a bare
     INTERNAL. Health and reflection stay open and keep their own behaviour.
 
+    Health ``Watch`` streams need no token, so their number is capped here
+    (``max_health_watchers``): past it a new one is RESOURCE_EXHAUSTED.
+
     Args:
         tokens: bearer tokens, any of which admits a call; none means no authentication.
         on_call: called with the method and status code name of every call (metrics).
+        max_health_watchers: open health ``Watch`` streams allowed at once.
     """
 
     def __init__(
         self,
         tokens: frozenset[str] = frozenset(),
         on_call: Callable[[str, str], None] | None = None,
+        max_health_watchers: int = 100,
     ) -> None:
         self._on_call = on_call
-        self._tokens = [hashlib.sha256(t.encode()).digest() for t in sorted(tokens)]
+        self._max_health_watchers = max_health_watchers
+        self._health_watchers = 0
+        self._tokens = BearerTokens(tokens)
         self._in_flight = 0
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._idle = asyncio.Event()
@@ -153,11 +175,40 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if wrapped is not None:  # the same wrapper serves every call of a method
             return wrapped
         handler = await continuation(handler_call_details)
-        if handler is None or not method.startswith(_METHOD_PREFIX):
+        if handler is None:
             return handler
-        wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        if method == _HEALTH_WATCH and handler.unary_stream is not None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                self._capped(handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        elif method.startswith(_METHOD_PREFIX):
+            wrapped = self._wrap(method.removeprefix(_METHOD_PREFIX), handler)
+        else:
+            return handler
         self._wrapped[method] = wrapped
         return wrapped
+
+    def _capped(self, behavior: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Awaitable[Any]]:
+        """Health ``Watch`` with a cap on the streams open at once (they need no token)."""
+
+        async def capped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if self._health_watchers >= self._max_health_watchers:
+                status = status_of(
+                    errors.ResourceExhausted(
+                        f"too many health watchers (limit {self._max_health_watchers})",
+                        reason="TOO_MANY_WATCHERS",
+                    )
+                )
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            self._health_watchers += 1
+            try:
+                return await behavior(request, context)
+            finally:
+                self._health_watchers -= 1
+
+        return capped
 
     def _wrap(
         self, name: str, handler: grpc.RpcMethodHandler[Any, Any]
@@ -185,10 +236,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             self._idle.clear()
             started = time.perf_counter()
             code = grpc.StatusCode.CANCELLED  # unless we learn better: the client went away
+            admitted = False  # a stranger's request fields are not worth a line in our logs
             try:
                 status = None
                 try:
                     self._authenticate(context)
+                    admitted = True
                     if isinstance(request, _Malformed):
                         raise errors.InvalidArgument(request.message, reason="MALFORMED_REQUEST")
                     result = await behavior(request, context)
@@ -205,29 +258,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 self._in_flight -= 1
                 if not self._in_flight:
                     self._idle.set()
-                _log_call(name, code, time.perf_counter() - started, request)
+                _log_call(name, code, time.perf_counter() - started, request if admitted else None)
                 if self._on_call is not None:
                     self._on_call(name, code.name)
 
         return guarded
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        """Admit the call if it carries one of the tokens, compared in constant time."""
-        if not self._tokens:
+        """Admit the call if it carries one of the tokens."""
+        if not self._tokens.required:
             return
-        presented = b""
+        presented = None
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                presented = value.removeprefix("Bearer ").encode()
-        digest = hashlib.sha256(presented).digest()
-        match = False
-        for token in self._tokens:  # no early exit: the time does not depend on which matched
-            match |= hmac.compare_digest(digest, token)
-        if not presented or not match:
-            raise errors.Unauthenticated(
-                "missing or invalid bearer token (send 'authorization: Bearer <token>')",
-                reason="UNAUTHENTICATED",
-            )
+            if key == "authorization" and isinstance(value, str):
+                presented = value
+        self._tokens.check(presented)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +305,7 @@ def _passing_bytes(serialize: Callable[[Any], bytes] | None) -> Callable[[Any], 
 
 
 def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) -> None:
+    """One line per call; ``request`` (None before authentication) adds its ``job_id``."""
     if not log.isEnabledFor(logging.INFO):
         return
     fields: dict[str, object] = {
@@ -295,26 +341,18 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
         self._jobs: collections.OrderedDict[int, tuple[Job, pb.Job]] = collections.OrderedDict()
 
     async def SubmitScan(self, request: pb.SubmitScanRequest, context: _Context) -> pb.Job:
-        spec = _spec_of(request)
-        path = await asyncio.to_thread(self._roots.check, spec.path)
-        job = await self._queue.submit(
-            JobSpec(path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe)
-        )
-        return job_to_proto(job)
+        return job_to_proto(await intake.submit_scan(self._queue, self._roots, spec_of(request)))
 
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.Job:
-        return self._job_proto(await self._queue.get(_job_id(request.job_id)))
+        return self._job_proto(await self._queue.get(intake.job_id(request.job_id)))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: _Context) -> pb.Job:
-        return job_to_proto(await self._queue.cancel(_job_id(request.job_id)))
+        return job_to_proto(await self._queue.cancel(intake.job_id(request.job_id)))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: _Context) -> pb.ListJobsResponse:
-        page_size = _page_size(request.page_size, default=50)
-        if request.state not in _PB_TO_STATE and request.state != pb.JOB_STATE_UNSPECIFIED:
-            raise errors.InvalidArgument(f"unknown state {request.state}", field="state")
-        state = _PB_TO_STATE.get(request.state)
-        jobs, token = await jobs_within_roots(
-            self._queue, self._roots, state=state, page_size=page_size,
+        jobs, token = await intake.list_jobs(
+            self._queue, self._roots, state=state_of(request.state),
+            page_size=intake.page_size(request.page_size, default=50),
             page_token=request.page_token,
         )  # fmt: skip
         return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs], next_page_token=token)
@@ -322,15 +360,11 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
     async def ListVideos(
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
-        page_size = _page_size(request.page_size, default=100)
-        videos, token, sequence = await self._catalog.catalog_listing(
-            path_prefix=os.fsencode(request.path_prefix),
-            job_id=request.job_id,
-            page_size=page_size,
-            page_token=request.page_token,
-            include_missing=request.include_missing,
-            roots=self._roots.listed(),
-        )
+        videos, token, sequence = await intake.list_videos(
+            self._catalog, self._roots, path_prefix=request.path_prefix, job_id=request.job_id,
+            page_size=intake.page_size(request.page_size, default=100),
+            page_token=request.page_token, include_missing=request.include_missing,
+        )  # fmt: skip
         return pb.ListVideosResponse(
             videos=[video_to_proto(v) for v in videos],
             next_page_token=token,
@@ -340,12 +374,11 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
     async def ListFileErrors(
         self, request: pb.ListFileErrorsRequest, context: _Context
     ) -> pb.ListFileErrorsResponse:
-        failures, token = await self._catalog.list_failures(
-            path_prefix=os.fsencode(request.path_prefix),
-            page_size=_page_size(request.page_size, default=100),
+        failures, token = await intake.list_file_errors(
+            self._catalog, self._roots, path_prefix=request.path_prefix,
+            page_size=intake.page_size(request.page_size, default=100),
             page_token=request.page_token,
-            roots=self._roots.listed(),
-        )
+        )  # fmt: skip
         return pb.ListFileErrorsResponse(
             file_errors=[failure_to_proto(f) for f in failures], next_page_token=token
         )
@@ -355,7 +388,9 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
     ) -> None:
         # A coroutine around context.write, not an async generator: its cleanup must run when
         # the client hangs up (CancelledError here), not whenever the generator is collected.
-        subscription = await self._queue.watch(_job_id(request.job_id), request.after_sequence)
+        subscription = await self._queue.watch(
+            intake.job_id(request.job_id), request.after_sequence
+        )
         try:
             async for event in subscription:
                 # Bytes pass the stream's serializer untouched (see ServiceInterceptor).
@@ -368,11 +403,7 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
         key = (event.job.id, event.sequence)
         data = self._events.get(key)
         if data is None:
-            message = pb.JobEvent(
-                sequence=event.sequence,
-                job=self._job_proto(event.job),
-                event_time=_timestamp(event.time),
-            )
+            message = event_to_proto(event, self._job_proto(event.job))
             data = self._events[key] = message.SerializeToString()
             if len(self._events) > 256:
                 self._events.popitem(last=False)
@@ -389,35 +420,29 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
         return message
 
 
-def _job_id(raw: str) -> str:
-    if not raw:
-        raise errors.InvalidArgument("job_id is required", field="job_id")
-    if len(raw) > 64:
-        raise errors.InvalidArgument("job_id is longer than 64 characters", field="job_id")
-    return raw
-
-
-def _page_size(raw: int, *, default: int) -> int:
-    if raw < 0:
-        raise errors.InvalidArgument("page_size must not be negative", field="page_size")
-    return min(raw or default, MAX_PAGE_SIZE)
-
-
-def _spec_of(request: pb.SubmitScanRequest) -> JobSpec:
-    path = RootPolicy.check_syntax(request.path)
-    timeout_s: float | None = None
+def spec_of(request: pb.SubmitScanRequest) -> JobSpec:
+    """The checked job spec of a SubmitScan request (see ``intake.job_spec``)."""
+    timeout_s = None
     if request.HasField("timeout"):
         timeout_s = request.timeout.ToTimedelta().total_seconds()
-        if timeout_s < 0 or timeout_s > _MAX_TIMEOUT_S:
-            raise errors.InvalidArgument(
-                f"timeout must be between 0 and {_MAX_TIMEOUT_S} seconds", field="timeout"
-            )
-    if len(request.request_id) > MAX_REQUEST_ID:
-        raise errors.InvalidArgument(
-            f"request_id is longer than {MAX_REQUEST_ID} characters", field="request_id"
-        )
-    recursive = request.recursive if request.HasField("recursive") else True
-    return JobSpec(path, recursive, timeout_s or None, request.request_id, request.reprobe)
+    return intake.job_spec(
+        request.path,
+        recursive=request.recursive if request.HasField("recursive") else True,
+        timeout_s=timeout_s,
+        request_id=request.request_id,
+        reprobe=request.reprobe,
+    )
+
+
+def state_of(value: int) -> JobState | None:
+    """The job state a ListJobs filter names; ``None`` for JOB_STATE_UNSPECIFIED (any state).
+
+    Raises:
+        InvalidArgument: not a known state.
+    """
+    if value not in _PB_TO_STATE and value != pb.JOB_STATE_UNSPECIFIED:
+        raise errors.InvalidArgument(f"unknown state {value}", field="state")
+    return _PB_TO_STATE.get(value)  # type: ignore[call-overload,no-any-return]
 
 
 def _timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
@@ -438,6 +463,15 @@ def _seconds(value: float) -> duration_pb2.Duration:
     duration = duration_pb2.Duration()
     duration.FromNanoseconds(round(value * 1e9))
     return duration
+
+
+def event_to_proto(event: JobEvent, job: pb.Job | None = None) -> pb.JobEvent:
+    """The wire form of a job event; ``job`` is its snapshot when already converted."""
+    return pb.JobEvent(
+        sequence=event.sequence,
+        job=job if job is not None else job_to_proto(event.job),
+        event_time=_timestamp(event.time),
+    )
 
 
 def job_to_proto(job: Job) -> pb.Job:

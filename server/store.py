@@ -44,6 +44,7 @@ from .catalog_sql import (
     row_failure,
 )
 from .changes import ChangeFeed
+from .errors import StorageFault, StorageFull, StorageIOError
 from .jobs import (
     FileError,
     Job,
@@ -180,12 +181,14 @@ class Database:
     """One SQLite file, one connection, one thread."""
 
     def __init__(
-        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, lock: BinaryIO
+        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, lock: BinaryIO, path: Path
     ) -> None:
         self._conn = conn
         self._executor = executor
         self._lock = lock
         self._closed = False
+        self._path = path
+        self._identity = _identity(path)
 
     @classmethod
     async def open(cls, path: Path) -> Database:
@@ -195,7 +198,11 @@ class Database:
             DatabaseInUse: another process has it open.
             DatabaseCorrupt: the file is not a usable database of ours.
         """
-        lock = _lock(path.with_name(path.name + ".lock"))
+        try:
+            lock = _lock(path.with_name(path.name + ".lock"))
+        except OSError as exc:
+            raise StorageIOError(f"cannot write in the data directory {path.parent}: "
+                                 f"{exc.strerror}") from None  # fmt: skip
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         loop = asyncio.get_running_loop()
         try:
@@ -204,20 +211,66 @@ class Database:
             executor.shutdown(wait=False)
             lock.close()
             raise
-        return cls(conn, executor, lock)
+        return cls(conn, executor, lock, path)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        """Run ``fn(connection)`` on the database thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, self._conn)
+        """Run ``fn(connection)`` on the database thread.
+
+        Raises:
+            StorageFull: the data directory's file system is out of space.
+            StorageIOError: the database cannot be read or written (read-only, failing, or
+                removed from under the server).
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """``fn`` on the database thread, with SQLite's I/O faults as domain errors."""
+        if _identity(self._path) != self._identity:
+            # SQLite would go on writing to the unlinked file, and lose it all at the next start.
+            raise StorageIOError(
+                f"the database file {self._path} was removed or replaced while the server "
+                "ran: nothing more can be kept; restore it or restart the server"
+            )
+        try:
+            return fn(self._conn)
+        except sqlite3.Error as exc:
+            fault = storage_fault(exc, self._path)
+            if fault is None:
+                raise
+            raise fault from exc
 
     async def close(self) -> None:
         """Close the connection and its thread; idempotent."""
         if self._closed:
             return
         self._closed = True
-        await self.run(lambda conn: conn.close())
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
         self._executor.shutdown(wait=True)
         self._lock.close()  # releases the lock
+
+
+_IO_FAULTS = frozenset(
+    {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM}
+)
+
+
+def storage_fault(exc: sqlite3.Error, path: Path) -> StorageFault | None:
+    """The domain error for an SQLite error caused by the data directory; None for others
+    (a bug in a statement stays a bug)."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF  # the primary result code
+    if code == sqlite3.SQLITE_FULL:
+        return StorageFull(f"the data directory {path.parent} is out of space")
+    if code in _IO_FAULTS:
+        return StorageIOError(f"the database in {path.parent} cannot be used: {exc}")
+    return None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _lock(path: Path) -> BinaryIO:
@@ -237,6 +290,9 @@ def _lock(path: Path) -> BinaryIO:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    # Created private: the catalog names every file. SQLite gives the -wal and -shm files the
+    # database file's mode.
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")

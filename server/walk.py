@@ -106,19 +106,25 @@ class Listing:
 
     @property
     def files(self) -> list[Candidate]:
-        """Its video files."""
-        return [i for i in self.items if isinstance(i, Candidate)]
+        """Its video files (a new list each time: read it once)."""
+        return [i for i in self.items if type(i) is Candidate]
 
     @property
     def errors(self) -> list[WalkError]:
-        """Its entries that could not be read (not the folder's own error)."""
-        return [i for i in self.items if isinstance(i, WalkError) and i.path != self.path]
+        """Its entries that could not be read, not the folder's own error (a new list each
+        time: read it once)."""
+        return [i for i in self.entry_items() if type(i) is WalkError]
 
     @property
     def error(self) -> WalkError | None:
-        """Why the folder itself could not be read (completely), if it could not."""
-        return next((i for i in self.items if isinstance(i, WalkError) and i.path == self.path),
-                    None)  # fmt: skip
+        """Why the folder itself could not be read (completely), if it could not: the last
+        item of an incomplete listing."""
+        last = self.items[-1] if self.items and not self.complete else None
+        return last if isinstance(last, WalkError) else None
+
+    def entry_items(self) -> list[WalkItem]:
+        """Its items without the folder's own error."""
+        return self.items if self.complete else self.items[:-1]
 
     @property
     def subdirs(self) -> list[bytes]:

@@ -31,9 +31,13 @@ def _bin_dir() -> Path | None:
 
 @dataclass
 class Postgres:
-    """A running cluster; :meth:`new_database` gives each test a database of its own."""
+    """A running cluster; :meth:`new_database` gives each test a database of its own;
+    :meth:`stop` and :meth:`start` make an outage."""
 
     port: int
+    data: Path | None = None
+    options: str = ""
+    log: Path | None = None
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
@@ -43,6 +47,24 @@ class Postgres:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
         return self.url(name)
+
+    def stop(self) -> None:
+        """``pg_ctl stop -m fast``: sessions are ended, connections refused until start."""
+        _pg_ctl(self, "-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        """``pg_ctl start``, on the same port; returns once it accepts connections."""
+        assert self.log is not None
+        _pg_ctl(self, "-o", self.options, "-l", str(self.log), "-w", "start")
+
+
+def _pg_ctl(cluster: Postgres, *args: str) -> None:
+    bin_dir = _bin_dir()
+    assert bin_dir is not None and cluster.data is not None
+    subprocess.run(
+        _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(cluster.data), *args]),
+        check=True, capture_output=True,
+    )  # fmt: skip
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
@@ -80,7 +102,7 @@ def running_cluster() -> Iterator[Postgres]:
         check=True, capture_output=True,
     )  # fmt: skip
     try:
-        yield Postgres(port)
+        yield Postgres(port, data, options, folder / "log")
     finally:
         subprocess.run(
             _as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
@@ -92,6 +114,15 @@ def running_cluster() -> Iterator[Postgres]:
 @pytest.fixture(scope="session")
 def postgres_cluster() -> Iterator[Postgres]:
     """PostgreSQL for the whole session."""
+    if not available():
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[Postgres]:
+    """A cluster of the test's own, that it may stop and start."""
     if not available():
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
     with running_cluster() as cluster:

@@ -63,9 +63,11 @@ def test_the_wheel_installs_one_top_level_name(wheel: Path) -> None:
     assert top == {"scanjobs"}
     for module in (
         "scanjobs/server/__main__.py",
+        "scanjobs/server/static/index.html",
         "scanjobs/client/cli.py",
         "scanjobs/v1/scanjobs_pb2.py",
         "scanjobs/v1/scanjobs_pb2.pyi",
+        "scanjobs/v1/scanjobs_connect.py",
         "scanjobs/py.typed",
     ):
         assert module in names

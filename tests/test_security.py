@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -21,11 +24,14 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 
 from scanjobs.client import ScanClient, ServiceUnavailable, TlsFiles
 from scanjobs.server.config import parse_args
+from scanjobs.server.logs import TextFormatter
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from tests.certs import Authority
@@ -307,33 +313,6 @@ async def test_cli_speaks_mutual_tls_with_a_token(
 
 
 @pytest.mark.parametrize(
-    ("extra", "ok"),
-    [
-        ([], False),
-        (["--insecure"], True),
-        (["--token-file", "{tokens}"], True),
-    ],
-)
-def test_non_loopback_listen_needs_tls_a_token_or_insecure(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], ok: bool
-) -> None:
-    tokens = tmp_path / "tokens"
-    tokens.write_text("t1\n")
-    argv = ["--root", "/srv", "--listen", "0.0.0.0:50051"] + [
-        a.format(tokens=tokens) for a in extra
-    ]
-    if ok:
-        assert parse_args(argv).listen == "0.0.0.0:50051"
-        return
-    with pytest.raises(SystemExit):
-        parse_args(argv)
-    assert (
-        "refusing to listen on 0.0.0.0:50051 with neither TLS nor a token"
-        in capsys.readouterr().err
-    )
-
-
-@pytest.mark.parametrize(
     "argv",
     [
         ["--tls-cert", "/x.crt"],
@@ -416,3 +395,95 @@ async def test_errors_kept_per_job_are_bounded_and_the_rest_counted(
     events = [e async for e in s.stub.WatchJob(pb.WatchJobRequest(job_id=job.id))]
     result = events[-1].job.result
     assert (len(result.errors), result.error_count, result.failed) == (5, 30, 30)
+
+
+async def test_health_watch_streams_are_capped_even_without_a_token(
+    serve: ServeFactory, media: Path
+) -> None:
+    s = await serve(media, tokens=frozenset({TOKEN}), max_watchers=10, max_health_watchers=10)
+    health = health_pb2_grpc.HealthStub(s.channel)  # one connection, no token
+    calls = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(40)]
+
+    async def first(call: Any) -> str:
+        try:
+            reply = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            return f"{exc.code().name} {_reason(exc)}"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    outcomes = await asyncio.gather(*(first(c) for c in calls))
+    for call in calls:
+        call.cancel()
+    assert outcomes.count("SERVING") == 10
+    assert outcomes.count("RESOURCE_EXHAUSTED TOO_MANY_WATCHERS") == 30
+
+
+async def test_one_connection_holds_at_most_100_streams(serve: ServeFactory, media: Path) -> None:
+    s = await serve(media, max_health_watchers=1000, max_streams_per_connection=100)
+    health = health_pb2_grpc.HealthStub(s.channel)
+    await health.Check(health_pb2.HealthCheckRequest())  # the client learns the server's limit
+    calls = [health.Watch(health_pb2.HealthCheckRequest()) for _ in range(130)]
+    reads = [asyncio.ensure_future(c.read()) for c in calls]
+    served: set[asyncio.Future[Any]] = set()
+    while len(served) < 100:  # until the connection is full
+        done, _ = await asyncio.wait(set(reads) - served, return_when=asyncio.FIRST_COMPLETED)
+        served |= {r for r in done if not r.exception()}
+    _, still = await asyncio.wait(set(reads) - served, timeout=1.0)
+    refused = [r for r in reads if r not in served and r not in still]
+    for call in calls:
+        call.cancel()
+    # The rest wait on the client's side or are refused (REFUSED_STREAM): never served.
+    assert len(served) == 100
+    assert all(isinstance(r.exception(), grpc.aio.AioRpcError) for r in refused)
+    assert len(still) + len(refused) == 30
+
+
+FORGED = "x\r\n10:44:01 WARNING token accepted user=admin"
+
+
+async def test_a_forged_log_line_in_a_job_id_stays_on_one_escaped_line(
+    serve: ServeFactory, media: Path
+) -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("scanjobs")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        s = await serve(media, tokens=frozenset({TOKEN}))
+        for metadata in ((), GOOD):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await s.stub.GetJob(pb.GetJobRequest(job_id=FORGED), metadata=metadata)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+    lines = out.getvalue().splitlines()
+    assert all(re.match(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR) ", line) for line in lines)
+    assert not any("token accepted" in line and "job_id" not in line for line in lines)
+    rpcs = [line for line in lines if "method=GetJob" in line]
+    assert len(rpcs) == 2
+    stranger, admitted = rpcs
+    assert "code=UNAUTHENTICATED" in stranger and "job_id" not in stranger  # after auth only
+    assert "code=NOT_FOUND" in admitted
+    assert 'job_id="x\\r\\n10:44:01 WARNING token accepted user=admin"' in admitted
+
+
+def test_the_text_log_escapes_control_characters_in_every_field() -> None:
+    record = logging.makeLogRecord(
+        {"msg": "path %s", "args": ("a\nb\x1b[2J",), "levelname": "INFO", "key\n": "v\u2028w"}
+    )
+    text = TextFormatter().format(record)
+    assert text.endswith("path a\\nb\\x1b[2J  key\\n=v\\u2028w")
+    assert len(text.splitlines()) == 1
+
+
+def _reason(exc: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    for detail in status.details if status else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
