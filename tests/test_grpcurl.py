@@ -73,6 +73,7 @@ def test_the_doc_has_every_example() -> None:
     assert set(examples()) == {
         "submit", "watch", "cancel", "get", "list-jobs", "list-videos", "error", "health",
         "list", "describe", "reprobe", "list-missing", "list-file-errors", "watch-videos",
+        "list-roots",
     }  # fmt: skip
 
 
@@ -182,3 +183,10 @@ async def test_grpcurl_follows_the_catalog_changes(serve: ServeFactory, tmp_path
     assert change["kind"] == "VIDEO_EVENT_KIND_ADDED"
     assert change["video"]["path"] == str(library / "a.mp4")
     assert change["sequence"] == page["catalog_sequence"] == "1"
+    ((root,),) = [r["roots"] for r in await doc.json("list-roots")]
+    assert root == {
+        "path": str(library),
+        "watch_mode": "WATCH_MODE_OFF",
+        "reason": "the server runs without --watch",
+        "video_count": "1",
+    }
