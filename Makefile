@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/scanjobs/v1/*.proto)
 ARGS ?=
 
-.PHONY: setup proto web run demo test lint buf fmt bench clean
+.PHONY: setup proto web run demo test test-busy lint buf fmt bench clean
 
 setup: $(VENV)/.synced
 
@@ -40,6 +40,16 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest --cov --cov-report=term $(ARGS)
+
+# The suite on a busy machine: two busy-loop neighbours keep both cores busy while it runs.
+# They are started and stopped here, also when the suite fails or is interrupted.
+BUSY_LOOP := while True: sum(i*i for i in range(10000))
+test-busy: setup
+	@$(PYTHON) -c "$(BUSY_LOOP)" & one=$$!; \
+	$(PYTHON) -c "$(BUSY_LOOP)" & two=$$!; \
+	trap 'kill $$one $$two 2>/dev/null; wait $$one $$two 2>/dev/null' EXIT INT TERM; \
+	echo "busy neighbours: pids $$one $$two"; \
+	$(PY) -m pytest $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

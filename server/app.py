@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -22,16 +23,16 @@ from .catalog import Catalog
 from .config import Config
 from .errors import StorageIOError
 from .leader import lead
+from .library_watch import LibraryWatcher, QueueRunner, WatchConfig, cancel_quietly
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
 from .probe import ProbePool
-from .queue import AsyncioJobQueue, QueueConfig
+from .queue import AsyncioJobQueue
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
 from .store import Database, SqliteCatalog, SqliteJobStore
-from .watch import LibraryWatcher, QueueRunner, WatchConfig, cancel_quietly
 
 if TYPE_CHECKING:
     from .http_server import HttpServer
@@ -65,11 +66,12 @@ class App:
     db: Database | PgDatabase
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
+    metrics: Metrics
     grace_s: float
+    lame_duck_s: float
     catalog: Catalog
     service: ScanService
     http: HttpServer | None = None
-    watcher: LibraryWatcher | None = None
     watching: asyncio.Task[None] | None = None
     stopped: bool = False
 
@@ -79,21 +81,32 @@ class App:
         return self.http.port if self.http is not None else None
 
     async def stop(self) -> None:
-        """Drain: NOT_SERVING, refuse new work, end streams with UNAVAILABLE, then stop.
+        """Drain, then stop: every part in two stages, none left running. Idempotent.
 
-        Idempotent.
+        1. Lame duck: health says NOT_SERVING and every new ScanService call is answered
+           UNAVAILABLE (``SHUTTING_DOWN``) for ``lame_duck_s`` seconds, while the server
+           still takes calls, so that a client that sent one after NOT_SERVING gets an
+           answer it retries elsewhere instead of grpc's own CANCELLED (grpc/grpc#41785).
+           Meanwhile running jobs stop at their next safe point (they resume on the next
+           start) and WatchJob streams end with UNAVAILABLE.
+        2. Within the grace period, calls in flight finish; then the gRPC server stops
+           (cancelling what is left), the probe workers exit (or are killed), and the
+           database and the metrics endpoint close.
         """
         if self.stopped:
             return
         self.stopped = True
-        deadline = asyncio.get_running_loop().time() + self.grace_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.grace_s
+        lame_duck_until = loop.time() + min(self.lame_duck_s, self.grace_s)
+        self.calls.refuse_new_calls()  # first: who saw NOT_SERVING never gets through
         await self.health.enter_graceful_shutdown()
-        await cancel_quietly(self.watching)
-        await self.queue.close(self.grace_s)  # refuses submits, ends WatchJob streams
-        self.service.close()  # ends WatchVideos streams
+        await cancel_quietly(self.watching)  # no new scans of what changes
+        await self.queue.close(self.grace_s)  # ends WatchJob streams with UNAVAILABLE
+        self.service.close()  # ends WatchVideos streams with UNAVAILABLE
+        await asyncio.sleep(max(0.0, lame_duck_until - loop.time()))
         # Wait for our own calls only: a client's endless health Watch must not hold us up.
-        left = max(0.0, deadline - asyncio.get_running_loop().time())
-        if not await self.calls.drained(left):
+        if not await self.calls.drained(max(0.0, deadline - loop.time())):
             log.warning("calls still in flight at the end of the grace period")
         if self.http is not None:
             await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
@@ -101,6 +114,7 @@ class App:
         await self.probes.close()
         await self.catalog.close()
         await self.db.close()
+        self.metrics.close()
         log.info("server stopped")
 
 
@@ -137,66 +151,28 @@ async def start(
     ]
     server = grpc.aio.server(interceptors=[calls], options=options)
     port = _bind(server, config)  # first: a taken port fails before anything starts
-    http_socket = _bind_http(config)
-    try:
+    # Whatever opens below is closed again, in reverse order, if a later step fails.
+    async with contextlib.AsyncExitStack() as undo:
+        http_socket = _bind_http(config)
+        if http_socket is not None:
+            undo.callback(http_socket.close)
         db, catalog = await _open_storage(config)
-    except BaseException:
-        _close(http_socket)
-        raise
-    try:
+        undo.push_async_callback(db.close)
+        undo.push_async_callback(catalog.close)
         await _tidy_catalog(catalog, roots, config, clock_ns)
-    except BaseException:
-        await catalog.close()
-        _close(http_socket)
-        await db.close()
-        raise
-    if probes is None:
-        probes = ProbePool(
-            config.probe_processes,
-            config.probe_timeout_s,
-            on_probe=metrics.on_probe,
-            memory_mib=config.probe_memory_mib,
-            user=config.probe_user,
-        )
-    try:
+        if probes is None:
+            probes = ProbePool(
+                config.probe_processes,
+                config.probe_timeout_s,
+                on_probe=metrics.on_probe,
+                memory_mib=config.probe_memory_mib,
+                user=config.probe_user,
+            )
         await probes.start()
-    except BaseException:
-        await catalog.close()
-        _close(http_socket)
-        await db.close()
-        raise
-    scanner = Scanner(
-        roots,
-        probes,
-        catalog,
-        ScanConfig(
-            extensions=config.extensions,
-            lanes=max(2, config.probe_processes),
-            max_errors=config.max_errors,
-            missing_retention_ns=int(config.missing_retention_s * 1e9),
-            history_ns=int(config.catalog_history_s * 1e9),
-        ),
-        clock_ns=clock_ns,
-    )
-    queue_config = QueueConfig(
-        workers=config.workers,
-        job_timeout_s=config.job_timeout_s,
-        max_pending=config.max_pending,
-        retention_s=config.job_retention_s,
-        max_watchers=config.max_watchers,
-        max_watchers_per_job=config.max_watchers_per_job,
-    )
-    queue: AsyncioJobQueue | PgJobQueue
-    if isinstance(db, PgDatabase):  # replicas share the jobs through PostgreSQL
-        cluster = ClusterConfig(replica=f"{socket.gethostname()}:{os.getpid()}",
-                                lease_s=config.lease_s)  # fmt: skip
-        queue = PgJobQueue(scanner, db, queue_config, cluster, listeners=[metrics.on_event])
-    else:
-        queue = AsyncioJobQueue(
-            scanner, queue_config, store=SqliteJobStore(db), listeners=[metrics.on_event]
-        )
-    metrics.watch_queue(queue.stats)
-    await queue.start()
+        undo.push_async_callback(probes.close)
+        queue = _queue(config, db, _scanner(config, roots, probes, catalog, clock_ns), metrics)
+        await queue.start()
+        undo.pop_all()  # started: from here on App.stop() owns every part
     if config.metrics_listen:
         metrics.serve(
             config.metrics_listen,
@@ -206,10 +182,10 @@ async def start(
         )
 
     watcher = _watcher(config, queue, roots, metrics) if config.watch else None
+    root_states = watcher.states if watcher is not None else None
     service = ScanService(
-        queue, catalog, roots, max_video_watchers=config.max_watchers,
-        root_states=watcher.states if watcher is not None else None,
-    )  # fmt: skip
+        queue, catalog, roots, max_video_watchers=config.max_watchers, root_states=root_states
+    )
     pb_grpc.add_ScanServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -223,10 +199,7 @@ async def start(
         # second of start-up that a gRPC-only server need not pay.
         from .http_server import serve_http
 
-        http = await serve_http(
-            config, http_socket, queue, catalog, roots, metrics,
-            watcher.states if watcher is not None else None,
-        )  # fmt: skip
+        http = await serve_http(config, http_socket, queue, catalog, roots, metrics, root_states)
     await _set_health(health_servicer, serving=True)
     if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
 
@@ -243,11 +216,22 @@ async def start(
             "roots": list(roots.resolved),
         },
     )
-    watching = _watch(watcher, db, config) if watcher is not None else None
     return App(
-        server, port, queue, probes, db, health_servicer, calls, config.shutdown_grace_s,
-        catalog, service, http, watcher, watching,
-    )  # fmt: skip
+        server,
+        port,
+        queue,
+        probes,
+        db,
+        health_servicer,
+        calls,
+        metrics,
+        config.shutdown_grace_s,
+        config.lame_duck_s,
+        catalog,
+        service,
+        http,
+        _watch(watcher, db, config) if watcher is not None else None,
+    )
 
 
 def _watch(
@@ -279,9 +263,43 @@ def _watcher(
     )  # fmt: skip
 
 
-def _close(sock: socket.socket | None) -> None:
-    if sock is not None:
-        sock.close()
+def _scanner(
+    config: Config,
+    roots: RootPolicy,
+    probes: ProbePool,
+    catalog: Catalog,
+    clock_ns: Callable[[], int],
+) -> Scanner:
+    scan_config = ScanConfig(
+        extensions=config.extensions,
+        lanes=max(2, config.probe_processes),
+        max_errors=config.max_errors,
+        missing_retention_ns=int(config.missing_retention_s * 1e9),
+        history_ns=int(config.catalog_history_s * 1e9),
+    )
+    return Scanner(roots, probes, catalog, scan_config, clock_ns=clock_ns)
+
+
+def _queue(
+    config: Config, db: Database | PgDatabase, scanner: Scanner, metrics: Metrics
+) -> AsyncioJobQueue | PgJobQueue:
+    queue: AsyncioJobQueue | PgJobQueue
+    if isinstance(db, PgDatabase):  # replicas share the jobs through PostgreSQL
+        cluster = ClusterConfig(
+            replica=f"{socket.gethostname()}:{os.getpid()}", lease_s=config.lease_s
+        )
+        queue = PgJobQueue(
+            scanner, db, config.queue_config(), cluster, listeners=[metrics.on_event]
+        )
+    else:
+        queue = AsyncioJobQueue(
+            scanner,
+            config.queue_config(),
+            store=SqliteJobStore(db),
+            listeners=[metrics.on_event],
+        )
+    metrics.watch_queue(queue.stats)
+    return queue
 
 
 def _bind_http(config: Config) -> socket.socket | None:

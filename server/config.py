@@ -13,43 +13,56 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from .pgqueue import ClusterConfig
 from .probe import DEFAULT_PROBE_MEMORY_MIB, MIN_PROBE_MEMORY_MIB, worker_account
-from .scan import DEFAULT_EXTENSIONS
+from .queue import QueueConfig
+from .scan import ScanConfig
 
 __all__ = ["Config", "is_loopback", "parse_args"]
 
 
+_QUEUE = QueueConfig()
+_SCAN = ScanConfig()
+_LEASE_S = ClusterConfig().lease_s
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
-    """Everything the server needs to start; see ``--help`` for each field's meaning."""
+    """Everything the server needs to start; see ``--help`` for each field's meaning.
 
-    listen: str
+    The defaults here are the flags' defaults too; the queue's and the scan's own come from
+    :class:`QueueConfig`, :class:`ClusterConfig` and :class:`ScanConfig`, written once.
+    """
+
     roots: tuple[str, ...]
-    data_dir: Path
-    workers: int = 2
-    job_timeout_s: float = 3600.0
-    probe_processes: int = 2
+    listen: str = "127.0.0.1:50051"
+    data_dir: Path = Path(".data")
+    workers: int = _QUEUE.workers
+    job_timeout_s: float = _QUEUE.job_timeout_s
+    probe_processes: int = os.cpu_count() or 1
     probe_timeout_s: float = 30.0
     probe_memory_mib: int = DEFAULT_PROBE_MEMORY_MIB
     probe_user: str | None = None
-    extensions: frozenset[str] = DEFAULT_EXTENSIONS
-    max_pending: int = 1000
+    extensions: frozenset[str] = _SCAN.extensions
+    max_pending: int = _QUEUE.max_pending
+    max_jobs: int = _QUEUE.max_jobs
     shutdown_grace_s: float = 10.0
+    lame_duck_s: float = 2.0
     log_level: str = "INFO"
-    job_retention_s: float = 7 * 24 * 3600.0
+    job_retention_s: float = _QUEUE.retention_s
     tokens: frozenset[str] = field(default_factory=frozenset)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
-    max_watchers: int = 4000
-    max_watchers_per_job: int = 1000
+    max_watchers: int = _QUEUE.max_watchers
+    max_watchers_per_job: int = _QUEUE.max_watchers_per_job
     max_health_watchers: int = 100
     max_streams_per_connection: int = 1000
-    max_errors: int = 50
+    max_errors: int = _SCAN.max_errors
     max_message_bytes: int = 64 * 1024
     metrics_listen: str | None = None
     database: str | None = None
-    lease_s: float = 15.0
+    lease_s: float = _LEASE_S
     missing_retention_s: float = 30 * 24 * 3600.0
     purge_outside_roots: bool = False
     catalog_history_s: float = 7 * 24 * 3600.0
@@ -59,6 +72,28 @@ class Config:
     reconcile_interval_s: float = 24 * 3600.0
     http_listen: str | None = None
     http_cors_origins: tuple[str, ...] = ()
+
+    def queue_config(self) -> QueueConfig:
+        """The job queue's tunables that these settings choose."""
+        return QueueConfig(
+            workers=self.workers,
+            job_timeout_s=self.job_timeout_s,
+            max_pending=self.max_pending,
+            max_jobs=self.max_jobs,
+            retention_s=self.job_retention_s,
+            max_watchers=self.max_watchers,
+            max_watchers_per_job=self.max_watchers_per_job,
+        )
+
+
+def _default(name: str) -> str | None:
+    """A :class:`Config` field's default as the text argparse converts."""
+    value = Config.__dataclass_fields__[name].default
+    if isinstance(value, frozenset):
+        return ",".join(sorted(value))
+    if isinstance(value, tuple):
+        return ",".join(value) or None
+    return None if value is None else str(value)
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -89,6 +124,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _origins(text: str) -> tuple[str, ...]:
     origins = tuple(o.strip().rstrip("/") for o in text.split(",") if o.strip())
     for origin in origins:
@@ -107,71 +149,79 @@ def _extensions(text: str) -> frozenset[str]:
     return frozenset(e if e.startswith(".") else f".{e}" for e in items)
 
 
-# (flag, environment name, type, default, help). Defaults are strings: argparse converts them.
+# (flag, environment name, type, Config field or None, help). A flag's default is its field's.
 _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
-    ("--listen", "LISTEN", str, "127.0.0.1:50051", "address:port to serve on"),
-    ("--data-dir", "DATA_DIR", Path, ".data", "where scanjobs.db (jobs, events, catalog) lives"),
-    ("--database", "DATABASE", str, None,
+    ("--listen", "LISTEN", str, "listen", "address:port to serve on"),
+    ("--data-dir", "DATA_DIR", Path, "data_dir",
+     "where scanjobs.db (jobs, events, catalog) lives"),
+    ("--database", "DATABASE", str, "database",
      "postgresql:// URL: keep jobs, events and the catalog in PostgreSQL, shared by every "
      "replica, instead of SQLite; pass it as SCANJOBS_DATABASE and the password in a "
      ".pgpass file, not on the command line"),
-    ("--lease", "LEASE", _positive_float, "15",
+    ("--lease", "LEASE", _positive_float, "lease_s",
      "with --database: seconds a replica's claim on a job holds without renewal; then "
      "another replica takes the job over"),
-    ("--workers", "WORKERS", _positive_int, "2", "jobs running at once"),
-    ("--job-timeout", "JOB_TIMEOUT", _positive_float, "3600",
+    ("--workers", "WORKERS", _positive_int, "workers", "jobs running at once"),
+    ("--job-timeout", "JOB_TIMEOUT", _positive_float, "job_timeout_s",
      "seconds a job may run unless its request says otherwise"),
-    ("--probe-processes", "PROBE_PROCESSES", _positive_int, str(os.cpu_count() or 1),
-     "probe worker processes (default: the CPU count)"),
-    ("--probe-timeout", "PROBE_TIMEOUT", _positive_float, "30",
+    ("--probe-processes", "PROBE_PROCESSES", _positive_int, "probe_processes",
+     "probe worker processes; the default is the CPU count"),
+    ("--probe-timeout", "PROBE_TIMEOUT", _positive_float, "probe_timeout_s",
      "seconds one file may take to probe before it is a per-file error"),
-    ("--probe-memory", "PROBE_MEMORY", _probe_memory, str(DEFAULT_PROBE_MEMORY_MIB),
+    ("--probe-memory", "PROBE_MEMORY", _probe_memory, "probe_memory_mib",
      "address-space limit of each probe worker, in MiB (a file that needs more is a per-file "
      "error); 0 for none"),
-    ("--probe-user", "PROBE_USER", str, None,
+    ("--probe-user", "PROBE_USER", str, "probe_user",
      "run probe workers as this user (name or uid), with its primary group only; the "
      "server must start as root"),
-    ("--extensions", "EXTENSIONS", _extensions, ",".join(sorted(DEFAULT_EXTENSIONS)),
+    ("--extensions", "EXTENSIONS", _extensions, "extensions",
      "comma-separated video file extensions"),
-    ("--max-pending", "MAX_PENDING", _positive_int, "1000",
+    ("--max-pending", "MAX_PENDING", _positive_int, "max_pending",
      "pending jobs accepted before RESOURCE_EXHAUSTED"),
-    ("--max-watchers", "MAX_WATCHERS", _positive_int, "4000",
+    ("--max-jobs", "MAX_JOBS", _positive_int, "max_jobs",
+     "jobs kept in total: beyond it the oldest ended jobs are dropped, and a submit is "
+     "RESOURCE_EXHAUSTED when none has ended"),
+    ("--max-watchers", "MAX_WATCHERS", _positive_int, "max_watchers",
      "open WatchJob streams in total before RESOURCE_EXHAUSTED"),
-    ("--max-watchers-per-job", "MAX_WATCHERS_PER_JOB", _positive_int, "1000",
+    ("--max-watchers-per-job", "MAX_WATCHERS_PER_JOB", _positive_int, "max_watchers_per_job",
      "open WatchJob streams of one job before RESOURCE_EXHAUSTED"),
-    ("--max-health-watchers", "MAX_HEALTH_WATCHERS", _positive_int, "100",
+    ("--max-health-watchers", "MAX_HEALTH_WATCHERS", _positive_int, "max_health_watchers",
      "open health Watch streams (unauthenticated) in total before RESOURCE_EXHAUSTED"),
-    ("--max-streams-per-connection", "MAX_STREAMS_PER_CONNECTION", _positive_int, "1000",
+    ("--max-streams-per-connection", "MAX_STREAMS_PER_CONNECTION", _positive_int,
+     "max_streams_per_connection",
      "calls one client connection may have open at once (HTTP/2 max concurrent streams)"),
-    ("--max-errors", "MAX_ERRORS", _positive_int, "50",
+    ("--max-errors", "MAX_ERRORS", _positive_int, "max_errors",
      "per-file errors listed per job; the rest are only counted"),
-    ("--max-message-bytes", "MAX_MESSAGE_BYTES", _positive_int, str(64 * 1024),
+    ("--max-message-bytes", "MAX_MESSAGE_BYTES", _positive_int, "max_message_bytes",
      "largest request message accepted"),
-    ("--job-retention", "JOB_RETENTION", _positive_float, str(7 * 24 * 3600),
+    ("--job-retention", "JOB_RETENTION", _positive_float, "job_retention_s",
      "seconds an ended job is kept"),
-    ("--missing-retention", "MISSING_RETENTION", _positive_float, str(30 * 24 * 3600),
+    ("--missing-retention", "MISSING_RETENTION", _positive_float, "missing_retention_s",
      "seconds a video found missing is kept (hidden, restored if it comes back) before it "
      "is purged from the catalog"),
-    ("--catalog-history", "CATALOG_HISTORY", _positive_float, str(7 * 24 * 3600),
+    ("--catalog-history", "CATALOG_HISTORY", _positive_float, "catalog_history_s",
      "seconds the catalog's changes are kept for WatchVideos; a client further behind "
      "gets HISTORY_EXPIRED and lists again"),
-    ("--watch-settle", "WATCH_SETTLE", _positive_float, "2",
+    ("--watch-settle", "WATCH_SETTLE", _positive_float, "watch_settle_s",
      "with --watch: seconds a changed file's size and mtime must stay the same (and its "
      "directory quiet) before it is scanned"),
-    ("--poll-interval", "POLL_INTERVAL", _positive_float, "60",
+    ("--poll-interval", "POLL_INTERVAL", _positive_float, "poll_interval_s",
      "with --watch: seconds between polls of a root that events cannot watch (a network "
      "file system, or the inotify watch limit reached)"),
-    ("--reconcile-interval", "RECONCILE_INTERVAL", _positive_float, str(24 * 3600),
+    ("--reconcile-interval", "RECONCILE_INTERVAL", _positive_float, "reconcile_interval_s",
      "with --watch: seconds between full reconciles of each root (events can be missed)"),
-    ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "10",
+    ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "shutdown_grace_s",
      "seconds to drain on SIGTERM before stopping hard"),
-    ("--http-listen", "HTTP_LISTEN", str, None,
+    ("--lame-duck", "LAME_DUCK", _non_negative_float, "lame_duck_s",
+     "seconds, within the grace period, that a draining server keeps answering new calls "
+     "UNAVAILABLE (health NOT_SERVING) before it stops listening"),
+    ("--http-listen", "HTTP_LISTEN", str, "http_listen",
      "host:port to serve HTTP on: Connect and gRPC-Web, the REST paths /api/v1/..., and the "
      "web page at /; same tokens, TLS and limits as the gRPC port; off unless given"),
-    ("--http-cors-origin", "HTTP_CORS_ORIGIN", _origins, None,
+    ("--http-cors-origin", "HTTP_CORS_ORIGIN", _origins, "http_cors_origins",
      "comma-separated origins (scheme://host[:port]) whose pages may call the HTTP port; "
      "cross-origin requests are refused unless listed"),
-    ("--metrics-listen", "METRICS_LISTEN", str, None,
+    ("--metrics-listen", "METRICS_LISTEN", str, "metrics_listen",
      "host:port to serve Prometheus metrics on (/metrics; HTTPS with the server's TLS "
      "settings); off unless given"),
     ("--token-file", "TOKEN_FILE", Path, None,
@@ -193,7 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--root", action="append", dest="roots", metavar="DIR",
                    help="allowed scan root, absolute; repeatable; required")  # fmt: skip
-    for flag, env, kind, default, text in _FLAGS:
+    for flag, env, kind, name, text in _FLAGS:
+        default = _default(name) if name else None
         shown = f" (default {default})" if default is not None else ""
         p.add_argument(flag, type=kind, default=_env(env, default), help=text + shown)  # type: ignore[arg-type]
     p.add_argument(
@@ -357,7 +408,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         probe_user=args.probe_user,
         extensions=args.extensions,
         max_pending=args.max_pending,
+        max_jobs=args.max_jobs,
         shutdown_grace_s=args.shutdown_grace,
+        lame_duck_s=args.lame_duck,
         log_level=args.log_level,
         job_retention_s=args.job_retention,
         tokens=tokens,

@@ -27,6 +27,7 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog
+from .library_watch import RootState
 from .live_service import changes_of, roots_reply
 from .queue import JobQueue
 from .roots import RootPolicy
@@ -40,7 +41,6 @@ from .service import (
     state_of,
     video_to_proto,
 )
-from .watch import RootState
 
 __all__ = ["ConnectScanService", "connect_error"]
 

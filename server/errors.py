@@ -14,6 +14,7 @@ ScanJobsError
 ├── OutOfRange           OUT_OF_RANGE
 ├── Unauthenticated      UNAUTHENTICATED
 └── Unavailable          UNAVAILABLE
+    ├── ShuttingDown         UNAVAILABLE         SHUTTING_DOWN         (this server drains)
     ├── DatabaseUnavailable  UNAVAILABLE         DATABASE_UNAVAILABLE  (also a StorageFault)
     └── StorageIOError       UNAVAILABLE         STORAGE_IO_ERROR      (also a StorageFault)
 
@@ -39,6 +40,7 @@ __all__ = [
     "PermissionDenied",
     "ResourceExhausted",
     "ScanJobsError",
+    "ShuttingDown",
     "StorageFault",
     "StorageFull",
     "StorageIOError",
@@ -127,7 +129,13 @@ class Unauthenticated(ScanJobsError):
 
 
 class Unavailable(ScanJobsError):
-    """The server is shutting down; retry elsewhere or later."""
+    """The service cannot answer now; retry elsewhere or later."""
+
+    reason = "UNAVAILABLE"
+
+
+class ShuttingDown(Unavailable):
+    """This server is shutting down; another replica, or this one restarted, will answer."""
 
     reason = "SHUTTING_DOWN"
 

@@ -26,10 +26,10 @@ from .catalog import Catalog
 from .config import Config
 from .connect import ConnectScanService
 from .http import AsgiApp, HttpApp
+from .library_watch import RootState
 from .metrics import Metrics
 from .queue import JobQueue
 from .roots import RootPolicy
-from .watch import RootState
 
 __all__ = ["HttpServer", "TlsFiles", "serve_http"]
 

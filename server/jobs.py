@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import enum
+import logging
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+
+from .errors import AlreadyExists, FailedPrecondition, ScanJobsError
 
 __all__ = [
     "ACTIVE",
@@ -19,9 +23,18 @@ __all__ = [
     "Phase",
     "Progress",
     "ScanResult",
+    "cancel_reply",
     "display_path",
+    "ending",
+    "failure_text",
+    "finished",
+    "new_job",
+    "same_request",
+    "start_or_resume",
     "transition",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class JobState(enum.Enum):
@@ -211,3 +224,107 @@ def display_path(path: str | bytes) -> str:
     """Show a file-system path as valid UTF-8, with undecodable bytes backslash-escaped."""
     raw = path if isinstance(path, bytes) else path.encode("utf-8", "surrogateescape")
     return raw.decode("utf-8", "backslashreplace")
+
+
+# -- decisions shared by every queue: pure functions of a job and the time --------------------
+
+_OUTCOME = {CancelReason.USER: JobState.CANCELLED, CancelReason.TIMEOUT: JobState.TIMEOUT}
+
+
+def new_job(spec: JobSpec, now: datetime, default_timeout_s: float) -> Job:
+    """A freshly submitted PENDING job; ``spec.timeout_s`` wins over ``default_timeout_s``."""
+    return Job(
+        id=uuid.uuid4().hex,
+        spec=spec,
+        state=JobState.PENDING,
+        create_time=now,
+        timeout_s=spec.timeout_s or default_timeout_s,
+    )
+
+
+def same_request(earlier: Job, spec: JobSpec) -> Job:
+    """The answer to a submit whose ``request_id`` created ``earlier``.
+
+    Raises:
+        AlreadyExists: the request id was used for a different request.
+    """
+    if earlier.spec != spec:
+        raise AlreadyExists(
+            f"request_id {spec.request_id!r} was already used for a different request",
+            reason="REQUEST_ID_REUSED",
+        )
+    return earlier
+
+
+def start_or_resume(job: Job, now: datetime, max_attempts: int) -> Job:
+    """What a worker that takes ``job`` makes of it.
+
+    A PENDING job starts. A RUNNING one (its server stopped or its replica vanished) resumes
+    from the start of its walk with nothing counted yet, unless a cancel was requested (it
+    ends CANCELLED) or it was interrupted ``max_attempts`` times (it ends FAILED).
+    """
+    if job.state is JobState.PENDING:
+        return transition(job, JobState.RUNNING, now, attempts=1)
+    if job.cancel_requested:
+        return transition(job, JobState.CANCELLED, now)
+    if job.attempts >= max_attempts:
+        error = (
+            f"the job was interrupted {job.attempts} times (server restarts); giving up."
+            " Submit it again to retry."
+        )
+        return transition(job, JobState.FAILED, now, error=error)
+    log.info("resuming job %s", job.id)
+    return replace(job, attempts=job.attempts + 1, progress=Progress(), result=ScanResult())
+
+
+def cancel_reply(job: Job, now: datetime, *, idle: bool) -> Job:
+    """The job a cancel request leaves behind; ``job`` itself when there is nothing to change.
+
+    A PENDING job, or a RUNNING one that no handler runs (``idle``: waiting to resume), ends
+    CANCELLED at once; a running one gets ``cancel_requested`` and stops at its next safe
+    point. A retried cancel gets the same answer.
+
+    Raises:
+        FailedPrecondition: the job already ended COMPLETED, FAILED or TIMEOUT.
+    """
+    if job.state is JobState.CANCELLED or job.cancel_requested:
+        return job
+    if job.terminal:
+        raise FailedPrecondition(
+            f"job {job.id} already ended {job.state.value}", reason="JOB_ALREADY_ENDED"
+        )
+    if job.state is JobState.PENDING:
+        return transition(job, JobState.CANCELLED, now)
+    if idle:
+        return transition(job, JobState.CANCELLED, now, cancel_requested=True)
+    return replace(job, cancel_requested=True)
+
+
+def ending(job: Job, reason: CancelReason | None, result: ScanResult, now: datetime) -> Job | None:
+    """How a job whose handler returned (or was stopped for ``reason``) ends; None when a
+    shutdown stopped it, so that it stays RUNNING and resumes."""
+    if reason is CancelReason.SHUTDOWN:
+        return None
+    state = _OUTCOME[reason] if reason else JobState.COMPLETED
+    error = (
+        f"job exceeded its timeout of {job.timeout_s:g} s" if reason is CancelReason.TIMEOUT else ""
+    )
+    return finished(job, state, result, error, now)
+
+
+def finished(job: Job, state: JobState, result: ScanResult, error: str, now: datetime) -> Job:
+    """``job`` moved to the terminal ``state`` with its final result."""
+    progress = job.progress
+    if state is JobState.COMPLETED:
+        progress = replace(progress, files_found=progress.files_done, current_path="")
+    log.info("job %s ended %s", job.id, state.value)
+    return transition(job, state, now, result=result, error=error, progress=progress)
+
+
+def failure_text(exc: Exception) -> str:
+    """The error a failed job shows: an expected error's message, or a bare internal error
+    (the traceback goes to the log)."""
+    if isinstance(exc, ScanJobsError):
+        return exc.message
+    log.error("job handler crashed", exc_info=exc)
+    return "internal error while scanning"

@@ -21,8 +21,8 @@ from . import errors
 from .catalog import Catalog
 from .changes import VideoChange, follow
 from .jobs import display_path
+from .library_watch import RootState, WatchMode
 from .roots import RootPolicy
-from .watch import RootState, WatchMode
 
 __all__ = ["LiveLibrary", "change_to_proto", "changes_of", "roots_reply"]
 

@@ -6,15 +6,17 @@ callbacks (``on_event``, ``on_probe``), and gauges are read from the queue when 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .jobs import JobEvent, JobState
-from .watch import RootState, WatchMode
+from .library_watch import RootState, WatchMode
 
 __all__ = ["Metrics"]
 
@@ -45,6 +47,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._http: tuple[WSGIServer, threading.Thread] | None = None
         self._durations = Histogram(
             "scanjobs_job_duration_seconds", "Run time of ended jobs, start to end",
             ["state"], buckets=_DURATION_BUCKETS, registry=self.registry,
@@ -112,7 +115,7 @@ class Metrics:
         """Expose ``/metrics`` on ``host:port`` (a daemon thread): HTTPS with ``tls_cert`` and
         ``tls_key``, and then only to clients with a certificate from ``tls_client_ca``."""
         host, _, port = listen.rpartition(":")
-        start_http_server(
+        self._http = start_http_server(
             int(port),
             addr=host.strip("[]") or "127.0.0.1",
             registry=self.registry,
@@ -121,3 +124,12 @@ class Metrics:
             client_cafile=str(tls_client_ca) if tls_client_ca else None,
             client_auth_required=tls_client_ca is not None,
         )
+
+    def close(self) -> None:
+        """Stop serving ``/metrics`` and close its socket; idempotent."""
+        if self._http is not None:
+            server, thread = self._http
+            self._http = None
+            server.shutdown()
+            server.server_close()
+            thread.join()

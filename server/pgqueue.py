@@ -12,6 +12,8 @@
   notification be lost.
 
 No coordination of our own making: PostgreSQL's row locks, leases and notifications do it.
+The run of a job (workers, timeout, outcome, progress, stop) is the shared
+:class:`server.runner.JobRunner`'s; this module is its sink over rows.
 """
 
 from __future__ import annotations
@@ -20,53 +22,46 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from .errors import (
-    AlreadyExists,
-    DatabaseUnavailable,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
+from .errors import DatabaseUnavailable, InvalidArgument, NotFound, ShuttingDown
 from .jobs import (
     CancelReason,
     Job,
     JobEvent,
     JobSpec,
     JobState,
-    Progress,
-    ScanResult,
-    transition,
+    cancel_reply,
+    new_job,
+    same_request,
 )
 from .pgstore import PgDatabase
 from .queue import (
-    JobContext,
-    JobHandler,
     QueueConfig,
-    Subscription,
+    check_pending,
     decode_page_token,
     encode_page_token,
-    ending,
-    failure_text,
-    finished,
-    wait_owned,
+    too_many_jobs,
 )
+from .runner import JobHandler, JobRunner, OwnedTasks, cancel_and_wait
 from .store import decode_job, encode_job, event_from_row, time_ns
+from .watch import Subscription, check_watcher_limits
 
 __all__ = ["ClusterConfig", "PgJobQueue"]
 
 log = logging.getLogger(__name__)
 
 _CHANNEL = "scanjobs"
-# Serialises submits, so that the pending limit and request ids hold across replicas.
+# Notification payloads: new work for any worker; a new event of a job; a cancel of a job.
+_NEW_WORK = "work"
+_NEW_EVENT = "event:"
+_CANCEL = "cancel:"
+# Serialises submits, so that the job limits and request ids hold across replicas.
 _SUBMIT_LOCK = 0x5CA4_0B6
 _Conn = psycopg.AsyncConnection[Any]
 # What a lost database looks like: the pool's translation, or psycopg from a direct connection.
@@ -79,6 +74,15 @@ _UPDATE_JOB = (
     " RETURNING seq, cancel_requested"
 )
 _UPDATE_OWNED_JOB = _UPDATE_JOB.replace(" RETURNING", " AND owner = %s RETURNING")
+_CLAIMABLE = (
+    "SELECT snapshot FROM jobs WHERE (state = 'PENDING'"
+    " OR (state = 'RUNNING' AND (lease_until IS NULL OR lease_until < now())))"
+    " AND id <> ALL(%s) ORDER BY number FOR UPDATE SKIP LOCKED LIMIT 1"
+)
+_DROP_OLDEST_ENDED = (
+    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE end_ns IS NOT NULL"
+    " ORDER BY number LIMIT %s) RETURNING id"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,19 +102,6 @@ class ClusterConfig:
     poll_s: float = 1.0
 
 
-@dataclass(slots=True, eq=False)
-class _Running:
-    """A job this replica runs."""
-
-    job: Job
-    context: JobContext
-    task: asyncio.Task[ScanResult] | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    published: Job | None = None
-    flush: asyncio.TimerHandle | None = None
-    lost: bool = False
-
-
 class PgJobQueue:
     """A :class:`server.queue.JobQueue` whose state lives in PostgreSQL."""
 
@@ -124,50 +115,54 @@ class PgJobQueue:
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         listeners: Sequence[Callable[[JobEvent], None]] = (),
     ) -> None:
-        self._handler = handler
         self._db = db
-        self._config = config or QueueConfig()
+        self._config = config = config or QueueConfig()
         self._cluster = cluster or ClusterConfig()
         self._clock = clock
         self._listeners = tuple(listeners)
-        self._running: dict[str, _Running] = {}
         self._wakeups: dict[str, set[asyncio.Event]] = {}
         self._work = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._workers: set[asyncio.Task[None]] = set()
+        self._tasks = OwnedTasks()
         self._listener: _Conn | None = None
         self._counts: dict[JobState, int] = {}
         self._closing = False
+        self._runner = JobRunner(
+            handler,
+            self,
+            workers=config.workers,
+            max_attempts=config.max_attempts,
+            progress_interval_s=config.progress_interval_s,
+            clock=clock,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Listen for notifications, start the workers, the lease keeper and the pruner."""
-        self._listener = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
-        await self._listener.execute(f"LISTEN {_CHANNEL}")
-        self._spawn(self._listen(self._listener), "pg-listen")
-        for n in range(self._config.workers):
-            task = asyncio.create_task(self._worker(), name=f"job-worker-{n}")
-            self._workers.add(task)
-            task.add_done_callback(self._workers.discard)
-        self._spawn(self._keep_leases(), "pg-leases")
-        await self._tidy()
-        self._spawn(self._housekeeping(), "pg-housekeeping")
+        """Listen for notifications, start the workers, the lease keeper and the pruner.
+
+        If any of it fails, what was started is stopped again before the error propagates.
+        """
+        try:
+            self._listener = await psycopg.AsyncConnection.connect(self._db.url, autocommit=True)
+            await self._listener.execute(f"LISTEN {_CHANNEL}")
+            self._tasks.spawn(self._listen(self._listener), "pg-listen")
+            self._runner.start()
+            self._tasks.spawn(self._keep_leases(), "pg-leases")
+            await self._tidy()
+            self._tasks.spawn(self._housekeeping(), "pg-housekeeping")
+        except BaseException:
+            await self.close(grace_s=0.0)
+            raise
 
     async def close(self, grace_s: float = 10.0) -> None:
         """Stop claiming, stop local jobs at a safe point and hand them back at once (their
-        leases are released, so another replica resumes them), end watchers; idempotent."""
+        leases are released, so another replica resumes them), end watchers. Returns when
+        every task and connection of the queue is closed. Idempotent."""
         if self._closing:
             return
         self._closing = True
-        for running in list(self._running.values()):
-            _request_stop(running, CancelReason.SHUTDOWN)
-        workers = list(self._workers)
-        for task in workers:
-            task.cancel()
-        if workers:
-            await asyncio.wait(workers, timeout=grace_s)
+        await self._runner.close(grace_s)
         with contextlib.suppress(*_DATABASE_DOWN):
             async with self._db.pool.connection() as conn:
                 await conn.execute(
@@ -175,20 +170,17 @@ class PgJobQueue:
                     " WHERE owner = %s AND state = 'RUNNING'",
                     (self._cluster.replica,),
                 )
-                await conn.execute("SELECT pg_notify(%s, 'p:')", (_CHANNEL,))
+                await conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, _NEW_WORK))
         for subscription in list(self._subscriptions):
-            subscription.fail(Unavailable("the server is shutting down; resume the watch"))
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=grace_s)
+            subscription.fail(ShuttingDown("the server is shutting down; resume the watch"))
+        await cancel_and_wait(self._tasks)  # each of them only waits: nothing to finish
         if self._listener is not None:
             await self._listener.close()
 
     @property
     def running_tasks(self) -> int:
         """Tasks the queue still owns (0 after :meth:`close`)."""
-        return len(self._workers) + len(self._tasks)
+        return self._runner.running_tasks + len(self._tasks)
 
     def watcher_count(self, job_id: str | None = None) -> int:
         """Open subscriptions on this replica (of one job, or of all)."""
@@ -200,50 +192,48 @@ class PgJobQueue:
         """Jobs by state (as of the last housekeeping), pending jobs, open watch streams."""
         return dict(self._counts), self._counts.get(JobState.PENDING, 0), len(self._subscriptions)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
     # -- the JobQueue protocol -------------------------------------------------------------
 
     async def submit(self, spec: JobSpec) -> Job:
-        """Accept a job on any replica; a pending-job limit and request ids hold cluster-wide.
+        """Accept a job on any replica; the job limits and request ids hold cluster-wide.
 
         Raises:
-            Unavailable, AlreadyExists, ResourceExhausted: as for the in-process queue.
+            ShuttingDown, AlreadyExists, ResourceExhausted: as for the embedded queue.
         """
         if self._closing:
-            raise Unavailable("the server is shutting down")
+            raise ShuttingDown("the server is shutting down")
         async with self._db.pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SUBMIT_LOCK,))
             if spec.request_id:
-                earlier = await _one(conn, "SELECT snapshot FROM jobs WHERE request_id = %s",
-                                     (spec.request_id,))  # fmt: skip
+                sql = "SELECT snapshot FROM jobs WHERE request_id = %s"
+                earlier = await _one(conn, sql, (spec.request_id,))
                 if earlier is not None:
-                    return _same_request(decode_job(earlier[0]), spec)
-            pending = await _one(conn, "SELECT count(*) FROM jobs WHERE state = 'PENDING'", ())
-            if pending is not None and pending[0] >= self._config.max_pending:
-                raise ResourceExhausted(
-                    f"too many pending jobs (limit {self._config.max_pending})",
-                    reason="TOO_MANY_PENDING_JOBS",
-                )
-            job = Job(
-                id=uuid.uuid4().hex,
-                spec=spec,
-                state=JobState.PENDING,
-                create_time=self._clock(),
-                timeout_s=spec.timeout_s or self._config.job_timeout_s,
-            )
+                    return same_request(decode_job(earlier[0]), spec)
+            await self._admit(conn)
+            job = new_job(spec, self._clock(), self._config.job_timeout_s)
             await conn.execute(
                 "INSERT INTO jobs (id, state, request_id, snapshot, seq)"
                 " VALUES (%s, %s, %s, %s, 0)",
                 (job.id, job.state.value, spec.request_id, encode_job(job)),
             )
-            await self._append(conn, job, state_change=True)
-            await conn.execute("SELECT pg_notify(%s, 'p:')", (_CHANNEL,))
+            event = await self._append(conn, job, state_change=True)
+            await conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, _NEW_WORK))
+        self._announce(event)
         return job
+
+    async def _admit(self, conn: _Conn) -> None:
+        """Check the pending limit; drop the oldest ended jobs beyond ``max_jobs``."""
+        sql = "SELECT count(*), count(*) FILTER (WHERE state = 'PENDING') FROM jobs"
+        kept, pending = await _one(conn, sql, ()) or (0, 0)
+        check_pending(pending, self._config)
+        excess = kept + 1 - self._config.max_jobs
+        if excess <= 0:
+            return
+        cursor = await conn.execute(_DROP_OLDEST_ENDED, (excess,))
+        gone = [r[0] for r in await cursor.fetchall()]
+        if len(gone) < excess:
+            raise too_many_jobs(self._config)
+        await conn.execute("DELETE FROM job_events WHERE job_id = ANY(%s)", (gone,))
 
     async def get(self, job_id: str) -> Job:
         """One job's snapshot, from any replica.
@@ -260,15 +250,15 @@ class PgJobQueue:
     async def list_jobs(
         self, *, state: JobState | None, page_size: int, page_token: str
     ) -> tuple[list[Job], str]:
-        """Jobs newest first (submission order across replicas)."""
+        """Jobs newest first (submission order across replicas), through an index."""
         bound = decode_page_token(page_token, state) if page_token else 2**62
+        name = state.value if state else None
         async with self._db.pool.connection() as conn:
             cursor = await conn.execute(
                 "SELECT number, snapshot FROM jobs WHERE number < %s AND (%s::text IS NULL"
                 " OR state = %s) ORDER BY number DESC LIMIT %s",
-                (bound, state.value if state else None, state.value if state else None,
-                 page_size + 1),
-            )  # fmt: skip
+                (bound, name, name, page_size + 1),
+            )
             rows = await cursor.fetchall()
         jobs = [decode_job(r[1]) for r in rows[:page_size]]
         more = len(rows) > page_size
@@ -278,36 +268,34 @@ class PgJobQueue:
         """Cancel a job from any replica: a committed row update, then a notification.
 
         Raises:
-            NotFound, FailedPrecondition: as for the in-process queue.
+            NotFound, FailedPrecondition: as for the embedded queue.
         """
         async with self._db.pool.connection() as conn, conn.transaction():
-            row = await _one(conn, "SELECT snapshot FROM jobs WHERE id = %s FOR UPDATE", (job_id,))
+            sql = "SELECT snapshot FROM jobs WHERE id = %s FOR UPDATE"
+            row = await _one(conn, sql, (job_id,))
             if row is None:
                 raise NotFound(f"job {job_id} not found", reason="JOB_NOT_FOUND")
             job = decode_job(row[0])
-            if job.state is JobState.CANCELLED or job.cancel_requested:
+            answer = cancel_reply(job, self._clock(), idle=False)
+            if answer is job:
                 return job
-            if job.terminal:
-                raise FailedPrecondition(
-                    f"job {job_id} already ended {job.state.value}", reason="JOB_ALREADY_ENDED"
-                )
-            if job.state is JobState.PENDING:
-                answer = transition(job, JobState.CANCELLED, self._clock())
-            else:
-                answer = replace(job, cancel_requested=True)
-            await conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
-            await self._append(conn, answer, state_change=True)
-            await conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, f"c:{job_id}"))
+            sql = "UPDATE jobs SET cancel_requested = true WHERE id = %s"
+            await conn.execute(sql, (job_id,))
+            event = await self._append(conn, answer, state_change=True)
+            await conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, _CANCEL + job_id))
+        self._announce(event)
         return answer
 
     async def watch(self, job_id: str, after_sequence: int = 0) -> Subscription:
         """Follow a job from any replica: the table is read, notifications only wake us.
 
         Raises:
-            NotFound, InvalidArgument, ResourceExhausted, Unavailable.
+            NotFound, InvalidArgument, ResourceExhausted, ShuttingDown: as for the embedded
+            queue.
+            DatabaseUnavailable: the database cannot be reached.
         """
         if self._closing:
-            raise Unavailable("the server is shutting down; resume the watch")
+            raise ShuttingDown("the server is shutting down; resume the watch")
         async with self._db.pool.connection() as conn:
             row = await _one(conn, "SELECT seq FROM jobs WHERE id = %s", (job_id,))
         if row is None:
@@ -317,16 +305,18 @@ class PgJobQueue:
                 f"after_sequence {after_sequence} is beyond the job's latest event {row[0]}",
                 field="after_sequence",
             )
-        running = self._running.get(job_id)
-        if running is not None and running.published is not running.job:
-            await self._write(running, running.job, state_change=False)  # a current snapshot
-        if len(self._subscriptions) >= self._config.max_watchers:
-            raise ResourceExhausted("too many watchers", reason="TOO_MANY_WATCHERS")
+        check_watcher_limits(
+            of_job=self.watcher_count(job_id),
+            total=len(self._subscriptions),
+            max_watchers_per_job=self._config.max_watchers_per_job,
+            max_watchers=self._config.max_watchers,
+        )
+        await self._runner.flush(job_id)  # a current snapshot
         wake = asyncio.Event()
         subscription = Subscription(on_close=lambda s: self._unwatch(job_id, s, wake, feeding))
         self._subscriptions.add(subscription)
         self._wakeups.setdefault(job_id, set()).add(wake)
-        feeding = self._spawn(self._feed(job_id, after_sequence, subscription, wake), "watch")
+        feeding = self._tasks.spawn(self._feed(job_id, after_sequence, subscription, wake), "watch")
         return subscription
 
     # -- watching --------------------------------------------------------------------------
@@ -374,7 +364,7 @@ class PgJobQueue:
                     async with asyncio.timeout(self._cluster.poll_s):
                         await wake.wait()
         except _DATABASE_DOWN:
-            log.exception("watch of job %s failed", job_id, extra={"job_id": job_id})
+            log.exception("watch of job %s failed", job_id)
             subscription.fail(
                 DatabaseUnavailable("the database cannot be reached; resume the watch shortly")
             )
@@ -393,7 +383,8 @@ class PgJobQueue:
 
     async def _listen(self, conn: _Conn) -> None:
         """Dispatch notifications; when the database was lost, listen again once it is back
-        and wake everyone, for what was notified meanwhile."""
+        and wake everyone, for what was notified meanwhile (polling every ``poll_s`` carries
+        on in between)."""
         while True:
             with contextlib.suppress(psycopg.OperationalError):
                 async for note in conn.notifies():
@@ -421,27 +412,26 @@ class PgJobQueue:
             return conn
 
     def _dispatch(self, payload: str) -> None:
-        """One notification: new work, events to wake watchers, cancels for owners."""
-        kind, _, job_id = payload.partition(":")
-        if kind == "p":
+        """One notification: new work, an event to wake watchers, a cancel for the owner."""
+        if payload == _NEW_WORK:
             self._work.set()
-        elif kind == "e":
-            for wake in self._wakeups.get(job_id, ()):
+        elif payload.startswith(_NEW_EVENT):
+            for wake in self._wakeups.get(payload.removeprefix(_NEW_EVENT), ()):
                 wake.set()
-        elif kind == "c" and (running := self._running.get(job_id)) is not None:
-            running.job = replace(running.job, cancel_requested=True)
-            _request_stop(running, CancelReason.USER)
+        elif payload.startswith(_CANCEL):
+            self._runner.request_stop(payload.removeprefix(_CANCEL), CancelReason.USER)
 
     # -- writing events ----------------------------------------------------------------------
 
     async def _append(
         self, conn: _Conn, job: Job, *, state_change: bool, owner: str | None = None
-    ) -> Job | None:
+    ) -> JobEvent | None:
         """Write ``job`` and its event in the caller's transaction; None if ``owner`` no
-        longer holds the job (its lease was taken over).
+        longer holds the job (its lease was taken over). An ended job's progress events go.
 
         The ``cancel_requested`` column is written only by CancelJob, so an owner's write
-        that crossed a cancel keeps the flag: the job returned carries it."""
+        that crossed a cancel keeps the flag: the event's job carries it. Listeners are not
+        told here: the caller announces the event once its transaction committed."""
         values = (job.state.value, encode_job(job), time_ns(job.end_time), job.id)
         if owner is None:
             cursor = await conn.execute(_UPDATE_JOB, values)
@@ -462,155 +452,68 @@ class PgJobQueue:
             "INSERT INTO job_events VALUES (%s, %s, %s, %s, %s)",
             (job.id, event.sequence, state_change, encode_job(job), time_ns(event.time)),
         )
-        await conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, f"e:{job.id}"))
-        for listener in self._listeners:
-            listener(event)
-        return job
-
-    async def _write(self, running: _Running, job: Job, *, state_change: bool) -> None:
-        """Publish a change of a job this replica owns, in order with its other changes."""
-        async with running.lock:
-            ended = running.published is not None and running.published.terminal
-            if running.lost or ended:  # a late progress write must not follow the end
-                return
-            async with self._db.pool.connection() as conn, conn.transaction():
-                kept = await self._append(
-                    conn, job, state_change=state_change, owner=self._cluster.replica
-                )
-            running.published = job
-            if kept is None:
-                log.warning("lost job %s to another replica", job.id, extra={"job_id": job.id})
-                running.lost = True
-                _request_stop(running, CancelReason.SHUTDOWN)
-            elif kept.cancel_requested and not running.job.cancel_requested:
-                running.job = replace(running.job, cancel_requested=True)
-                _request_stop(running, CancelReason.USER)
-
-    # -- claiming and running ------------------------------------------------------------------
-
-    async def _worker(self) -> None:
-        while True:
-            try:
-                claimed = await self._claim()
-            except _DATABASE_DOWN:
-                log.exception("claiming a job failed")
-                claimed = None
-            if claimed is None:
-                self._work.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._cluster.poll_s):
-                        await self._work.wait()
-                continue
-            try:
-                await self._run(claimed)
-            except _DATABASE_DOWN:
-                log.exception("job %s lost its database", claimed.id, extra={"job_id": claimed.id})
-
-    async def _claim(self) -> Job | None:
-        """Take the oldest pending job, or one whose owner's lease lapsed; None if none."""
-        async with self._db.pool.connection() as conn, conn.transaction():
-            # Never a job this replica still runs, even if its lease lapsed while the event
-            # loop was stalled: the handler in flight would race its own successor.
-            row = await _one(
-                conn,
-                "SELECT snapshot FROM jobs WHERE (state = 'PENDING'"
-                " OR (state = 'RUNNING' AND (lease_until IS NULL OR lease_until < now())))"
-                " AND id <> ALL(%s) ORDER BY number FOR UPDATE SKIP LOCKED LIMIT 1",
-                (list(self._running),),
+        if job.terminal:
+            await conn.execute(
+                "DELETE FROM job_events WHERE job_id = %s AND NOT state_change", (job.id,)
             )
+        await conn.execute("SELECT pg_notify(%s, %s)", (_CHANNEL, _NEW_EVENT + job.id))
+        return event
+
+    def _announce(self, event: JobEvent | None) -> None:
+        """Tell the listeners of a committed event."""
+        if event is not None:
+            for listener in self._listeners:
+                listener(event)
+
+    # -- the runner's sink -------------------------------------------------------------------
+
+    async def claim(self, start: Callable[[Job], Job]) -> Job | None:
+        """Take the oldest pending job, or one whose owner's lease lapsed, and apply
+        ``start`` to it; when there is none, wait for work (or ``poll_s``) and return None."""
+        try:
+            claimed = await self._claim(start)
+        except _DATABASE_DOWN:
+            log.exception("claiming a job failed")
+            claimed = None
+        if claimed is None:
+            self._work.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._cluster.poll_s):
+                    await self._work.wait()
+        return claimed
+
+    async def _claim(self, start: Callable[[Job], Job]) -> Job | None:
+        async with self._db.pool.connection() as conn, conn.transaction():
+            # Never a job this replica still runs, even if its lease lapsed while the
+            # event loop was stalled: the handler in flight would race its successor.
+            row = await _one(conn, _CLAIMABLE, (self._runner.running_ids(),))
             if row is None:
                 return None
-            job = decode_job(row[0])
-            started = self._start_or_end(job)
+            job = start(decode_job(row[0]))
             await conn.execute(
                 "UPDATE jobs SET owner = %s, lease_until = now() + %s WHERE id = %s",
                 (self._cluster.replica, timedelta(seconds=self._cluster.lease_s), job.id),
             )
-            await self._append(conn, started, state_change=True)
-        if started.terminal:
-            return None
-        if job.state is JobState.RUNNING:
-            log.info("resuming job %s", job.id, extra={"job_id": job.id})
-        return started
+            event = await self._append(conn, job, state_change=True)
+        self._announce(event)
+        return event.job if event is not None else None
 
-    def _start_or_end(self, job: Job) -> Job:
-        now = self._clock()
-        if job.state is JobState.PENDING:
-            return transition(job, JobState.RUNNING, now, attempts=1)
-        if job.cancel_requested:
-            return transition(job, JobState.CANCELLED, now)
-        if job.attempts >= self._config.max_attempts:
-            error = (
-                f"the job was interrupted {job.attempts} times (server restarts); giving up."
-                " Submit it again to retry."
-            )
-            return transition(job, JobState.FAILED, now, error=error)
-        return replace(job, attempts=job.attempts + 1, progress=Progress(), result=ScanResult())
+    async def publish(self, job: Job, *, state_change: bool) -> Job | None:
+        """Commit a change of a job this replica owns; None if another replica took it."""
+        async with self._db.pool.connection() as conn, conn.transaction():
+            owner = self._cluster.replica
+            event = await self._append(conn, job, state_change=state_change, owner=owner)
+        self._announce(event)
+        return event.job if event is not None else None
 
-    async def _run(self, job: Job) -> None:
-        running = _Running(job, JobContext(job.id, lambda p, r: self._report(running, p, r)))
-        running.published = job
-        self._running[job.id] = running
-        running.task = asyncio.create_task(
-            self._handler(job, running.context), name=f"job-{job.id}"
-        )
-        timer = asyncio.get_running_loop().call_later(
-            job.timeout_s, _request_stop, running, CancelReason.TIMEOUT
-        )
-        try:
-            try:
-                result = await wait_owned(running.task)
-            except asyncio.CancelledError:
-                ctx = running.context
-                if ctx.cancel_reason is None or asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
-                result = ctx.result
-            except DatabaseUnavailable:
-                raise  # not the job's fault: its lease lapses and it resumes (worker logs it)
-            except Exception as exc:  # a handler bug or an expected failure: the job fails
-                error = failure_text(running.job, exc)
-                done = finished(running.job, JobState.FAILED, running.context.result, error,
-                                self._clock())  # fmt: skip
-                await self._end(running, done)
-                return
-            done_or_none = ending(running.job, running.context.cancel_reason, result, self._clock())
-            if done_or_none is not None:
-                await self._end(running, done_or_none)
-        finally:
-            timer.cancel()
-            if running.flush is not None:
-                running.flush.cancel()
-            self._running.pop(job.id, None)
-
-    async def _end(self, running: _Running, done: Job) -> None:
-        running.job = done
-        await asyncio.shield(self._write(running, done, state_change=True))
-
-    def _report(
-        self, running: _Running, progress: Progress | None, result: ScanResult | None
-    ) -> None:
-        job = running.job
-        running.job = replace(
-            job,
-            progress=progress if progress is not None else job.progress,
-            result=result if result is not None else job.result,
-        )
-        if running.flush is None:
-            running.flush = asyncio.get_running_loop().call_later(
-                self._config.progress_interval_s, self._flush, running
-            )
-
-    def _flush(self, running: _Running) -> None:
-        running.flush = None
-        if running.published is not running.job and not running.job.terminal:
-            self._spawn(self._write(running, running.job, state_change=False), "progress")
+    # -- leases and housekeeping -------------------------------------------------------------
 
     async def _keep_leases(self) -> None:
         """Renew the leases of local jobs; learn of cancels whose notification was lost."""
         interval = min(self._cluster.lease_s / 3, self._cluster.poll_s)
         while True:
             await asyncio.sleep(interval)
-            if not self._running:
+            if not self._runner.running_ids():
                 continue
             try:
                 await self._renew()
@@ -618,7 +521,7 @@ class PgJobQueue:
                 log.exception("renewing leases failed")
 
     async def _renew(self) -> None:
-        ids = list(self._running)
+        ids = self._runner.running_ids()
         async with self._db.pool.connection() as conn:
             cursor = await conn.execute(
                 "UPDATE jobs SET lease_until = now() + %s WHERE id = ANY(%s) AND owner = %s"
@@ -628,15 +531,10 @@ class PgJobQueue:
             rows = await cursor.fetchall()
         kept: dict[str, bool] = {r[0]: r[1] for r in rows}
         for job_id in ids:
-            running = self._running.get(job_id)
-            if running is None:
-                continue
             if job_id not in kept:
-                running.lost = True
-                _request_stop(running, CancelReason.SHUTDOWN)
+                self._runner.request_stop(job_id, CancelReason.SHUTDOWN)  # lost: hand it over
             elif kept[job_id]:
-                running.job = replace(running.job, cancel_requested=True)
-                _request_stop(running, CancelReason.USER)
+                self._runner.request_stop(job_id, CancelReason.USER)
 
     async def _housekeeping(self) -> None:
         """Counts for metrics, and retention, now and then."""
@@ -658,23 +556,6 @@ class PgJobQueue:
                 )
                 gone = [r[0] for r in await cursor.fetchall()]
                 await conn.execute("DELETE FROM job_events WHERE job_id = ANY(%s)", (gone,))
-
-
-def _request_stop(running: _Running, reason: CancelReason) -> None:
-    ctx, task = running.context, running.task
-    if task is None or task.done() or ctx.cancel_reason is not None:
-        return
-    ctx.cancel_reason = reason
-    task.cancel()
-
-
-def _same_request(earlier: Job, spec: JobSpec) -> Job:
-    if earlier.spec != spec:
-        raise AlreadyExists(
-            f"request_id {spec.request_id!r} was already used for a different request",
-            reason="REQUEST_ID_REUSED",
-        )
-    return earlier
 
 
 async def _one(conn: _Conn, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:

@@ -298,15 +298,32 @@ class ProbePool:
         """Start every worker and wait until they are ready."""
         await asyncio.gather(*(self._spawn() for _ in range(self._size)))
 
-    async def close(self) -> None:
-        """Kill every worker and reap it; idempotent."""
+    async def close(self, grace_s: float = 2.0) -> None:
+        """Stop every worker in two stages and reap it; idempotent.
+
+        Each worker's input is closed, so that an idle one exits at once; after ``grace_s``
+        seconds the ones still running (a probe in flight) are killed, and logged. Returns
+        only when every worker process has been reaped: none is left behind.
+        """
         self._closed = True
         for task in list(self._spawning):
             task.cancel()
         await asyncio.gather(*self._spawning, return_exceptions=True)
-        for worker in list(self._all):
+        workers = list(self._all)
+        for worker in workers:
+            worker.stdin.close()
+        exits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
+        if exits:
+            await asyncio.wait(exits, timeout=grace_s)
+        stubborn = [w for w in workers if w.proc.returncode is None]
+        if stubborn:
+            log.warning(
+                "killed probe workers still running after the grace period",
+                extra={"pids": [w.proc.pid for w in stubborn]},
+            )
+        for worker in stubborn:
             worker.kill()
-        await asyncio.gather(*(w.proc.wait() for w in self._all), return_exceptions=True)
+        await asyncio.gather(*exits, return_exceptions=True)
         self._all.clear()
 
     @property

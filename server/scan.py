@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from .catalog import Catalog, ScanCounts
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
 from .probe import Prober
-from .queue import JobContext
 from .reconcile import DirectoryScan
 from .roots import RootPolicy
+from .runner import JobContext
 from .walk import Candidate, Listing, WalkError, listings, walk
 
 __all__ = [

@@ -30,10 +30,10 @@ from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog, Failure, Video
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, Trigger, display_path
+from .library_watch import RootState
 from .live_service import LiveLibrary
 from .queue import JobQueue
 from .roots import RootPolicy
-from .watch import RootState
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -153,6 +153,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         self._wrapped: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._refusing = False
+
+    def refuse_new_calls(self) -> None:
+        """From now on answer every new ScanService call UNAVAILABLE (``SHUTTING_DOWN``), so
+        that clients retry elsewhere; calls already in flight go on."""
+        self._refusing = True
 
     async def drained(self, timeout_s: float) -> bool:
         """Wait until no ScanService call is in flight; False if ``timeout_s`` ran out."""
@@ -242,6 +248,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 try:
                     self._authenticate(context)
                     admitted = True
+                    if self._refusing:
+                        raise errors.ShuttingDown("the server is shutting down; retry elsewhere")
                     if isinstance(request, _Malformed):
                         raise errors.InvalidArgument(request.message, reason="MALFORMED_REQUEST")
                     result = await behavior(request, context)

@@ -1,6 +1,6 @@
 """Gathering a burst of file system changes into scans of just the affected directories.
 
-The watcher (``server.watch``) records each change it is told of; :meth:`Settler.ready`
+The watcher (``server.library_watch``) records each change it is told of; :meth:`Settler.ready`
 then gives the directories whose burst has settled: no change for ``settle_s`` seconds, and
 every changed video file's size and mtime the same for ``settle_s`` seconds (so that a slow
 copy is probed once, complete). A changed directory is scanned alone (non-recursively); a

@@ -56,7 +56,7 @@ from .jobs import (
     ScanResult,
     Trigger,
 )
-from .queue import StoredJob
+from .jobstore import StoredJob
 from .store_changes import CHANGES_SCHEMA, SqliteChanges
 
 __all__ = [
@@ -561,11 +561,22 @@ class SqliteJobStore:
                 ids = [
                     r[0] for r in conn.execute("SELECT id FROM jobs WHERE end_ns < ?", (cutoff,))
                 ]
-                conn.executemany("DELETE FROM job_events WHERE job_id = ?", [(i,) for i in ids])
-                conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+                _delete_jobs(conn, ids)
             return ids
 
         return await self._db.run(write)
+
+    async def delete(self, job_ids: Sequence[str]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            with conn:
+                _delete_jobs(conn, job_ids)
+
+        await self._db.run(write)
+
+
+def _delete_jobs(conn: sqlite3.Connection, job_ids: Sequence[str]) -> None:
+    conn.executemany("DELETE FROM job_events WHERE job_id = ?", [(i,) for i in job_ids])
+    conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
 
 
 def event_from_row(row: tuple[Any, ...]) -> JobEvent:

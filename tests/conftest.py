@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from tests.media import write_video
 
-pytest_plugins = ["tests.postgres"]
+pytest_plugins = ["tests.postgres", "tests.queues"]
 
 HERE = Path(__file__).resolve().parent
 SERVER = (sys.executable, "-m", "scanjobs.server")
@@ -52,10 +53,11 @@ def make_config(root: Path, data_dir: Path, **overrides: Any) -> Config:
         workers=2,
         job_timeout_s=60.0,
         probe_processes=2,
-        probe_timeout_s=5.0,
+        probe_timeout_s=60.0,  # generous: a busy machine is slow, and no test waits for it
         extensions=DEFAULT_EXTENSIONS,
         max_pending=100,
         shutdown_grace_s=2.0,
+        lame_duck_s=0.0,  # in-process: nothing sends calls after the drain began
         log_level="INFO",
     )
     return dataclasses.replace(base, **overrides)
@@ -133,6 +135,25 @@ def gated_library(root: Path) -> Path:
     return root
 
 
+async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Wait until ``condition()`` holds, checking it between turns of the event loop.
+
+    For what no event announces (a thread ended, a file appeared, a process got a request);
+    the timeout is only a generous bound, never part of what a test asserts.
+    """
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not condition():
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"never happened within {timeout_s:g} s: {what}") from None
+
+
+def probing(path: Path) -> bool:
+    """True once the misbehaving worker took ``path`` (a ``gate`` or ``hang`` file)."""
+    return path.with_name(path.name + ".probing").exists()
+
+
 async def until_running(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.Job:
     """The job once a worker started it."""
     async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
@@ -146,6 +167,24 @@ async def watch_all(
 ) -> list[pb.JobEvent]:
     """Every event of a WatchJob stream until it ends."""
     return [e async for e in stub.WatchJob(pb.WatchJobRequest(job_id=job_id, after_sequence=after))]
+
+
+async def joined(
+    stub: pb_grpc.ScanServiceAsyncStub, job_id: str
+) -> asyncio.Task[list[pb.JobEvent]]:
+    """A watcher that is in: its first event has arrived. The task gives every event until
+    the stream ends."""
+    stream = stub.WatchJob(pb.WatchJobRequest(job_id=job_id))
+    first = await stream.read()
+    assert first is not grpc.aio.EOF
+
+    async def rest() -> list[pb.JobEvent]:
+        events = [first]
+        while (event := await stream.read()) is not grpc.aio.EOF:
+            events.append(event)
+        return events
+
+    return asyncio.create_task(rest())
 
 
 async def wait_terminal(stub: pb_grpc.ScanServiceAsyncStub, job_id: str) -> pb.Job:

@@ -5,7 +5,9 @@
 announces a reply far over the size limit; ``pickle`` replies with a pickle that would create
 a file named ``unpickled`` next to it if the server ever unpickled it; ``report`` replies with
 its environment, address-space limit and identity; ``allocate`` tries to allocate 1 GiB;
-anything else is probed for real. Run as ``python tests/misbehaving_worker.py``.
+anything else is probed for real. A ``hang`` or ``gate`` file being probed is announced by a
+file next to it named ``<name>.probing``, so that a test waits for exactly that. Run as
+``python tests/misbehaving_worker.py``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def _allocate() -> probe.ProbeFailure:
 def _probe(target: probe.ProbeTarget) -> probe.ProbeOutcome:
     name = os.path.basename(target.path)
     folder = os.path.dirname(target.path)
+    if b"hang" in name or b"gate" in name:
+        with open(target.path + b".probing", "wb"):
+            pass
     if b"hang" in name:
         time.sleep(3600)
     if b"crash" in name:

@@ -13,7 +13,15 @@ import grpc
 import pytest
 
 from scanjobs.v1 import scanjobs_pb2 as pb
-from tests.conftest import Running, ServeFactory, wait_terminal, watch_all
+from tests.conftest import (
+    Running,
+    ServeFactory,
+    eventually,
+    joined,
+    probing,
+    wait_terminal,
+    watch_all,
+)
 from tests.media import write_video
 
 
@@ -41,7 +49,7 @@ async def test_cancel_mid_file_aborts_the_probe_in_flight(
     s = await serve(root, misbehaving=True)
     job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
     await _until(s, job.id, lambda j: j.state == pb.JOB_STATE_RUNNING)
-    await asyncio.sleep(0.1)  # the gated file is now inside a worker
+    await eventually(lambda: probing(root / "gate0.mp4"), "the gated file is inside a worker")
 
     reply = await s.stub.CancelJob(pb.CancelJobRequest(job_id=job.id))
     final = await wait_terminal(s.stub, job.id)
@@ -111,10 +119,7 @@ async def test_client_that_hangs_up_is_forgotten(serve: ServeFactory, tmp_path: 
     assert s.app.queue.watcher_count(job.id) == 1
 
     call.cancel()
-    for _ in range(200):
-        if s.app.queue.watcher_count() == 0:
-            break
-        await asyncio.sleep(0.01)
+    await eventually(lambda: s.app.queue.watcher_count() == 0, "the server saw the hang-up")
 
     assert s.app.queue.watcher_count() == 0
     (root / "open-gate").touch()
@@ -128,8 +133,7 @@ async def test_watchers_joining_at_any_time_all_see_the_terminal_event(
     job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
     early = asyncio.create_task(watch_all(s.stub, job.id))
     await _until(s, job.id, lambda j: j.state == pb.JOB_STATE_RUNNING)
-    middle = asyncio.create_task(watch_all(s.stub, job.id))
-    await asyncio.sleep(0.05)
+    middle = await joined(s.stub, job.id)
     (root / "open-gate").touch()
     late = await watch_all(s.stub, (await early)[-1].job.id)
 

@@ -11,8 +11,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from scanjobs.server.jobs import JobState
 from scanjobs.v1 import scanjobs_pb2 as pb
-from tests.conftest import Running, ServeFactory, gated_library
+from tests.conftest import Running, ServeFactory, eventually, gated_library
 
 CLI = (sys.executable, "-m", "scanjobs.client")
 
@@ -40,12 +41,9 @@ async def run_cli(s: Running, *args: str, cwd: Path | None = None) -> Result:
 
 
 async def _until_running(s: Running) -> pb.Job:
-    for _ in range(500):
-        jobs = await s.stub.ListJobs(pb.ListJobsRequest(state=pb.JOB_STATE_RUNNING))
-        if jobs.jobs:
-            return jobs.jobs[0]
-        await asyncio.sleep(0.01)
-    raise AssertionError("no job started")
+    await eventually(lambda: JobState.RUNNING in s.app.queue.stats()[0], "a job started")
+    jobs = await s.stub.ListJobs(pb.ListJobsRequest(state=pb.JOB_STATE_RUNNING))
+    return jobs.jobs[0]
 
 
 async def test_scan_prints_the_result_and_exits_0(serve: ServeFactory, media: Path) -> None:
@@ -197,7 +195,7 @@ async def test_ctrl_c_cancels_the_job_and_exits_with_the_cancelled_code(
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     job = await _until_running(s)
-    await asyncio.sleep(0.2)  # let the CLI reach its watch loop
+    await eventually(lambda: s.app.queue.watcher_count(job.id) > 0, "the CLI watches the job")
 
     proc.send_signal(signal.SIGINT)
     out, err = await proc.communicate()

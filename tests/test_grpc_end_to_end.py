@@ -232,6 +232,30 @@ async def test_too_many_pending_jobs_is_resource_exhausted(
     (root / "open-gate").touch()
 
 
+async def test_max_jobs_drops_the_oldest_ended_job_then_refuses_when_none_ended(
+    serve: ServeFactory, tmp_path: Path, media: Path
+) -> None:
+    root = gated_library(tmp_path / "gated")
+    s = await serve(tmp_path, misbehaving=True, workers=1, max_jobs=2)
+    oldest = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(media)))
+    await wait_terminal(s.stub, oldest.id)
+    blocked = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)))
+    await until_running(s.stub, blocked.id)
+
+    waiting = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(media)))  # drops oldest
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await s.stub.GetJob(pb.GetJobRequest(job_id=oldest.id))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(media)))
+
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert _details(refused.value)[0] == "TOO_MANY_JOBS"
+    listed = await s.stub.ListJobs(pb.ListJobsRequest())
+    assert [j.id for j in listed.jobs] == [waiting.id, blocked.id]
+    (root / "open-gate").touch()
+
+
 async def test_bad_timeout_and_request_id_are_invalid(serve: ServeFactory, media: Path) -> None:
     s = await serve(media)
     for request, field in (

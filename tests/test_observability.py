@@ -9,9 +9,13 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import grpc
+
 from bench.harness import free_port, wait_serving
 from scanjobs.client import ScanClient
 from scanjobs.server.logs import JsonFormatter, TextFormatter
+from scanjobs.v1 import scanjobs_pb2 as pb
+from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from tests.conftest import SERVER, ServeFactory, ServerProcess
 
 
@@ -55,9 +59,12 @@ async def test_logs_are_json_lines_with_job_ids_and_one_line_per_rpc(
 ) -> None:
     server = ServerProcess("--root", str(media), "--data-dir", str(tmp_path / "d"))
     try:
-        async with ScanClient(server.address) as client:
-            job = await client.submit(str(media))
-            async for _ in client.watch(job.id):
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ScanServiceStub(channel)
+            job = await stub.SubmitScan(pb.SubmitScanRequest(path=str(media)))
+            # Read to the end of the stream, so that the server has finished the call (and
+            # logged it OK) before the channel closes.
+            async for _ in stub.WatchJob(pb.WatchJobRequest(job_id=job.id)):
                 pass
     finally:
         code, lines = server.stop()

@@ -3,16 +3,20 @@ the polling safety net under NOTIFY."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import psycopg
 import pytest
 
 from scanjobs.server import pgstore
+from scanjobs.server.errors import DatabaseUnavailable, ShuttingDown, Unavailable
 from scanjobs.server.jobs import JobSpec, JobState
 from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
 from scanjobs.server.pgstore import PgCatalog, PgDatabase
 from scanjobs.server.queue import QueueConfig
 from scanjobs.server.store import DatabaseCorrupt
-from tests.test_queue_contract import ScriptedHandler, until_state
+from tests.queues import ScriptedHandler, until_state
 
 
 async def test_replicas_starting_together_migrate_once(postgres_url: str) -> None:
@@ -48,8 +52,9 @@ async def test_a_cancel_whose_notification_is_lost_is_found_by_the_lease_renewal
     try:
         job = await queue.submit(JobSpec("/block"))
         await handler.started_event(job.id).wait()
-        with psycopg.connect(postgres_url, autocommit=True) as conn:  # a cancel without NOTIFY
-            conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job.id,))
+        # A cancel without NOTIFY, from a thread: a blocking call on the event loop would
+        # wait for a row lock that the queue's own transaction there holds.
+        await asyncio.to_thread(_flag_cancel, postgres_url, job.id)
         final = await until_state(queue, job.id, JobState.CANCELLED)
     finally:
         await queue.close(grace_s=1.0)
@@ -76,3 +81,54 @@ async def test_a_catalog_from_before_reconciliation_is_migrated(postgres_url: st
     await db.close()
     assert list(rows.videos) == [b"/m/s/a.mp4"]
     assert above.subdirs == {b"/m/s"}
+
+
+def _flag_cancel(postgres_url: str, job_id: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("UPDATE jobs SET cancel_requested = true WHERE id = %s", (job_id,))
+
+
+async def test_a_watch_that_loses_the_database_ends_with_database_unavailable(
+    postgres_url: str,
+) -> None:
+    db = await PgDatabase.open(postgres_url)
+    handler = ScriptedHandler()
+    queue = PgJobQueue(handler, db, QueueConfig(), ClusterConfig(lease_s=5.0, poll_s=0.1))
+    await queue.start()
+    outage: asyncio.Task[None] | None = None
+    try:
+        job = await queue.submit(JobSpec("/block"))
+        await handler.started_event(job.id).wait()
+        subscription = await queue.watch(job.id)
+        await anext(subscription)
+
+        outage = asyncio.create_task(_cut_connections_until_cancelled(postgres_url))
+        with pytest.raises(Unavailable) as ended:
+            async with asyncio.timeout(60):
+                await anext(subscription)
+    finally:
+        if outage is not None:
+            outage.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await outage
+        handler.release.set()
+        await queue.close(grace_s=1.0)
+        await db.close()
+    assert isinstance(ended.value, DatabaseUnavailable)
+    assert not isinstance(ended.value, ShuttingDown)
+    assert ended.value.reason == "DATABASE_UNAVAILABLE"
+
+
+async def _cut_connections_until_cancelled(postgres_url: str) -> None:
+    """An outage as the queue sees it: each of its connections is cut, again and again."""
+    while True:
+        await asyncio.to_thread(_terminate_others, postgres_url)
+        await asyncio.sleep(0.05)
+
+
+def _terminate_others(postgres_url: str) -> None:
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )

@@ -14,7 +14,8 @@ import pytest
 
 from scanjobs.server import probe_wire as wire
 from scanjobs.server.probe import MediaInfo, ProbeFailure, ProbePool, ProbeTarget, probe_file
-from tests.conftest import MISBEHAVING_WORKER
+from tests.conftest import MISBEHAVING_WORKER, eventually
+from tests.conftest import probing as is_probing
 from tests.media import write_video
 
 
@@ -150,6 +151,16 @@ def test_playlist_content_in_a_video_name_is_not_followed(tmp_path: Path) -> Non
 
 @pytest.fixture
 async def pool() -> AsyncIterator[ProbePool]:
+    # A generous limit: on a busy machine a real probe may take seconds. The test that
+    # wants a timeout has its own pool.
+    p = ProbePool(2, probe_timeout_s=60.0, command=MISBEHAVING_WORKER)
+    await p.start()
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def impatient_pool() -> AsyncIterator[ProbePool]:
     p = ProbePool(2, probe_timeout_s=1.0, command=MISBEHAVING_WORKER)
     await p.start()
     yield p
@@ -157,11 +168,7 @@ async def pool() -> AsyncIterator[ProbePool]:
 
 
 async def _until_idle(pool: ProbePool) -> None:
-    for _ in range(500):
-        if pool.background_tasks == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("replacement worker never started")
+    await eventually(lambda: pool.background_tasks == 0, "the replacement worker started")
 
 
 async def test_pool_probes_a_batch_in_order(pool: ProbePool, tmp_path: Path) -> None:
@@ -190,19 +197,21 @@ async def test_a_file_that_crashes_its_worker_costs_one_failure(
     assert len(await pool.probe([target(good)] * 4)) == 4
 
 
-async def test_a_file_that_hangs_is_a_timeout_failure(pool: ProbePool, tmp_path: Path) -> None:
+async def test_a_file_that_hangs_is_a_timeout_failure(
+    impatient_pool: ProbePool, tmp_path: Path
+) -> None:
     hang = tmp_path / "hang.mp4"
     hang.write_bytes(b"x")
-    outcomes = await pool.probe([target(hang)])
+    outcomes = await impatient_pool.probe([target(hang)])
     assert outcomes == [ProbeFailure("probe took longer than 1 s")]
-    await _until_idle(pool)
+    await _until_idle(impatient_pool)
 
 
 async def test_cancel_kills_the_worker_instead_of_waiting(pool: ProbePool, tmp_path: Path) -> None:
     hang = tmp_path / "hang.mp4"
     hang.write_bytes(b"x")
     probing = asyncio.create_task(pool.probe([target(hang)]))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: is_probing(hang), "the hanging file is inside a worker")
     pids_before = {w.proc.pid for w in pool._all}
 
     probing.cancel()

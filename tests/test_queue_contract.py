@@ -1,16 +1,14 @@
-"""The job-queue contract, run over every queue implementation.
+"""The job-queue contract, run over every queue implementation (see ``tests/queues.py``).
 
-The handler here is scripted by the job's path: ``/block`` reports one file and waits until the
+The handler is scripted by the job's path: ``/block`` reports one file and waits until the
 test releases it, ``/fail`` raises a bug, ``/refuse`` raises an expected error, ``/chatty``
-reports progress many times, anything else completes at once.
+reports progress many times (``/chatty-then-block`` then waits for ``resume_chatty``),
+anything else completes at once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,109 +20,9 @@ from scanjobs.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from scanjobs.server.jobs import Job, JobEvent, JobSpec, JobState, Phase, Progress, ScanResult
-from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
-from scanjobs.server.pgstore import PgDatabase
-from scanjobs.server.queue import (
-    AsyncioJobQueue,
-    InMemoryJobStore,
-    JobContext,
-    QueueConfig,
-    Subscription,
-)
-from scanjobs.server.store import Database, SqliteJobStore
-
-PARTIAL = ScanResult(added=1)
-
-
-class ScriptedHandler:
-    """A job handler whose behaviour the test picks through the job's path."""
-
-    def __init__(self) -> None:
-        self.started: dict[str, asyncio.Event] = {}
-        self.release = asyncio.Event()
-        self.ran: list[str] = []
-        self.cancelled: list[str] = []
-
-    def started_event(self, job_id: str) -> asyncio.Event:
-        return self.started.setdefault(job_id, asyncio.Event())
-
-    async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
-        self.ran.append(job.id)
-        self.started_event(job.id).set()
-        try:
-            return await self._behave(job, ctx)
-        except asyncio.CancelledError:
-            self.cancelled.append(job.id)
-            raise
-
-    async def _behave(self, job: Job, ctx: JobContext) -> ScanResult:
-        path = job.spec.path
-        if path == "/fail":
-            raise RuntimeError("boom")
-        if path == "/refuse":
-            raise NotFound("/refuse vanished")
-        if path == "/chatty":
-            for n in range(1, 2001):
-                ctx.report(Progress(Phase.PROBING, 2000, n), ScanResult(added=n))
-                if n % 100 == 0:
-                    await asyncio.sleep(0)
-            return ScanResult(added=2000)
-        if path == "/block":
-            ctx.report(Progress(Phase.PROBING, 2, 1, "/block/one"), PARTIAL)
-            await self.release.wait()
-            return ScanResult(added=2)
-        return ScanResult(added=3)
-
-
-QueueFactory = Callable[..., Awaitable[AsyncioJobQueue]]
-
-
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-async def make_queue(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[QueueFactory]:
-    """Queues of one implementation sharing one backing, so that a second queue is the server
-    after a restart: the in-process queue over the in-memory and the SQLite job store, and
-    the replicated queue over PostgreSQL."""
-    queues: list[Any] = []
-    db: Any = None
-    shared = InMemoryJobStore()
-    if request.param == "sqlite":
-        db = await Database.open(tmp_path / "jobs.db")
-    elif request.param == "postgres":
-        db = await PgDatabase.open(request.getfixturevalue("postgres_url"))
-
-    async def _make(handler: ScriptedHandler, **config: float) -> Any:
-        settings = QueueConfig(**config)  # type: ignore[arg-type]
-        queue: Any
-        if request.param == "postgres":
-            cluster = ClusterConfig(lease_s=5.0, poll_s=0.2)
-            queue = PgJobQueue(handler, db, settings, cluster)
-        else:
-            store = shared if db is None else SqliteJobStore(db)
-            queue = AsyncioJobQueue(handler, settings, store=store)
-        await queue.start()
-        queues.append(queue)
-        return queue
-
-    yield _make
-    for queue in queues:
-        await queue.close(grace_s=1.0)
-        assert queue.running_tasks == 0
-    if db is not None:
-        await db.close()
-
-
-async def collect(subscription: Subscription) -> list[JobEvent]:
-    async with subscription:
-        return [e async for e in subscription]
-
-
-async def until_state(queue: AsyncioJobQueue, job_id: str, state: JobState) -> Job:
-    async with await queue.watch(job_id) as events:
-        async for event in events:
-            if event.job.state is state:
-                return event.job
-    raise AssertionError(f"job never reached {state}")
+from scanjobs.server.jobs import JobEvent, JobSpec, JobState, ScanResult
+from scanjobs.server.queue import AsyncioJobQueue
+from tests.queues import PARTIAL, QueueFactory, ScriptedHandler, collect, until_state
 
 
 async def test_job_goes_pending_running_completed_with_increasing_sequences(
@@ -347,14 +245,20 @@ async def test_slow_watcher_does_not_block_the_job_and_gets_coalesced_progress(
     make_queue: QueueFactory,
 ) -> None:
     handler = ScriptedHandler()
-    queue = await make_queue(handler, progress_interval_s=0.0)
-    job = await queue.submit(JobSpec("/chatty"))
+    queue = await make_queue(handler, progress_interval_s=0.0, workers=1)
+    blocker = await queue.submit(JobSpec("/block"))
+    await handler.started_event(blocker.id).wait()
+    job = await queue.submit(JobSpec("/chatty-then-block"))
     slow = await queue.watch(job.id)  # subscribed, never read until the end
-    fast = asyncio.create_task(collect(await queue.watch(job.id)))
+    fast_events = []
+    async with await queue.watch(job.id) as fast:
+        handler.release.set()  # both watchers are there before the job starts
+        async for event in fast:
+            fast_events.append(event)
+            if not event.state_change:  # it saw progress: the job may end now
+                handler.resume_chatty.set()
 
-    await until_state(queue, job.id, JobState.COMPLETED)
     slow_events = await collect(slow)
-    fast_events = await fast
 
     assert slow_events[-1].job.state is JobState.COMPLETED
     assert len(slow_events) <= 4  # the snapshot, then states; progress coalesced away

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, joined
 from tests.media import write_video
 
 FILES = 1500
@@ -73,6 +72,17 @@ async def _events(address: str, job_id: str, after: int = 0) -> list[pb.JobEvent
         return [e async for e in stub.WatchJob(request)]
 
 
+async def _videos_of(stub: pb_grpc.ScanServiceStub, job_id: str) -> int:
+    """How many videos the catalog lists for ``job_id``, over every page."""
+    count, token = 0, ""
+    while True:
+        request = pb.ListVideosRequest(job_id=job_id, page_size=1000, page_token=token)
+        page = await stub.ListVideos(request)
+        count += len(page.videos)
+        if not (token := page.next_page_token):
+            return count
+
+
 async def _until_running(address: str, job_id: str, files_done: int = 1) -> None:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ScanServiceStub(channel)
@@ -121,8 +131,8 @@ async def test_cancel_through_one_replica_is_seen_on_another(
     await _until_running(replicas[0].address, job.id, files_done=100)
     owner = _replica_of(replicas, _owner(postgres_url, job.id))
     canceller, watcher = [n for n in range(3) if n != owner]
-    watching = asyncio.create_task(_events(replicas[watcher].address, job.id))
-    await asyncio.sleep(0.1)
+    watch_channel = grpc.aio.insecure_channel(replicas[watcher].address)
+    watching = await joined(pb_grpc.ScanServiceStub(watch_channel), job.id)  # before the cancel
 
     async with grpc.aio.insecure_channel(replicas[canceller].address) as channel:
         stub = pb_grpc.ScanServiceStub(channel)
@@ -130,13 +140,14 @@ async def test_cancel_through_one_replica_is_seen_on_another(
         replied = time.monotonic()
         events = await watching
         ended = time.monotonic()
-        videos = await stub.ListVideos(pb.ListVideosRequest(job_id=job.id, page_size=1000))
+        catalogued = await _videos_of(stub, job.id)
+    await watch_channel.close()
 
     final = events[-1].job
     assert reply.cancel_requested
     assert final.state == pb.JOB_STATE_CANCELLED
     assert 0 < final.result.scanned < FILES
-    assert len(videos.videos) == final.result.added
+    assert catalogued == final.result.added
     assert ended - replied < 5  # prompt: the owner learnt of it by NOTIFY (or the lease poll)
 
 

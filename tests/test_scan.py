@@ -22,6 +22,7 @@ from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
 from scanjobs.server.roots import RootPolicy
 from scanjobs.server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
 from scanjobs.server.walk import Tree
+from tests.conftest import eventually
 
 VIDEO_EXTS = frozenset({b".mp4", b".mkv"})
 INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
@@ -342,10 +343,9 @@ async def test_cancel_during_discovery_stops_the_walk_thread(tmp_path: Path) -> 
     assert running.progress.phase is Phase.DISCOVERING
     assert final.state is JobState.CANCELLED
     assert final.progress.files_found < 400
-    for _ in range(100):
-        if not any(t.name == "walk" for t in threading.enumerate()):
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: not any(t.name == "walk" for t in threading.enumerate()), "the walk ended"
+    )
     assert not any(t.name == "walk" for t in threading.enumerate())
 
 
@@ -356,11 +356,11 @@ async def test_small_trees_are_counted_before_probing_ends(tmp_path: Path) -> No
     try:
         job = await queue.submit(JobSpec(str(root)))
         await prober.entered.wait()
-        for _ in range(100):
-            seen = await queue.get(job.id)
-            if seen.progress.phase is Phase.PROBING:
-                break
-            await asyncio.sleep(0.01)
+        async with await queue.watch(job.id) as events:
+            async for event in events:
+                seen = event.job
+                if seen.progress.phase is Phase.PROBING:
+                    break
         prober.gate.set()
         final = await _final(queue, job.id)
     finally:

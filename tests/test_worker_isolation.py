@@ -15,7 +15,7 @@ import pytest
 from scanjobs.server.config import parse_args
 from scanjobs.server.probe import ProbePool
 from scanjobs.v1 import scanjobs_pb2 as pb
-from tests.conftest import ServeFactory, wait_terminal
+from tests.conftest import ServeFactory, eventually, wait_terminal
 from tests.media import write_video
 
 SECRET_URL = "postgresql://scanjobs:hunter2@db.internal/scanjobs"
@@ -88,14 +88,21 @@ def _children(command_part: str) -> list[int]:
     return found
 
 
+def _loaded_ffmpeg(pid: int) -> bool:
+    return b"libavformat" in Path(f"/proc/{pid}/maps").read_bytes()
+
+
 async def test_the_real_workers_of_a_server_hold_no_secret_and_are_limited(
     serve: ServeFactory, media: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SCANJOBS_DATABASE", SECRET_URL)
     s = await serve(media, probe_processes=2)
-    await _errors(s, media)  # the workers have probed files: they are fully started
+    await _errors(s, media)  # the workers have probed files
     workers = _children("scanjobs.server.probe")
     assert len(workers) == 2
+    # A worker that has not probed yet may still be starting on a busy machine: wait until
+    # each has loaded FFmpeg, which it does after setting its limit.
+    await eventually(lambda: all(_loaded_ffmpeg(pid) for pid in workers), "workers started")
     for pid in workers:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert b"SCANJOBS_DATABASE" not in environ and b"hunter2" not in environ

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from scanjobs.server import watch as watch_module
-from scanjobs.server.watch import network_filesystem
+from scanjobs.server import library_watch as watch_module
+from scanjobs.server.library_watch import network_filesystem
 from scanjobs.v1 import scanjobs_pb2 as pb
 from tests.conftest import Running, ServeFactory
 from tests.media import write_video

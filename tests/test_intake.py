@@ -1,0 +1,71 @@
+"""The checks every transport shares (``server.intake``): the same whichever door a request
+came in by, with no transport involved."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from scanjobs.server import intake
+from scanjobs.server.errors import InvalidArgument, NotFound, PermissionDenied
+from scanjobs.server.jobs import JobState
+from scanjobs.server.queue import AsyncioJobQueue
+from scanjobs.server.roots import RootPolicy
+from tests.queues import ScriptedHandler, until_state
+
+
+@pytest.fixture
+async def queue() -> AsyncIterator[AsyncioJobQueue]:
+    q = AsyncioJobQueue(ScriptedHandler())
+    await q.start()
+    yield q
+    await q.close(grace_s=1.0)
+
+
+async def test_submit_scan_checks_the_path_against_the_roots_then_queues_it(
+    queue: AsyncioJobQueue, tmp_path: Path
+) -> None:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    roots = RootPolicy([str(root)])
+    spec = intake.job_spec(f"{root}/sub/../sub/", recursive=False, request_id="r-1")
+
+    job = await intake.submit_scan(queue, roots, spec)
+
+    assert job.spec.path == str(root / "sub")
+    assert not job.spec.recursive and job.spec.request_id == "r-1"
+    assert (await until_state(queue, job.id, JobState.COMPLETED)).id == job.id
+    with pytest.raises(PermissionDenied):
+        await intake.submit_scan(queue, roots, intake.job_spec(str(tmp_path)))
+    with pytest.raises(NotFound):
+        await intake.submit_scan(queue, roots, intake.job_spec(str(root / "gone")))
+
+
+@pytest.mark.parametrize(
+    ("path", "arguments", "field"),
+    [
+        ("", {}, "path"),
+        ("relative", {}, "path"),
+        ("/srv", {"timeout_s": -1.0}, "timeout"),
+        ("/srv", {"timeout_s": 10.0**9}, "timeout"),
+        ("/srv", {"request_id": "x" * 129}, "request_id"),
+    ],
+)
+def test_job_spec_refuses_malformed_requests_naming_the_field(
+    path: str, arguments: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidArgument) as refused:
+        intake.job_spec(path, **arguments)  # type: ignore[arg-type]
+    assert [v.field for v in refused.value.violations] == [field]
+
+
+def test_ids_and_page_sizes_are_checked() -> None:
+    for raw in ("", "x" * 65):
+        with pytest.raises(InvalidArgument):
+            intake.job_id(raw)
+    with pytest.raises(InvalidArgument):
+        intake.page_size(-1, default=50)
+    assert intake.page_size(0, default=50) == 50
+    assert intake.page_size(10**6, default=50) == intake.MAX_PAGE_SIZE
