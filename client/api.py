@@ -224,6 +224,41 @@ class ScanClient:
             failures += 1
             await asyncio.sleep(min(5.0, self._backoff_s * 2 ** (failures - 1)))
 
+    async def list_roots(self) -> list[pb.Root]:
+        """The server's roots and how each is watched."""
+        reply = await self._unary(self._stub.ListRoots, pb.ListRootsRequest())
+        return list(reply.roots)
+
+    async def catalog_sequence(self) -> int:
+        """The catalog's change sequence now: follow from it to see only what comes next."""
+        reply = await self._unary(self._stub.ListVideos, pb.ListVideosRequest(page_size=1))
+        return reply.catalog_sequence
+
+    async def follow(
+        self, *, prefix: str = "", after_sequence: int = 0
+    ) -> AsyncIterator[pb.VideoEvent]:
+        """The catalog's changes after ``after_sequence``, forever, resuming after the last
+        one seen across broken streams and server restarts (retrying with backoff).
+
+        Raises:
+            ScanClientError: anything but UNAVAILABLE, e.g. OUT_OF_RANGE (reason
+                HISTORY_EXPIRED): the changes after ``after_sequence`` are no longer kept.
+        """
+        last, failures = after_sequence, 0
+        while True:
+            request = pb.WatchVideosRequest(path_prefix=prefix, after_sequence=last)
+            try:
+                async for event in self._stub.WatchVideos(request, metadata=self._metadata):
+                    failures = 0
+                    last = event.sequence
+                    yield event
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc)
+                if not isinstance(error, ServiceUnavailable):
+                    raise error from None
+            failures += 1
+            await asyncio.sleep(min(5.0, self._backoff_s * 2 ** (failures - 1)))
+
 
 def is_terminal(job: pb.Job) -> bool:
     """True once the job reached a final state."""

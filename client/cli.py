@@ -43,6 +43,11 @@ _EXIT_BY_STATE = {
     pb.JOB_STATE_TIMEOUT: EXIT_TIMEOUT,
     pb.JOB_STATE_CANCELLED: EXIT_CANCELLED,
 }
+_TRIGGERS = {
+    value: name.removeprefix("JOB_TRIGGER_").lower()
+    for name, value in pb.JobTrigger.items()
+    if value != pb.JOB_TRIGGER_UNSPECIFIED
+}
 _STATES = {
     name.removeprefix("JOB_STATE_").lower(): value
     for name, value in pb.JobState.items()
@@ -115,6 +120,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only missing videos (found gone by a scan, kept for a while)",
     )
+
+    follow = sub.add_parser(
+        "follow", help="print the catalog's changes as they happen (Ctrl-C stops)"
+    )
+    follow.add_argument("prefix", nargs="?", default="", help="only paths starting with this")
+    follow.add_argument(
+        "--after", type=int, default=None, metavar="SEQUENCE",
+        help="start after this change (the last one printed before) instead of now",
+    )  # fmt: skip
+
+    sub.add_parser("roots", help="show the roots and how each is watched")
 
     errors = sub.add_parser("errors", help="list files that could not be probed, and why")
     errors.add_argument("prefix", nargs="?", default="", help="only paths starting with this")
@@ -260,10 +276,11 @@ async def _jobs(client: ScanClient, args: argparse.Namespace, out: _Out) -> int:
             job.path,
             f"{job.progress.files_done}/{job.progress.files_found}",
             job.create_time.ToJsonString(),
+            _TRIGGERS.get(job.trigger, "-"),
         )
         for job in jobs
     ]
-    out.table(("id", "state", "path", "done", "created"), rows)
+    out.table(("id", "state", "path", "done", "created", "trigger"), rows)
     return EXIT_OK
 
 
@@ -300,6 +317,39 @@ async def _errors(client: ScanClient, args: argparse.Namespace, out: _Out) -> in
     return EXIT_OK
 
 
+async def _follow_catalog(client: ScanClient, args: argparse.Namespace, out: _Out) -> int:
+    after = args.after if args.after is not None else await client.catalog_sequence()
+    async for event in client.follow(prefix=args.prefix, after_sequence=after):
+        if out.json:
+            out.emit(event)
+            continue
+        kind = pb.VideoEventKind.Name(event.kind).removeprefix("VIDEO_EVENT_KIND_").lower()
+        line = f"{event.sequence}\t{kind}\t{event.video.path}"
+        if event.previous_path:
+            line += f"\t(was {event.previous_path})"
+        print(line, flush=True)
+    return EXIT_OK
+
+
+async def _roots(client: ScanClient, out: _Out) -> int:
+    roots = await client.list_roots()
+    if out.json:
+        print(json.dumps([_as_json(r) for r in roots]))
+        return EXIT_OK
+    rows = [
+        (
+            r.path,
+            pb.WatchMode.Name(r.watch_mode).removeprefix("WATCH_MODE_").lower(),
+            str(r.video_count),
+            r.last_reconcile_time.ToJsonString() if r.HasField("last_reconcile_time") else "-",
+            r.reason or "-",
+        )
+        for r in roots
+    ]
+    out.table(("root", "watch", "videos", "last reconcile", "reason"), rows)
+    return EXIT_OK
+
+
 def _video_row(v: pb.Video) -> tuple[str, str, str, str, str]:
     fps = v.frame_rate_numerator / v.frame_rate_denominator if v.frame_rate_denominator else 0
     duration = "-"
@@ -332,6 +382,10 @@ async def _run(args: argparse.Namespace, out: _Out) -> int:
                 return await _videos(client, args, out)
             case "errors":
                 return await _errors(client, args, out)
+            case "follow":
+                return await _follow_catalog(client, args, out)
+            case "roots":
+                return await _roots(client, out)
     return EXIT_OK
 
 
@@ -349,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:  # e.g. an unreadable --token-file or TLS file
         out.error(f"{exc.strerror}: {exc.filename}")
         return EXIT_RPC_ERROR
+    except KeyboardInterrupt:  # Ctrl-C ends `follow`
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

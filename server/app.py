@@ -22,6 +22,8 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from .catalog import Catalog
 from .config import Config
 from .errors import StorageIOError
+from .leader import lead
+from .library_watch import LibraryWatcher, QueueRunner, WatchConfig, cancel_quietly
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -67,7 +69,10 @@ class App:
     metrics: Metrics
     grace_s: float
     lame_duck_s: float
+    catalog: Catalog
+    service: ScanService
     http: HttpServer | None = None
+    watching: asyncio.Task[None] | None = None
     stopped: bool = False
 
     @property
@@ -96,7 +101,9 @@ class App:
         lame_duck_until = loop.time() + min(self.lame_duck_s, self.grace_s)
         self.calls.refuse_new_calls()  # first: who saw NOT_SERVING never gets through
         await self.health.enter_graceful_shutdown()
+        await cancel_quietly(self.watching)  # no new scans of what changes
         await self.queue.close(self.grace_s)  # ends WatchJob streams with UNAVAILABLE
+        self.service.close()  # ends WatchVideos streams with UNAVAILABLE
         await asyncio.sleep(max(0.0, lame_duck_until - loop.time()))
         # Wait for our own calls only: a client's endless health Watch must not hold us up.
         if not await self.calls.drained(max(0.0, deadline - loop.time())):
@@ -105,6 +112,7 @@ class App:
             await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
         await self.probes.close()
+        await self.catalog.close()
         await self.db.close()
         self.metrics.close()
         log.info("server stopped")
@@ -150,6 +158,7 @@ async def start(
             undo.callback(http_socket.close)
         db, catalog = await _open_storage(config)
         undo.push_async_callback(db.close)
+        undo.push_async_callback(catalog.close)
         await _tidy_catalog(catalog, roots, config, clock_ns)
         if probes is None:
             probes = ProbePool(
@@ -172,7 +181,12 @@ async def start(
             tls_client_ca=config.tls_client_ca,
         )
 
-    pb_grpc.add_ScanServiceServicer_to_server(ScanService(queue, catalog, roots), server)
+    watcher = _watcher(config, queue, roots, metrics) if config.watch else None
+    root_states = watcher.states if watcher is not None else None
+    service = ScanService(
+        queue, catalog, roots, max_video_watchers=config.max_watchers, root_states=root_states
+    )
+    pb_grpc.add_ScanServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -185,7 +199,7 @@ async def start(
         # second of start-up that a gRPC-only server need not pay.
         from .http_server import serve_http
 
-        http = await serve_http(config, http_socket, queue, catalog, roots, metrics)
+        http = await serve_http(config, http_socket, queue, catalog, roots, metrics, root_states)
     await _set_health(health_servicer, serving=True)
     if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
 
@@ -213,8 +227,40 @@ async def start(
         metrics,
         config.shutdown_grace_s,
         config.lame_duck_s,
+        catalog,
+        service,
         http,
+        _watch(watcher, db, config) if watcher is not None else None,
     )
+
+
+def _watch(
+    watcher: LibraryWatcher, db: Database | PgDatabase, config: Config
+) -> asyncio.Task[None]:
+    """Start watching: at once with SQLite, whenever this replica leads with PostgreSQL."""
+    if isinstance(db, PgDatabase):  # one replica at a time watches
+        return asyncio.create_task(lead(db.url, watcher.run, retry_s=config.lease_s))
+    return asyncio.create_task(watcher.run(), name="watch")
+
+
+def _watcher(
+    config: Config, queue: AsyncioJobQueue | PgJobQueue, roots: RootPolicy, metrics: Metrics
+) -> LibraryWatcher:
+    watch_config = WatchConfig(
+        settle_s=config.watch_settle_s,
+        poll_s=config.poll_interval_s,
+        reconcile_s=config.reconcile_interval_s,
+        extensions=config.extensions,
+    )
+    idle = (
+        "another replica watches (one at a time with --database)"
+        if config.database
+        else "not watched yet"
+    )
+    return LibraryWatcher(
+        roots.resolved, QueueRunner(queue, roots), watch_config,
+        on_state=metrics.on_root_state, idle_reason=idle,
+    )  # fmt: skip
 
 
 def _scanner(
@@ -229,6 +275,7 @@ def _scanner(
         lanes=max(2, config.probe_processes),
         max_errors=config.max_errors,
         missing_retention_ns=int(config.missing_retention_s * 1e9),
+        history_ns=int(config.catalog_history_s * 1e9),
     )
     return Scanner(roots, probes, catalog, scan_config, clock_ns=clock_ns)
 
@@ -282,7 +329,9 @@ async def _open_storage(config: Config) -> tuple[Database | PgDatabase, Catalog]
     ``--data-dir`` (one server)."""
     if config.database:
         pg = await PgDatabase.open(config.database)
-        return pg, PgCatalog(pg)
+        catalog = PgCatalog(pg)
+        await catalog.listen()
+        return pg, catalog
     try:
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -297,6 +346,7 @@ async def _tidy_catalog(
 ) -> None:
     """Purge expired tombstones and, when asked, whatever lies outside the roots."""
     purged = await catalog.purge_missing(clock_ns() - int(config.missing_retention_s * 1e9))
+    await catalog.prune_changes(clock_ns() - int(config.catalog_history_s * 1e9))
     if config.purge_outside_roots:
         outside = await catalog.purge_outside(roots.listed())
         log.info("purged catalog rows outside the roots", extra={"rows": outside})

@@ -14,10 +14,12 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import NamedTuple, Protocol, TypeVar
 
+from .changes import ChangeFeed, ChangeKind, VideoChange, check_history
 from .errors import InvalidArgument
 from .probe import MediaInfo
 
@@ -30,6 +32,7 @@ __all__ = [
     "FileStamp",
     "InMemoryCatalog",
     "Known",
+    "Listing",
     "Move",
     "ScanCounts",
     "Sighting",
@@ -211,11 +214,21 @@ class DirectoryChanges:
 
 
 VideoPage = tuple[list[Video], str]
+Listing = tuple[list[Video], str, int]  # a page, its next page token, its catalog sequence
 FailurePage = tuple[list[Failure], str]
 
 
 class Catalog(Protocol):
-    """Where scans keep what they found."""
+    """Where scans keep what they found.
+
+    Every commit also writes the changes it makes to the change log (``server.changes``),
+    in the same transaction, and wakes :attr:`feed`.
+    """
+
+    @property
+    def feed(self) -> ChangeFeed:
+        """Woken when changes are committed."""
+        ...
 
     async def read_directory(self, directory: bytes) -> DirectoryRows:
         """The rows of one directory, in one indexed read."""
@@ -252,6 +265,32 @@ class Catalog(Protocol):
         roots: Sequence[bytes] = (),
     ) -> VideoPage:
         """Videos ordered by path; ``roots`` (when given) keeps only those below one."""
+        ...
+
+    async def catalog_listing(
+        self,
+        *,
+        path_prefix: bytes,
+        job_id: str,
+        page_size: int,
+        page_token: str,
+        include_missing: bool = False,
+        roots: Sequence[bytes] = (),
+    ) -> Listing:
+        """As :meth:`list_videos`, with the change sequence the page was read at."""
+        ...
+
+    async def changes_after(self, after: int, path_prefix: bytes, limit: int) -> list[VideoChange]:
+        """Up to ``limit`` changes after sequence ``after``, in order, of paths (or previous
+        paths) starting with ``path_prefix``.
+
+        Raises:
+            OutOfRange: (HISTORY_EXPIRED) the changes after ``after`` are not all kept.
+        """
+        ...
+
+    async def prune_changes(self, before_ns: int) -> int:
+        """Forget the changes committed before ``before_ns``; returns how many."""
         ...
 
     async def list_failures(
@@ -325,6 +364,20 @@ class InMemoryCatalog:
         self._failures: dict[bytes, Failure] = {}
         self._dirs: dict[bytes, bytes] = {}  # directory -> parent
         self._counts: dict[str, ScanCounts] = {}
+        self._changes: list[VideoChange] = []
+        self._sequence = 0
+        self._pruned_through = 0
+        self._feed = ChangeFeed()
+
+    @property
+    def feed(self) -> ChangeFeed:
+        return self._feed
+
+    def _log(
+        self, kind: ChangeKind, video: Video, now_ns: int, previous: bytes | None = None
+    ) -> None:
+        self._sequence += 1
+        self._changes.append(VideoChange(self._sequence, kind, video, previous, now_ns))
 
     async def read_directory(self, directory: bytes) -> DirectoryRows:
         return DirectoryRows(
@@ -347,13 +400,15 @@ class InMemoryCatalog:
         moved, unremoved = self._move(c)
         for video in c.probed:
             old = self._videos.get(video.path)
-            self._videos[video.path] = replace(
+            new = self._videos[video.path] = replace(
                 video,
                 first_seen_ns=old.first_seen_ns if old else c.now_ns,
                 last_seen_ns=c.now_ns,
                 job_id=c.job_id,
                 missing_ns=None,
             )
+            live = old is not None and old.missing_ns is None
+            self._log(ChangeKind.UPDATED if live else ChangeKind.ADDED, new, c.now_ns)
             self._failures.pop(video.path, None)
         self._see(c.seen, c.now_ns, restore=False)
         restored = self._see(c.restored, c.now_ns, restore=True)
@@ -364,6 +419,8 @@ class InMemoryCatalog:
             self._dirs.update(ancestors(c.directory))
         counts = replace(c.counts, moved=moved, restored=restored, removed=removed - unremoved)
         self._counts[c.job_id] = self._counts.get(c.job_id, ScanCounts()) + counts
+        if c.probed or moved or restored or removed:
+            self._feed.wake()
         return counts
 
     def _move(self, c: DirectoryChanges) -> tuple[int, int]:
@@ -374,10 +431,11 @@ class InMemoryCatalog:
                 continue
             if row.missing_ns is not None and row.missing_ns >= c.since_ns:
                 unremoved += 1
-            self._videos[new_path] = replace(
+            new = self._videos[new_path] = replace(
                 row, path=new_path, device=device, inode=inode, missing_ns=None,
                 last_seen_ns=c.now_ns,
             )  # fmt: skip
+            self._log(ChangeKind.MOVED, new, c.now_ns, old_path)
             self._failures.pop(new_path, None)
             moved += 1
         return moved, unremoved
@@ -391,6 +449,8 @@ class InMemoryCatalog:
             self._videos[path] = replace(
                 row, last_seen_ns=now_ns, device=device, inode=inode, missing_ns=None
             )
+            if restore:
+                self._log(ChangeKind.RESTORED, self._videos[path], now_ns)
             applied += 1
         return applied
 
@@ -400,11 +460,12 @@ class InMemoryCatalog:
             low, high = below(directory)
             doomed.update(p for p in [*self._videos, *self._failures] if low <= p < high)
         removed = 0
-        for path in doomed:
+        for path in sorted(doomed):
             self._failures.pop(path, None)
             row = self._videos.get(path)
             if row is not None and row.missing_ns is None:
                 self._videos[path] = replace(row, missing_ns=now_ns)
+                self._log(ChangeKind.REMOVED, self._videos[path], now_ns)
                 removed += 1
         return removed
 
@@ -429,6 +490,38 @@ class InMemoryCatalog:
         page = matching[:page_size]
         return page, encode_page_token(page[-1].path) if len(matching) > page_size else ""
 
+    async def catalog_listing(
+        self,
+        *,
+        path_prefix: bytes,
+        job_id: str,
+        page_size: int,
+        page_token: str,
+        include_missing: bool = False,
+        roots: Sequence[bytes] = (),
+    ) -> Listing:
+        page, token = await self.list_videos(
+            path_prefix=path_prefix, job_id=job_id, page_size=page_size,
+            page_token=page_token, include_missing=include_missing, roots=roots,
+        )  # fmt: skip
+        return page, token, self._sequence
+
+    async def changes_after(self, after: int, path_prefix: bytes, limit: int) -> list[VideoChange]:
+        check_history(after, pruned_through=self._pruned_through, high_water=self._sequence)
+
+        def matches(c: VideoChange) -> bool:
+            paths = (c.video.path, c.previous_path) if c.previous_path else (c.video.path,)
+            return any(p.startswith(path_prefix) for p in paths)
+
+        return [c for c in self._changes if c.sequence > after and matches(c)][:limit]
+
+    async def prune_changes(self, before_ns: int) -> int:
+        doomed = [c for c in self._changes if c.time_ns < before_ns]
+        if doomed:
+            self._pruned_through = max(self._pruned_through, doomed[-1].sequence)
+            self._changes = [c for c in self._changes if c.sequence > self._pruned_through]
+        return len(doomed)
+
     async def list_failures(
         self, *, path_prefix: bytes, page_size: int, page_token: str, roots: Sequence[bytes] = ()
     ) -> FailurePage:
@@ -448,6 +541,10 @@ class InMemoryCatalog:
 
     async def purge_outside(self, roots: Sequence[bytes]) -> int:
         count = 0
+        now_ns = time.time_ns()
+        for path, row in sorted(self._videos.items()):
+            if row.missing_ns is None and not under_roots(path, roots):
+                self._log(ChangeKind.REMOVED, replace(row, missing_ns=now_ns), now_ns)
         for table in (self._videos, self._failures):
             doomed = [p for p in table if not under_roots(p, roots)]
             for path in doomed:

@@ -23,18 +23,24 @@ from .catalog import (
     below,
     parent_dir,
 )
+from .changes import ChangeKind, VideoChange
 from .probe import MediaInfo
 
 __all__ = [
+    "CHANGE_COLUMNS",
     "COUNTS_UPSERT",
     "FAILURE_COLUMNS",
     "KNOWN_COLUMNS",
     "VIDEO_UPSERT",
     "Step",
+    "changes_query",
     "commit_steps",
     "counts_row",
     "listing",
+    "logs_changes",
     "pg",
+    "removal_log",
+    "row_change",
     "row_failure",
     "row_known",
     "row_video",
@@ -76,6 +82,65 @@ ON CONFLICT (path) DO UPDATE SET
 """
 
 
+VIDEO_COLUMNS = (
+    "path", "size_bytes", "mtime_ns", "container", "duration_s", "bit_rate", "video_codec",
+    "width", "height", "frame_rate_num", "frame_rate_den", "audio_codec", "audio_streams",
+    "subtitle_streams", "data_streams", "first_seen_ns", "last_seen_ns", "job_id", "dir",
+    "device", "inode", "missing_ns",
+)  # fmt: skip
+CHANGE_COLUMNS = "sequence, kind, previous_path, time_ns, " + ", ".join(VIDEO_COLUMNS)
+_FIRST_SEEN = VIDEO_COLUMNS.index("first_seen_ns")
+# A probed video's change, written before its upsert: ADDED unless a present video is there.
+_PROBED_LOG = (
+    f"INSERT INTO video_changes (kind, previous_path, time_ns, {', '.join(VIDEO_COLUMNS)})"  # noqa: S608 - constant
+    " VALUES (CASE WHEN EXISTS (SELECT 1 FROM videos WHERE path = ? AND missing_ns IS NULL)"
+    f" THEN {ChangeKind.UPDATED:d} ELSE {ChangeKind.ADDED:d} END, NULL, ?, "
+    + ", ".join(["?"] * _FIRST_SEEN)
+    + ", coalesce((SELECT first_seen_ns FROM videos WHERE path = ?), ?), "
+    + ", ".join(["?"] * (len(VIDEO_COLUMNS) - _FIRST_SEEN - 1))
+    + ")"
+)
+
+
+def _log_copy(
+    kind: ChangeKind, where: str, overrides: dict[str, str], previous: str = "NULL"
+) -> str:
+    """A statement logging a change of the ``videos`` rows matching ``where``, as they are
+    after the change: columns in ``overrides`` take the given expression (``?`` parameters
+    come first the time, then the overrides in column order, then those of ``where``)."""
+    columns = ", ".join(overrides.get(c, c) for c in VIDEO_COLUMNS)
+    return (
+        f"INSERT INTO video_changes (kind, previous_path, time_ns, {', '.join(VIDEO_COLUMNS)})"  # noqa: S608 - constant parts
+        f" SELECT {kind:d}, {previous}, ?, {columns} FROM videos WHERE {where} ORDER BY path"
+    )
+
+
+_MOVED_LOG = _log_copy(
+    ChangeKind.MOVED,
+    "path = ?",
+    {"path": "?", "last_seen_ns": "?", "dir": "?", "device": "?", "inode": "?",
+     "missing_ns": "NULL"},
+    previous="path",
+)  # fmt: skip
+_RESTORED_LOG = _log_copy(
+    ChangeKind.RESTORED,
+    "path = ? AND missing_ns IS NOT NULL",
+    {"last_seen_ns": "?", "device": "?", "inode": "?", "missing_ns": "NULL"},
+)
+_REMOVED_LOG = _log_copy(ChangeKind.REMOVED, "path = ? AND missing_ns IS NULL", {"missing_ns": "?"})
+_REMOVED_BELOW_LOG = _log_copy(
+    ChangeKind.REMOVED, "path >= ? AND path < ? AND missing_ns IS NULL", {"missing_ns": "?"}
+)
+
+
+def removal_log(keep: str) -> str:
+    """A statement logging the removal of the present videos not matching ``keep``
+    (parameters: the time twice, then those of ``keep``)."""
+    return _log_copy(
+        ChangeKind.REMOVED, f"NOT ({keep}) AND missing_ns IS NULL", {"missing_ns": "?"}
+    )
+
+
 def pg(sql: str) -> str:
     """A statement with PostgreSQL's placeholders."""
     return sql.replace("?", "%s")
@@ -93,7 +158,16 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
     """The statements of one directory's commit, in order; empty ones left out."""
     now = c.now_ns
     steps = [
+        Step(
+            _MOVED_LOG,
+            [
+                (now, m.new_path, now, parent_dir(m.new_path), m.device, m.inode, m.old_path)
+                for m in c.moved
+            ],
+            "logged",
+        ),
         *_move_steps(c),
+        Step(_PROBED_LOG, [_probed_log_row(v, c.job_id, now) for v in c.probed], "logged"),
         Step(VIDEO_UPSERT, [video_row(v, c.job_id, now) for v in c.probed]),
         Step("DELETE FROM file_errors WHERE path = ?", [(v.path,) for v in c.probed]),
         Step(
@@ -102,18 +176,25 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
             [(now, dev, ino, path) for path, dev, ino in c.seen],
         ),
         Step(
+            _RESTORED_LOG,
+            [(now, now, dev, ino, path) for path, dev, ino in c.restored],
+            "logged",
+        ),
+        Step(
             "UPDATE videos SET missing_ns = NULL, last_seen_ns = ?, device = ?, inode = ?"
             " WHERE path = ? AND missing_ns IS NOT NULL",
             [(now, dev, ino, path) for path, dev, ino in c.restored],
             "restored",
         ),
         Step(_FAILURE_UPSERT, [_failure_row(f, c.job_id, now) for f in c.failures]),
+        Step(_REMOVED_LOG, [(now, now, path) for path in c.missing], "logged"),
         Step(
             "UPDATE videos SET missing_ns = ? WHERE path = ? AND missing_ns IS NULL",
             [(now, path) for path in c.missing],
             "removed",
         ),
         Step("DELETE FROM file_errors WHERE path = ?", [(path,) for path in c.missing]),
+        Step(_REMOVED_BELOW_LOG, [(now, now, *below(d)) for d in c.gone_dirs], "logged"),
         Step(
             "UPDATE videos SET missing_ns = ? WHERE path >= ? AND path < ? AND missing_ns IS NULL",
             [(now, *below(d)) for d in c.gone_dirs],
@@ -131,6 +212,16 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
             )
         )
     return [s for s in steps if s.rows]
+
+
+def _probed_log_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
+    row = video_row(video, job_id, now_ns)
+    return (video.path, now_ns, *row[:_FIRST_SEEN], video.path, *row[_FIRST_SEEN:])
+
+
+def logs_changes(steps: Sequence[Step]) -> bool:
+    """True when a commit of ``steps`` may log changes."""
+    return any(s.counter == "logged" for s in steps)
 
 
 def _move_steps(c: DirectoryChanges) -> list[Step]:
@@ -234,6 +325,24 @@ def row_video(row: Sequence[Any]) -> Video:
     return Video(
         bytes(path), FileStamp(size, mtime), info, first, last, job_id, device, inode, missing
     )
+
+
+def row_change(row: Sequence[Any]) -> VideoChange:
+    """A change from its :data:`CHANGE_COLUMNS`."""
+    sequence, kind, previous, nanos, *video = row
+    previous_path = bytes(previous) if previous is not None else None
+    return VideoChange(sequence, ChangeKind(kind), row_video(video), previous_path, nanos)
+
+
+def changes_query(path_prefix: bytes) -> tuple[str, list[object]]:
+    """The changes after a sequence (the first parameter to add) under ``path_prefix``,
+    in order; the limit is the last parameter to add."""
+    sql = f"SELECT {CHANGE_COLUMNS} FROM video_changes WHERE sequence > ?"  # noqa: S608 - constant
+    args: list[object] = []
+    if path_prefix:
+        sql += " AND (substr(path, 1, ?) = ? OR substr(previous_path, 1, ?) = ?)"
+        args = [len(path_prefix), path_prefix, len(path_prefix), path_prefix]
+    return sql + " ORDER BY sequence LIMIT ?", args
 
 
 def row_known(row: Sequence[Any]) -> Known:

@@ -65,6 +65,11 @@ class Config:
     lease_s: float = _LEASE_S
     missing_retention_s: float = 30 * 24 * 3600.0
     purge_outside_roots: bool = False
+    catalog_history_s: float = 7 * 24 * 3600.0
+    watch: bool = False
+    watch_settle_s: float = 2.0
+    poll_interval_s: float = 60.0
+    reconcile_interval_s: float = 24 * 3600.0
     http_listen: str | None = None
     http_cors_origins: tuple[str, ...] = ()
 
@@ -194,6 +199,17 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--missing-retention", "MISSING_RETENTION", _positive_float, "missing_retention_s",
      "seconds a video found missing is kept (hidden, restored if it comes back) before it "
      "is purged from the catalog"),
+    ("--catalog-history", "CATALOG_HISTORY", _positive_float, "catalog_history_s",
+     "seconds the catalog's changes are kept for WatchVideos; a client further behind "
+     "gets HISTORY_EXPIRED and lists again"),
+    ("--watch-settle", "WATCH_SETTLE", _positive_float, "watch_settle_s",
+     "with --watch: seconds a changed file's size and mtime must stay the same (and its "
+     "directory quiet) before it is scanned"),
+    ("--poll-interval", "POLL_INTERVAL", _positive_float, "poll_interval_s",
+     "with --watch: seconds between polls of a root that events cannot watch (a network "
+     "file system, or the inotify watch limit reached)"),
+    ("--reconcile-interval", "RECONCILE_INTERVAL", _positive_float, "reconcile_interval_s",
+     "with --watch: seconds between full reconciles of each root (events can be missed)"),
     ("--shutdown-grace", "SHUTDOWN_GRACE", _positive_float, "shutdown_grace_s",
      "seconds to drain on SIGTERM before stopping hard"),
     ("--lame-duck", "LAME_DUCK", _non_negative_float, "lame_duck_s",
@@ -240,6 +256,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", default=bool(_env("INSECURE")),
                    help="allow a non-loopback --listen or --metrics-listen without "
                         "authentication (neither a token nor a client CA)")  # fmt: skip
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        default=bool(_env("WATCH")),
+        help="watch every --root: reconcile it at start, then scan what changes as it "
+        "changes (with --database, one replica at a time watches)",
+    )
     p.add_argument(
         "--purge-outside-roots",
         action="store_true",
@@ -405,6 +428,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         lease_s=args.lease,
         missing_retention_s=args.missing_retention,
         purge_outside_roots=args.purge_outside_roots,
+        catalog_history_s=args.catalog_history,
+        watch=args.watch,
+        watch_settle_s=args.watch_settle,
+        poll_interval_s=args.poll_interval,
+        reconcile_interval_s=args.reconcile_interval,
         http_listen=args.http_listen,
         http_cors_origins=args.http_cors_origin or (),
     )

@@ -9,6 +9,7 @@ becomes the Connect code of its gRPC status (``service.code_of``, the one map) w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -26,6 +27,8 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog
+from .library_watch import RootState
+from .live_service import changes_of, roots_reply
 from .queue import JobQueue
 from .roots import RootPolicy
 from .service import (
@@ -107,12 +110,14 @@ class ConnectScanService:
         roots: RootPolicy,
         tokens: BearerTokens,
         on_call: Callable[[str, str], None] | None = None,
+        root_states: Callable[[], list[RootState]] | None = None,
     ) -> None:
         self._queue = queue
         self._catalog = catalog
         self._roots = roots
         self._tokens = tokens
         self._on_call = on_call
+        self._root_states = root_states
 
     def authenticate(self, ctx: _Context) -> None:
         """Admit a call that carries one of the tokens in its ``authorization`` header."""
@@ -158,13 +163,15 @@ class ConnectScanService:
     async def list_videos(
         self, request: pb.ListVideosRequest, ctx: _Context
     ) -> pb.ListVideosResponse:
-        videos, token = await intake.list_videos(
+        videos, token, sequence = await intake.list_videos(
             self._catalog, self._roots, path_prefix=request.path_prefix, job_id=request.job_id,
             page_size=intake.page_size(request.page_size, default=100),
             page_token=request.page_token, include_missing=request.include_missing,
         )  # fmt: skip
         return pb.ListVideosResponse(
-            videos=[video_to_proto(v) for v in videos], next_page_token=token
+            videos=[video_to_proto(v) for v in videos],
+            next_page_token=token,
+            catalog_sequence=sequence,
         )
 
     @_unary("ListFileErrors")
@@ -179,6 +186,29 @@ class ConnectScanService:
         return pb.ListFileErrorsResponse(
             file_errors=[failure_to_proto(f) for f in failures], next_page_token=token
         )
+
+    @_unary("ListRoots")
+    async def list_roots(self, request: pb.ListRootsRequest, ctx: _Context) -> pb.ListRootsResponse:
+        return await roots_reply(self._catalog, self._roots, self._root_states)
+
+    async def watch_videos(
+        self, request: pb.WatchVideosRequest, ctx: _Context
+    ) -> AsyncIterator[pb.VideoEvent]:
+        """Stream the catalog's changes, as the gRPC WatchVideos does."""
+        started = time.perf_counter()
+        code = "CANCELLED"
+        try:
+            self.authenticate(ctx)
+            changes = changes_of(self._catalog, self._roots, request)
+            async with contextlib.aclosing(changes):
+                async for event in changes:
+                    yield event
+            code = "OK"
+        except errors.ScanJobsError as exc:
+            code = code_of(exc).name
+            raise connect_error(exc) from None
+        finally:
+            self.record("WatchVideos", code, started)
 
     async def watch_job(
         self, request: pb.WatchJobRequest, ctx: _Context

@@ -11,6 +11,7 @@ ScanJobsError
 ├── AlreadyExists        ALREADY_EXISTS
 ├── ResourceExhausted    RESOURCE_EXHAUSTED
 │   └── StorageFull          RESOURCE_EXHAUSTED  STORAGE_FULL          (also a StorageFault)
+├── OutOfRange           OUT_OF_RANGE
 ├── Unauthenticated      UNAUTHENTICATED
 └── Unavailable          UNAVAILABLE
     ├── ShuttingDown         UNAVAILABLE         SHUTTING_DOWN         (this server drains)
@@ -35,6 +36,7 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "ScanJobsError",
@@ -112,6 +114,12 @@ class ResourceExhausted(ScanJobsError):
     """A configured limit is reached."""
 
     reason = "RESOURCE_EXHAUSTED"
+
+
+class OutOfRange(ScanJobsError):
+    """A position (a sequence) outside what the server keeps."""
+
+    reason = "OUT_OF_RANGE"
 
 
 class Unauthenticated(ScanJobsError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from .catalog import Catalog
 from .config import Config
 from .connect import ConnectScanService
 from .http import AsgiApp, HttpApp
+from .library_watch import RootState
 from .metrics import Metrics
 from .queue import JobQueue
 from .roots import RootPolicy
@@ -99,11 +101,14 @@ async def serve_http(
     catalog: Catalog,
     roots: RootPolicy,
     metrics: Metrics,
+    root_states: Callable[[], list[RootState]] | None = None,
 ) -> HttpServer:
     """Start the HTTP port on ``sock``: Connect / gRPC-Web, REST and the page, over the same
     core objects, tokens, TLS files and limits as the gRPC port."""
     tokens = BearerTokens(config.tokens)
-    service = ConnectScanService(queue, catalog, roots, tokens, on_call=metrics.on_rpc)
+    service = ConnectScanService(
+        queue, catalog, roots, tokens, on_call=metrics.on_rpc, root_states=root_states
+    )
     connect = ScanServiceASGIApplication(service, read_max_bytes=config.max_message_bytes)
     app = HttpApp(
         connect,

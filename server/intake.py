@@ -12,7 +12,7 @@ import asyncio
 import os
 from dataclasses import replace
 
-from .catalog import Catalog, FailurePage, VideoPage
+from .catalog import Catalog, FailurePage, Listing
 from .errors import InvalidArgument
 from .jobs import Job, JobSpec, JobState
 from .queue import JobQueue
@@ -117,10 +117,10 @@ async def list_jobs(
 async def list_videos(
     catalog: Catalog, roots: RootPolicy, *, path_prefix: str, job_id: str, page_size: int,
     page_token: str, include_missing: bool,
-) -> VideoPage:  # fmt: skip
+) -> Listing:  # fmt: skip
     """A page of the catalog by path, only under the current roots; missing videos only when
-    asked for."""
-    return await catalog.list_videos(
+    asked for; with the catalog's change sequence as of the page."""
+    return await catalog.catalog_listing(
         path_prefix=os.fsencode(path_prefix),
         job_id=job_id,
         page_size=page_size,

@@ -129,6 +129,14 @@ class ScanResult:
         return self.added + self.updated + self.unchanged + self.moved + self.restored + self.failed
 
 
+class Trigger(enum.StrEnum):
+    """What started a job."""
+
+    API = "api"
+    WATCH = "watch"  # the watcher saw changes in the job's directory
+    SCHEDULE = "schedule"  # a reconcile of a whole root
+
+
 @dataclass(frozen=True, slots=True)
 class JobSpec:
     """What a caller asked for.
@@ -139,6 +147,7 @@ class JobSpec:
         timeout_s: run-time limit in seconds once started; ``None`` means the server default.
         request_id: idempotency key, empty when not given.
         reprobe: probe every file again, unchanged or remembered as failed.
+        trigger: what started the job.
     """
 
     path: str
@@ -146,6 +155,7 @@ class JobSpec:
     timeout_s: float | None = None
     request_id: str = ""
     reprobe: bool = False
+    trigger: Trigger = Trigger.API
 
 
 @dataclass(frozen=True, slots=True)

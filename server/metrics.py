@@ -11,11 +11,12 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .jobs import JobEvent, JobState
+from .library_watch import RootState, WatchMode
 
 __all__ = ["Metrics"]
 
@@ -59,6 +60,10 @@ class Metrics:
             "scanjobs_probe_duration_seconds", "Time to probe one file in a worker",
             buckets=_PROBE_BUCKETS, registry=self.registry,
         )  # fmt: skip
+        self._root_modes = Gauge(
+            "scanjobs_root_watch_mode", "1 for the way each root is watched (--watch)",
+            ["root", "mode"], registry=self.registry,
+        )  # fmt: skip
         self._rpcs = Counter(
             "scanjobs_rpcs_total", "ScanService calls by method and status code",
             ["method", "code"], registry=self.registry,
@@ -89,6 +94,11 @@ class Metrics:
     def on_probe(self, seconds: float) -> None:
         """One file probed."""
         self._probes.observe(seconds)
+
+    def on_root_state(self, state: RootState) -> None:
+        """A root's watch mode changed (or its last reconcile time)."""
+        for mode in WatchMode:
+            self._root_modes.labels(state.path, mode.value).set(int(mode is state.mode))
 
     def on_rpc(self, method: str, code: str) -> None:
         """One ScanService call ended."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from .catalog import (
     DirectoryRows,
     FailurePage,
     Known,
+    Listing,
     ScanCounts,
     VideoPage,
     ancestors,
@@ -34,21 +36,37 @@ from .catalog_sql import (
     COUNTS_UPSERT,
     FAILURE_COLUMNS,
     KNOWN_COLUMNS,
+    changes_query,
     commit_steps,
     counts_row,
     listing,
+    logs_changes,
     pg,
+    removal_log,
+    row_change,
     row_failure,
     row_known,
     row_video,
 )
+from .changes import ChangeFeed, VideoChange, check_history
 from .errors import DatabaseUnavailable
 from .store import DatabaseCorrupt
 
 __all__ = ["GuardedPool", "PgCatalog", "PgDatabase"]
 
+
 # Any fixed number: the key of the advisory lock that serialises migrations.
 _MIGRATION_LOCK = 0x5CA4_0B5
+# The key of the advisory lock that a commit logging changes holds until it commits: the
+# change log's sequence is taken under it, so changes commit in sequence order and a reader
+# that has seen sequence N has seen every change before N.
+_CHANGES_LOCK = 0x5CA4_0C6
+CHANNEL = "scanjobs_catalog"
+_HISTORY = (
+    "SELECT pruned_through,"
+    " greatest(coalesce((SELECT max(sequence) FROM video_changes), 0), pruned_through)"
+    " FROM catalog_history"
+)
 
 _MIGRATIONS: tuple[str, ...] = (
     """
@@ -138,6 +156,25 @@ _MIGRATIONS: tuple[str, ...] = (
         removed   BIGINT NOT NULL,
         time_ns   BIGINT NOT NULL
     );
+    """,
+    # 5: the change log (see server.changes), as SQLite's migration 5.
+    """
+    CREATE TABLE video_changes (
+        sequence         BIGSERIAL PRIMARY KEY,
+        kind             SMALLINT NOT NULL,
+        previous_path    BYTEA,
+        time_ns          BIGINT NOT NULL,
+        path             BYTEA NOT NULL,
+        size_bytes BIGINT, mtime_ns BIGINT, container TEXT, duration_s DOUBLE PRECISION,
+        bit_rate BIGINT, video_codec TEXT, width INTEGER, height INTEGER,
+        frame_rate_num BIGINT, frame_rate_den BIGINT, audio_codec TEXT,
+        audio_streams INTEGER, subtitle_streams INTEGER, data_streams INTEGER,
+        first_seen_ns BIGINT, last_seen_ns BIGINT, job_id TEXT, dir BYTEA,
+        device BIGINT, inode BIGINT, missing_ns BIGINT
+    );
+    CREATE INDEX video_changes_by_time ON video_changes (time_ns);
+    CREATE TABLE catalog_history (pruned_through BIGINT NOT NULL);
+    INSERT INTO catalog_history VALUES (0);
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -314,7 +351,34 @@ class PgCatalog:
     """The :class:`server.catalog.Catalog` in the same tables as SQLite's."""
 
     def __init__(self, db: PgDatabase) -> None:
+        self._db = db
         self._pool = db.pool
+        self._feed = ChangeFeed()
+        self._listening: asyncio.Task[None] | None = None
+
+    @property
+    def feed(self) -> ChangeFeed:
+        return self._feed
+
+    async def listen(self) -> None:
+        """Wake :attr:`feed` when any replica commits changes (``NOTIFY``), from now on."""
+        self._listening = asyncio.create_task(self._dispatch(), name="pg-changes")
+
+    async def _dispatch(self) -> None:
+        """Wake the feed on each notification; reconnect when the connection drops (the
+        followers poll meanwhile, and are woken once listening again)."""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self._db.url, autocommit=True
+                ) as conn:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    self._feed.wake()  # whatever was committed while nobody listened
+                    async for _ in conn.notifies():
+                        self._feed.wake()
+            except psycopg.Error as exc:
+                _log.warning("catalog change notifications lost; reconnecting: %s", exc)
+            await asyncio.sleep(1.0)
 
     async def _fetch(self, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
         async with self._pool.connection() as conn:
@@ -353,6 +417,8 @@ class PgCatalog:
         steps = commit_steps(changes)
         counters: dict[str, int] = {}
         async with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            if logs_changes(steps):
+                await cur.execute("SELECT pg_advisory_xact_lock(%s)", (_CHANGES_LOCK,))
             for step in steps:
                 await cur.executemany(pg(step.sql), step.rows)  # rowcount: the sum over rows
                 if step.counter:
@@ -360,6 +426,10 @@ class PgCatalog:
                     counters[step.counter] = counters.get(step.counter, 0) + touched
             counts, row = counts_row(changes, counters)
             await cur.execute(pg(COUNTS_UPSERT), row)
+            if counters.get("logged"):
+                await cur.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        if counters.get("logged"):
+            self._feed.wake()
         return counts
 
     async def job_counts(self, job_id: str) -> ScanCounts:
@@ -380,6 +450,22 @@ class PgCatalog:
         include_missing: bool = False,
         roots: Sequence[bytes] = (),
     ) -> VideoPage:
+        page, token, _ = await self.catalog_listing(
+            path_prefix=path_prefix, job_id=job_id, page_size=page_size,
+            page_token=page_token, include_missing=include_missing, roots=roots,
+        )  # fmt: skip
+        return page, token
+
+    async def catalog_listing(
+        self,
+        *,
+        path_prefix: bytes,
+        job_id: str,
+        page_size: int,
+        page_token: str,
+        include_missing: bool = False,
+        roots: Sequence[bytes] = (),
+    ) -> Listing:
         after = decode_page_token(page_token) if page_token else b""
         extra = " AND (?::text = '' OR job_id = ?)" + (
             "" if include_missing else " AND missing_ns IS NULL"
@@ -387,12 +473,46 @@ class PgCatalog:
         sql, args = listing(
             "videos", "*", after=after, path_prefix=path_prefix, roots=roots, extra=extra
         )
-        rows = await self._fetch(
-            sql.replace("substr(", "substring("), [*args, job_id, job_id, page_size + 1]
-        )
+        sql = pg(sql.replace("substr(", "substring("))
+        async with self._pool.connection() as conn, conn.transaction():
+            # One snapshot for the page and its sequence.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            rows = await (
+                await conn.execute(sql, [*args, job_id, job_id, page_size + 1])
+            ).fetchall()
+            history = await (await conn.execute(_HISTORY)).fetchone()
         videos = [row_video(r) for r in rows]
         page = videos[:page_size]
-        return page, encode_page_token(page[-1].path) if len(videos) > page_size else ""
+        token = encode_page_token(page[-1].path) if len(videos) > page_size else ""
+        return page, token, int(history[1]) if history else 0
+
+    async def changes_after(self, after: int, path_prefix: bytes, limit: int) -> list[VideoChange]:
+        sql, args = changes_query(path_prefix)
+        sql = pg(sql.replace("substr(", "substring("))
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            rows = await (await conn.execute(sql, [after, *args, limit])).fetchall()
+            history = await (await conn.execute(_HISTORY)).fetchone()
+        pruned, high = history if history else (0, 0)
+        check_history(after, pruned_through=pruned, high_water=high)
+        return [row_change(r) for r in rows]
+
+    async def prune_changes(self, before_ns: int) -> int:
+        async with self._pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "SELECT max(sequence) FROM video_changes WHERE time_ns < %s", (before_ns,)
+            )
+            row = await cursor.fetchone()
+            if row is None or row[0] is None:
+                return 0
+            deleted = await conn.execute(
+                "DELETE FROM video_changes WHERE sequence <= %s", (row[0],)
+            )
+            await conn.execute(
+                "UPDATE catalog_history SET pruned_through = greatest(pruned_through, %s)",
+                (row[0],),
+            )
+            return deleted.rowcount
 
     async def list_failures(
         self, *, path_prefix: bytes, page_size: int, page_token: str, roots: Sequence[bytes] = ()
@@ -417,7 +537,11 @@ class PgCatalog:
         keep = " OR ".join("(path >= %s AND path < %s)" for _ in roots) or "true"
         args = [bound for root in roots for bound in below(root)]
         count = 0
+        now = time.time_ns()
         async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_CHANGES_LOCK,))
+            await conn.execute(pg(removal_log(keep.replace("%s", "?"))), [now, now, *args])
+            await conn.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
             for table in ("videos", "file_errors"):
                 sql = f"DELETE FROM {table} WHERE NOT ({keep})"  # noqa: S608 - names are ours
                 count += (await conn.execute(sql, args)).rowcount
@@ -425,7 +549,10 @@ class PgCatalog:
         return count
 
     async def close(self) -> None:
-        """Nothing of its own to close: the :class:`PgDatabase` is closed by its owner."""
+        """Stop listening; the :class:`PgDatabase` is closed by its owner."""
+        if self._listening is not None:
+            self._listening.cancel()
+            await asyncio.gather(self._listening, return_exceptions=True)
 
 
 _VIDEOS_OF_DIR = f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = %s"  # noqa: S608 - constant

@@ -118,6 +118,7 @@ class ScanConfig:
             ``walk_ahead // batch_size`` directories): enough to know the total of most
             libraries early (for a real ETA), while a huge tree still costs bounded memory.
         missing_retention_ns: how long a missing video is kept before a scan purges it.
+        history_ns: how long the catalog's changes are kept (``server.changes``).
     """
 
     extensions: frozenset[str] = DEFAULT_EXTENSIONS
@@ -128,6 +129,7 @@ class ScanConfig:
     max_errors: int = 50
     walk_ahead: int = 20_000
     missing_retention_ns: int = 30 * 24 * 3600 * 10**9
+    history_ns: int = 7 * 24 * 3600 * 10**9
 
 
 @dataclass(slots=True)
@@ -178,7 +180,9 @@ class _Tally:
             error_count=self.error_count,
             moved=c.moved,
             restored=c.restored,
-            removed=c.removed,
+            # A file that a concurrent job marked missing and this one found moved is taken
+            # off this job's removed count: the count never goes below none.
+            removed=max(0, c.removed),
         )
 
     def report(self) -> None:
@@ -225,6 +229,7 @@ class Scanner:
         config = self._config
         started_ns = self._clock_ns()
         await self._catalog.purge_missing(started_ns - config.missing_retention_ns)
+        await self._catalog.prune_changes(started_ns - config.history_ns)
         tally = _Tally(ctx, config.max_errors)
         tally.report()  # announces the DISCOVERING phase
         directory_scan = DirectoryScan(

@@ -29,7 +29,9 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog, Failure, Video
-from .jobs import Job, JobEvent, JobSpec, JobState, Phase, display_path
+from .jobs import Job, JobEvent, JobSpec, JobState, Phase, Trigger, display_path
+from .library_watch import RootState
+from .live_service import LiveLibrary
 from .queue import JobQueue
 from .roots import RootPolicy
 
@@ -57,6 +59,7 @@ _CODES: dict[type[errors.ScanJobsError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -72,6 +75,11 @@ _STATE_TO_PB = {
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 _PB_TO_STATE = {v: k for k, v in _STATE_TO_PB.items()}
+_TRIGGER_TO_PB = {
+    Trigger.API: pb.JOB_TRIGGER_API,
+    Trigger.WATCH: pb.JOB_TRIGGER_WATCH,
+    Trigger.SCHEDULE: pb.JOB_TRIGGER_SCHEDULE,
+}
 _PHASE_TO_PB = {
     Phase.UNSPECIFIED: pb.SCAN_PHASE_UNSPECIFIED,
     Phase.DISCOVERING: pb.SCAN_PHASE_DISCOVERING,
@@ -319,10 +327,19 @@ def _log_call(name: str, code: grpc.StatusCode, elapsed_s: float, request: Any) 
     log.info("rpc", extra=fields)
 
 
-class ScanService(pb_grpc.ScanServiceServicer):
+class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[misc]
     """Maps ScanService RPCs onto the job queue and the catalog."""
 
-    def __init__(self, queue: JobQueue, catalog: Catalog, roots: RootPolicy) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        catalog: Catalog,
+        roots: RootPolicy,
+        *,
+        max_video_watchers: int = 4000,
+        root_states: Callable[[], list[RootState]] | None = None,
+    ) -> None:
+        super().__init__(catalog, roots, max_video_watchers, root_states)
         self._queue = queue
         self._catalog = catalog
         self._roots = roots
@@ -351,13 +368,15 @@ class ScanService(pb_grpc.ScanServiceServicer):
     async def ListVideos(
         self, request: pb.ListVideosRequest, context: _Context
     ) -> pb.ListVideosResponse:
-        videos, token = await intake.list_videos(
+        videos, token, sequence = await intake.list_videos(
             self._catalog, self._roots, path_prefix=request.path_prefix, job_id=request.job_id,
             page_size=intake.page_size(request.page_size, default=100),
             page_token=request.page_token, include_missing=request.include_missing,
         )  # fmt: skip
         return pb.ListVideosResponse(
-            videos=[video_to_proto(v) for v in videos], next_page_token=token
+            videos=[video_to_proto(v) for v in videos],
+            next_page_token=token,
+            catalog_sequence=sequence,
         )
 
     async def ListFileErrors(
@@ -471,6 +490,7 @@ def job_to_proto(job: Job) -> pb.Job:
         state=_STATE_TO_PB[job.state],
         path=job.spec.path,
         recursive=job.spec.recursive,
+        trigger=_TRIGGER_TO_PB[job.spec.trigger],
         cancel_requested=job.cancel_requested,
         create_time=_timestamp(job.create_time),
         start_time=_timestamp(job.start_time),

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -26,7 +27,6 @@ from .catalog import (
     FailurePage,
     Known,
     ScanCounts,
-    Video,
     VideoPage,
     below,
     decode_page_token,
@@ -40,9 +40,10 @@ from .catalog_sql import (
     commit_steps,
     counts_row,
     listing,
+    removal_log,
     row_failure,
-    row_video,
 )
+from .changes import ChangeFeed
 from .errors import StorageFault, StorageFull, StorageIOError
 from .jobs import (
     FileError,
@@ -53,8 +54,10 @@ from .jobs import (
     Phase,
     Progress,
     ScanResult,
+    Trigger,
 )
 from .jobstore import StoredJob
+from .store_changes import CHANGES_SCHEMA, SqliteChanges
 
 __all__ = [
     "Database",
@@ -169,6 +172,7 @@ _MIGRATIONS: tuple[str, ...] = (
         time_ns   INTEGER NOT NULL
     ) WITHOUT ROWID;
     """,
+    CHANGES_SCHEMA,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -320,12 +324,13 @@ def _migrate(conn: sqlite3.Connection) -> None:
 _LOOKUP_CHUNK = 500
 
 
-class SqliteCatalog:
+class SqliteCatalog(SqliteChanges):
     """The :class:`server.catalog.Catalog` in the ``videos``, ``file_errors``,
-    ``catalog_dirs`` and ``job_counts`` tables."""
+    ``catalog_dirs``, ``job_counts`` and ``video_changes`` tables."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._feed = ChangeFeed()
 
     async def read_directory(self, directory: bytes) -> DirectoryRows:
         def query(conn: sqlite3.Connection) -> DirectoryRows:
@@ -381,8 +386,11 @@ class SqliteCatalog:
                         counters[step.counter] = counters.get(step.counter, 0) + touched
                 counts, row = counts_row(changes, counters)
                 conn.execute(COUNTS_UPSERT, row)
+            if counters.get("logged"):
+                loop.call_soon_threadsafe(self._feed.wake)
             return counts
 
+        loop = asyncio.get_running_loop()
         return await self._db.run(write)
 
     async def job_counts(self, job_id: str) -> ScanCounts:
@@ -406,21 +414,11 @@ class SqliteCatalog:
         include_missing: bool = False,
         roots: Sequence[bytes] = (),
     ) -> VideoPage:
-        after = decode_page_token(page_token) if page_token else b""
-        extra = " AND (? = '' OR job_id = ?)"
-        if not include_missing:
-            extra += " AND missing_ns IS NULL"
-        sql, args = listing(
-            "videos", "*", after=after, path_prefix=path_prefix, roots=roots, extra=extra
-        )
-        args += [job_id, job_id, page_size + 1]
-
-        def query(conn: sqlite3.Connection) -> list[Video]:
-            return [row_video(r) for r in conn.execute(sql, args)]
-
-        videos = await self._db.run(query)
-        page = videos[:page_size]
-        return page, encode_page_token(page[-1].path) if len(videos) > page_size else ""
+        page, token, _ = await self.catalog_listing(
+            path_prefix=path_prefix, job_id=job_id, page_size=page_size,
+            page_token=page_token, include_missing=include_missing, roots=roots,
+        )  # fmt: skip
+        return page, token
 
     async def list_failures(
         self, *, path_prefix: bytes, page_size: int, page_token: str, roots: Sequence[bytes] = ()
@@ -456,14 +454,18 @@ class SqliteCatalog:
 
         def write(conn: sqlite3.Connection) -> int:
             count = 0
+            now = time.time_ns()
             with conn:
+                conn.execute(removal_log(keep), [now, now, *args])
                 for table in ("videos", "file_errors"):
                     sql = f"DELETE FROM {table} WHERE NOT ({keep})"  # noqa: S608 - names are ours
                     count += conn.execute(sql, args).rowcount
                 conn.execute(_PRUNE_DIRS)
             return count
 
-        return await self._db.run(write)
+        count = await self._db.run(write)
+        self._feed.wake()
+        return count
 
     async def close(self) -> None:
         """Nothing of its own to close: the :class:`Database` is closed by its owner."""
@@ -602,7 +604,8 @@ def encode_job(job: Job) -> str:
     return json.dumps(
         {
             "id": job.id,
-            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe],
+            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe,
+                     spec.trigger.value],
             "state": job.state.value,
             "times": [time_ns(job.create_time), time_ns(job.start_time), time_ns(job.end_time)],
             "timeout_s": job.timeout_s,
@@ -623,6 +626,12 @@ def encode_job(job: Job) -> str:
     )  # fmt: skip
 
 
+def _spec(fields: list[Any]) -> JobSpec:
+    # Snapshots written before triggers have none: they came through the API.
+    path, recursive, timeout_s, request_id, reprobe, *trigger = fields
+    return JobSpec(path, recursive, timeout_s, request_id, reprobe, Trigger(*trigger or ["api"]))
+
+
 def decode_job(text: str) -> Job:
     """Inverse of :func:`encode_job`."""
     d = json.loads(text)
@@ -632,7 +641,7 @@ def decode_job(text: str) -> Job:
     added, updated, unchanged, failed, errors, error_count, *reconciled = d["result"]
     return Job(
         id=d["id"],
-        spec=JobSpec(*d["spec"]),
+        spec=_spec(d["spec"]),
         state=JobState(d["state"]),
         create_time=_time(created) or datetime.fromtimestamp(0, UTC),
         timeout_s=d["timeout_s"],

@@ -90,7 +90,14 @@ async def test_get_watch_jobs_and_videos(serve: ServeFactory, media: Path) -> No
     assert watched.code == 0 and "COMPLETED" in watched.out
     assert "state  COMPLETED" in got.out and job_id in got.out
     assert got_json["result"]["added"] == "4"
-    assert jobs.out.splitlines()[0].split("\t") == ["id", "state", "path", "done", "created"]
+    assert jobs.out.splitlines()[0].split("\t") == [
+        "id",
+        "state",
+        "path",
+        "done",
+        "created",
+        "trigger",
+    ]
     assert jobs.out.splitlines()[1].split("\t")[:3] == [job_id, "COMPLETED", str(media)]
     rows = [line.split("\t") for line in videos.out.splitlines()]
     assert rows[0] == ["path", "duration", "resolution", "fps", "codecs"]

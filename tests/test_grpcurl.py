@@ -72,7 +72,8 @@ class Doc:
 def test_the_doc_has_every_example() -> None:
     assert set(examples()) == {
         "submit", "watch", "cancel", "get", "list-jobs", "list-videos", "error", "health",
-        "list", "describe", "reprobe", "list-missing", "list-file-errors",
+        "list", "describe", "reprobe", "list-missing", "list-file-errors", "watch-videos",
+        "list-roots",
     }  # fmt: skip
 
 
@@ -164,3 +165,28 @@ async def test_grpcurl_shows_missing_videos_file_errors_and_reprobes(
     assert error["job_id"] == first["id"] and error["message"].startswith("not a readable")
     assert again["reprobe"] is True
     assert (reprobed["result"]["updated"], reprobed["result"]["failed"]) == ("1", "1")
+
+
+async def test_grpcurl_follows_the_catalog_changes(serve: ServeFactory, tmp_path: Path) -> None:
+    library = tmp_path / "media"
+    library.mkdir()
+    write_video(library / "a.mp4")
+    s = await serve(library)
+    doc = Doc(s.address, library)
+    (job,) = await doc.json("submit")
+    events = await doc.json("watch", job["id"])
+    assert events[-1]["job"]["state"] == "JOB_STATE_COMPLETED"
+    (page,) = await doc.json("list-videos")
+    code, out, err = await doc.run("watch-videos")  # ended by its -max-time
+    assert code != 0 and "DeadlineExceeded" in err, err
+    (change,) = _objects(out)
+    assert change["kind"] == "VIDEO_EVENT_KIND_ADDED"
+    assert change["video"]["path"] == str(library / "a.mp4")
+    assert change["sequence"] == page["catalog_sequence"] == "1"
+    ((root,),) = [r["roots"] for r in await doc.json("list-roots")]
+    assert root == {
+        "path": str(library),
+        "watch_mode": "WATCH_MODE_OFF",
+        "reason": "the server runs without --watch",
+        "video_count": "1",
+    }

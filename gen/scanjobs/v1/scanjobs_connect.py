@@ -21,7 +21,7 @@ from connectrpc.protocol import ProtocolType
 from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DEFAULT_READ_MAX_BYTES, Endpoint, EndpointSync
 from pyqwest import Client, SyncClient
 
-from .scanjobs_pb2 import CancelJobRequest, GetJobRequest, Job, JobEvent, ListFileErrorsRequest, ListFileErrorsResponse, ListJobsRequest, ListJobsResponse, ListVideosRequest, ListVideosResponse, SubmitScanRequest, WatchJobRequest
+from .scanjobs_pb2 import CancelJobRequest, GetJobRequest, Job, JobEvent, ListFileErrorsRequest, ListFileErrorsResponse, ListJobsRequest, ListJobsResponse, ListRootsRequest, ListRootsResponse, ListVideosRequest, ListVideosResponse, SubmitScanRequest, VideoEvent, WatchJobRequest, WatchVideosRequest
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping
@@ -111,6 +111,22 @@ class ScanService(Protocol):
         mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_videos(self, request: WatchVideosRequest, ctx: RequestContext[WatchVideosRequest, VideoEvent], /) -> AsyncIterator[VideoEvent]:
+        """
+        Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def list_roots(self, request: ListRootsRequest, ctx: RequestContext[ListRootsRequest, ListRootsResponse], /) -> ListRootsResponse:
+        """
+        The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -204,6 +220,28 @@ class ScanServiceASGIApplication(ConnectASGIApplication[ScanService]):
                         stream_type=StreamType.UNARY,
                     ),
                     function=svc.list_file_errors,
+                ),
+                "/scanjobs.v1.ScanService/WatchVideos": Endpoint.server_stream(
+                    method=MethodInfo(
+                        name="WatchVideos",
+                        service_name="scanjobs.v1.ScanService",
+                        input=WatchVideosRequest,
+                        output=VideoEvent,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=svc.watch_videos,
+                ),
+                "/scanjobs.v1.ScanService/ListRoots": Endpoint.unary(
+                    method=MethodInfo(
+                        name="ListRoots",
+                        service_name="scanjobs.v1.ScanService",
+                        input=ListRootsRequest,
+                        output=ListRootsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=svc.list_roots,
                 ),
             },
             interceptors=interceptors,
@@ -438,6 +476,56 @@ class ScanServiceClient(ConnectClient):
             headers=headers,
             timeout_ms=timeout_ms,
         )
+    def watch_videos(
+        self,
+        request: WatchVideosRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> AsyncIterator[VideoEvent]:
+        """
+        Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchVideos",
+                service_name="scanjobs.v1.ScanService",
+                input=WatchVideosRequest,
+                output=VideoEvent,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    async def list_roots(
+        self,
+        request: ListRootsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListRootsResponse:
+        """
+        The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
+        """
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListRoots",
+                service_name="scanjobs.v1.ScanService",
+                input=ListRootsRequest,
+                output=ListRootsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
 
 class ScanServiceSync(Protocol):
     """
@@ -513,6 +601,22 @@ class ScanServiceSync(Protocol):
         mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def watch_videos(self, request: WatchVideosRequest, ctx: RequestContext[WatchVideosRequest, VideoEvent], /) -> Iterator[VideoEvent]:
+        """
+        Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def list_roots(self, request: ListRootsRequest, ctx: RequestContext[ListRootsRequest, ListRootsResponse], /) -> ListRootsResponse:
+        """
+        The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
         """
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -604,6 +708,28 @@ class ScanServiceWSGIApplication(ConnectWSGIApplication):
                         stream_type=StreamType.UNARY,
                     ),
                     function=service.list_file_errors,
+                ),
+                "/scanjobs.v1.ScanService/WatchVideos": EndpointSync.server_stream(
+                    method=MethodInfo(
+                        name="WatchVideos",
+                        service_name="scanjobs.v1.ScanService",
+                        input=WatchVideosRequest,
+                        output=VideoEvent,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.SERVER_STREAM,
+                    ),
+                    function=service.watch_videos,
+                ),
+                "/scanjobs.v1.ScanService/ListRoots": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="ListRoots",
+                        service_name="scanjobs.v1.ScanService",
+                        input=ListRootsRequest,
+                        output=ListRootsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                        stream_type=StreamType.UNARY,
+                    ),
+                    function=service.list_roots,
                 ),
             },
             interceptors=interceptors,
@@ -832,6 +958,56 @@ class ScanServiceClientSync(ConnectClientSync):
                 service_name="scanjobs.v1.ScanService",
                 input=ListFileErrorsRequest,
                 output=ListFileErrorsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.UNARY,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def watch_videos(
+        self,
+        request: WatchVideosRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> Iterator[VideoEvent]:
+        """
+        Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+        return self.execute_server_stream(
+            request=request,
+            method=MethodInfo(
+                name="WatchVideos",
+                service_name="scanjobs.v1.ScanService",
+                input=WatchVideosRequest,
+                output=VideoEvent,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+                stream_type=StreamType.SERVER_STREAM,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def list_roots(
+        self,
+        request: ListRootsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> ListRootsResponse:
+        """
+        The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
+        """
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="ListRoots",
+                service_name="scanjobs.v1.ScanService",
+                input=ListRootsRequest,
+                output=ListRootsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
                 stream_type=StreamType.UNARY,
             ),

@@ -85,6 +85,96 @@ SCAN_PHASE_PROBING: ScanPhase.ValueType  # 2
 """Every file is found; files_done grows towards files_found."""
 Global___ScanPhase: _TypeAlias = ScanPhase  # noqa: Y015
 
+class _JobTrigger:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobTriggerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobTrigger.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_TRIGGER_UNSPECIFIED: _JobTrigger.ValueType  # 0
+    JOB_TRIGGER_API: _JobTrigger.ValueType  # 1
+    """A SubmitScan call."""
+    JOB_TRIGGER_WATCH: _JobTrigger.ValueType  # 2
+    """The watcher (--watch) saw changes in the job's directory."""
+    JOB_TRIGGER_SCHEDULE: _JobTrigger.ValueType  # 3
+    """A reconcile of a whole root: at start-up with --watch, then every --reconcile-interval."""
+
+class JobTrigger(_JobTrigger, metaclass=_JobTriggerEnumTypeWrapper):
+    """What started a job."""
+
+JOB_TRIGGER_UNSPECIFIED: JobTrigger.ValueType  # 0
+JOB_TRIGGER_API: JobTrigger.ValueType  # 1
+"""A SubmitScan call."""
+JOB_TRIGGER_WATCH: JobTrigger.ValueType  # 2
+"""The watcher (--watch) saw changes in the job's directory."""
+JOB_TRIGGER_SCHEDULE: JobTrigger.ValueType  # 3
+"""A reconcile of a whole root: at start-up with --watch, then every --reconcile-interval."""
+Global___JobTrigger: _TypeAlias = JobTrigger  # noqa: Y015
+
+class _WatchMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WatchModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WatchMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WATCH_MODE_UNSPECIFIED: _WatchMode.ValueType  # 0
+    WATCH_MODE_EVENTS: _WatchMode.ValueType  # 1
+    """File system events (inotify): changes are found within --watch-settle seconds."""
+    WATCH_MODE_POLLING: _WatchMode.ValueType  # 2
+    """Polled every --poll-interval seconds: events cannot work here (a network file system,
+    or the inotify watch limit reached); the reason says which.
+    """
+    WATCH_MODE_OFF: _WatchMode.ValueType  # 3
+    """Not watched: the server runs without --watch, or another replica watches."""
+
+class WatchMode(_WatchMode, metaclass=_WatchModeEnumTypeWrapper):
+    """How a root is watched."""
+
+WATCH_MODE_UNSPECIFIED: WatchMode.ValueType  # 0
+WATCH_MODE_EVENTS: WatchMode.ValueType  # 1
+"""File system events (inotify): changes are found within --watch-settle seconds."""
+WATCH_MODE_POLLING: WatchMode.ValueType  # 2
+"""Polled every --poll-interval seconds: events cannot work here (a network file system,
+or the inotify watch limit reached); the reason says which.
+"""
+WATCH_MODE_OFF: WatchMode.ValueType  # 3
+"""Not watched: the server runs without --watch, or another replica watches."""
+Global___WatchMode: _TypeAlias = WatchMode  # noqa: Y015
+
+class _VideoEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VideoEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VideoEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIDEO_EVENT_KIND_UNSPECIFIED: _VideoEventKind.ValueType  # 0
+    VIDEO_EVENT_KIND_ADDED: _VideoEventKind.ValueType  # 1
+    """A new video (also a path that had been removed and now holds a different file)."""
+    VIDEO_EVENT_KIND_UPDATED: _VideoEventKind.ValueType  # 2
+    """A catalogued video changed (size or mtime) and was probed again, or was re-probed."""
+    VIDEO_EVENT_KIND_MOVED: _VideoEventKind.ValueType  # 3
+    """The same file found at a new path; previous_path is its old path."""
+    VIDEO_EVENT_KIND_REMOVED: _VideoEventKind.ValueType  # 4
+    """The file is gone; video.missing_time is set."""
+    VIDEO_EVENT_KIND_RESTORED: _VideoEventKind.ValueType  # 5
+    """A removed video is back unchanged."""
+
+class VideoEventKind(_VideoEventKind, metaclass=_VideoEventKindEnumTypeWrapper):
+    """What happened to a catalogued video."""
+
+VIDEO_EVENT_KIND_UNSPECIFIED: VideoEventKind.ValueType  # 0
+VIDEO_EVENT_KIND_ADDED: VideoEventKind.ValueType  # 1
+"""A new video (also a path that had been removed and now holds a different file)."""
+VIDEO_EVENT_KIND_UPDATED: VideoEventKind.ValueType  # 2
+"""A catalogued video changed (size or mtime) and was probed again, or was re-probed."""
+VIDEO_EVENT_KIND_MOVED: VideoEventKind.ValueType  # 3
+"""The same file found at a new path; previous_path is its old path."""
+VIDEO_EVENT_KIND_REMOVED: VideoEventKind.ValueType  # 4
+"""The file is gone; video.missing_time is set."""
+VIDEO_EVENT_KIND_RESTORED: VideoEventKind.ValueType  # 5
+"""A removed video is back unchanged."""
+Global___VideoEventKind: _TypeAlias = VideoEventKind  # noqa: Y015
+
 @_typing.final
 class SubmitScanRequest(_message.Message):
     """Request of SubmitScan."""
@@ -310,8 +400,13 @@ class ListVideosResponse(_message.Message):
 
     VIDEOS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    CATALOG_SEQUENCE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """Token for the next page; empty when this is the last page."""
+    catalog_sequence: _builtins.int
+    """The catalog's change sequence as of this page: pass it to WatchVideos as after_sequence
+    to follow the changes after the listing (take the first page's for a paged listing).
+    """
     @_builtins.property
     def videos(self) -> _containers.RepeatedCompositeFieldContainer[Global___Video]:
         """Videos, ordered by path."""
@@ -321,14 +416,164 @@ class ListVideosResponse(_message.Message):
         *,
         videos: _abc.Iterable[Global___Video] | None = ...,
         next_page_token: _builtins.str = ...,
+        catalog_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "videos", b"videos"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["catalog_sequence", b"catalog_sequence", "next_page_token", b"next_page_token", "videos", b"videos"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListVideosResponse: _TypeAlias = ListVideosResponse  # noqa: Y015
+
+@_typing.final
+class ListRootsRequest(_message.Message):
+    """Request of ListRoots."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRootsRequest: _TypeAlias = ListRootsRequest  # noqa: Y015
+
+@_typing.final
+class ListRootsResponse(_message.Message):
+    """Response of ListRoots."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROOTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def roots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Root]:
+        """The roots, in the order the server was given them."""
+
+    def __init__(
+        self,
+        *,
+        roots: _abc.Iterable[Global___Root] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["roots", b"roots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRootsResponse: _TypeAlias = ListRootsResponse  # noqa: Y015
+
+@_typing.final
+class Root(_message.Message):
+    """A library root."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    WATCH_MODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    LAST_RECONCILE_TIME_FIELD_NUMBER: _builtins.int
+    VIDEO_COUNT_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """The root as configured."""
+    watch_mode: Global___WatchMode.ValueType
+    reason: _builtins.str
+    """Why the root is polled or not watched; empty for WATCH_MODE_EVENTS."""
+    video_count: _builtins.int
+    """Videos catalogued below the root (present ones)."""
+    @_builtins.property
+    def last_reconcile_time(self) -> _timestamp_pb2.Timestamp:
+        """When a reconcile of the whole root last completed; unset if none has."""
+
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        watch_mode: Global___WatchMode.ValueType = ...,
+        reason: _builtins.str = ...,
+        last_reconcile_time: _timestamp_pb2.Timestamp | None = ...,
+        video_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_reconcile_time", b"last_reconcile_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_reconcile_time", b"last_reconcile_time", "path", b"path", "reason", b"reason", "video_count", b"video_count", "watch_mode", b"watch_mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Root: _TypeAlias = Root  # noqa: Y015
+
+@_typing.final
+class WatchVideosRequest(_message.Message):
+    """Request of WatchVideos."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_PREFIX_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCE_FIELD_NUMBER: _builtins.int
+    path_prefix: _builtins.str
+    """Only changes of videos whose path (or previous path, for a move) starts with this string."""
+    after_sequence: _builtins.int
+    """Send the changes after this sequence (0: from the oldest kept change)."""
+    def __init__(
+        self,
+        *,
+        path_prefix: _builtins.str = ...,
+        after_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequence", b"after_sequence", "path_prefix", b"path_prefix"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchVideosRequest: _TypeAlias = WatchVideosRequest  # noqa: Y015
+
+@_typing.final
+class VideoEvent(_message.Message):
+    """One change of the catalog."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    VIDEO_FIELD_NUMBER: _builtins.int
+    PREVIOUS_PATH_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """Strictly increasing over the whole catalog. Pass the last one seen as after_sequence to
+    resume.
+    """
+    kind: Global___VideoEventKind.ValueType
+    previous_path: _builtins.str
+    """For VIDEO_EVENT_KIND_MOVED: the path it had before."""
+    @_builtins.property
+    def video(self) -> Global___Video:
+        """The video as of this change."""
+
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was committed."""
+
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        kind: Global___VideoEventKind.ValueType = ...,
+        video: Global___Video | None = ...,
+        previous_path: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "video", b"video"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "kind", b"kind", "previous_path", b"previous_path", "sequence", b"sequence", "video", b"video"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoEvent: _TypeAlias = VideoEvent  # noqa: Y015
 
 @_typing.final
 class ListFileErrorsRequest(_message.Message):
@@ -445,6 +690,7 @@ class Job(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     REPROBE_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier."""
     state: Global___JobState.ValueType
@@ -465,6 +711,8 @@ class Job(_message.Message):
     """
     reprobe: _builtins.bool
     """Whether the job probes every file again (SubmitScanRequest.reprobe)."""
+    trigger: Global___JobTrigger.ValueType
+    """What started the job."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the job was submitted."""
@@ -507,10 +755,11 @@ class Job(_message.Message):
         request_id: _builtins.str = ...,
         attempts: _builtins.int = ...,
         reprobe: _builtins.bool = ...,
+        trigger: Global___JobTrigger.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "progress", b"progress", "result", b"result", "start_time", b"start_time", "timeout", b"timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "path", b"path", "progress", b"progress", "recursive", b"recursive", "reprobe", b"reprobe", "request_id", b"request_id", "result", b"result", "start_time", b"start_time", "state", b"state", "timeout", b"timeout"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "cancel_requested", b"cancel_requested", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "id", b"id", "path", b"path", "progress", b"progress", "recursive", b"recursive", "reprobe", b"reprobe", "request_id", b"request_id", "result", b"result", "start_time", b"start_time", "state", b"state", "timeout", b"timeout", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

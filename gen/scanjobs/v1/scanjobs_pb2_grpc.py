@@ -75,6 +75,16 @@ class ScanServiceStub:
                 request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.SerializeToString,
                 response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.FromString,
                 _registered_method=True)
+        self.WatchVideos = channel.unary_stream(
+                '/scanjobs.v1.ScanService/WatchVideos',
+                request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.WatchVideosRequest.SerializeToString,
+                response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.VideoEvent.FromString,
+                _registered_method=True)
+        self.ListRoots = channel.unary_unary(
+                '/scanjobs.v1.ScanService/ListRoots',
+                request_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListRootsRequest.SerializeToString,
+                response_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListRootsResponse.FromString,
+                _registered_method=True)
 
 
 class ScanServiceServicer:
@@ -161,6 +171,24 @@ class ScanServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchVideos(self, request, context):
+        """Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRoots(self, request, context):
+        """The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScanServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +226,16 @@ def add_ScanServiceServicer_to_server(servicer, server):
                     servicer.ListFileErrors,
                     request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.FromString,
                     response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.SerializeToString,
+            ),
+            'WatchVideos': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchVideos,
+                    request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.WatchVideosRequest.FromString,
+                    response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.VideoEvent.SerializeToString,
+            ),
+            'ListRoots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRoots,
+                    request_deserializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListRootsRequest.FromString,
+                    response_serializer=scanjobs_dot_v1_dot_scanjobs__pb2.ListRootsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +433,60 @@ class ScanService:
             '/scanjobs.v1.ScanService/ListFileErrors',
             scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsRequest.SerializeToString,
             scanjobs_dot_v1_dot_scanjobs__pb2.ListFileErrorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchVideos(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/scanjobs.v1.ScanService/WatchVideos',
+            scanjobs_dot_v1_dot_scanjobs__pb2.WatchVideosRequest.SerializeToString,
+            scanjobs_dot_v1_dot_scanjobs__pb2.VideoEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRoots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/scanjobs.v1.ScanService/ListRoots',
+            scanjobs_dot_v1_dot_scanjobs__pb2.ListRootsRequest.SerializeToString,
+            scanjobs_dot_v1_dot_scanjobs__pb2.ListRootsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,16 @@ class ScanServiceStub:
 
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
     """
+    WatchVideos: _grpc.UnaryStreamMultiCallable[_scanjobs_pb2.WatchVideosRequest, _scanjobs_pb2.VideoEvent]
+    """Streams every change of the catalog after after_sequence, in order, then the changes as
+    they happen; it never ends by itself. List with ListVideos, then watch from its
+    catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+    HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+    """
+    ListRoots: _grpc.UnaryUnaryMultiCallable[_scanjobs_pb2.ListRootsRequest, _scanjobs_pb2.ListRootsResponse]
+    """The library roots and how each is watched (--watch): by events, by polling (and why),
+    or not at all; when each was last reconciled and how many videos it holds.
+    """
 
 @_typing.type_check_only
 class ScanServiceAsyncStub(ScanServiceStub):
@@ -144,6 +154,16 @@ class ScanServiceAsyncStub(ScanServiceStub):
     mtime are unchanged (unless the scan asks for reprobe).
 
     Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+    """
+    WatchVideos: _aio.UnaryStreamMultiCallable[_scanjobs_pb2.WatchVideosRequest, _scanjobs_pb2.VideoEvent]  # type: ignore[assignment]
+    """Streams every change of the catalog after after_sequence, in order, then the changes as
+    they happen; it never ends by itself. List with ListVideos, then watch from its
+    catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+    HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+    """
+    ListRoots: _aio.UnaryUnaryMultiCallable[_scanjobs_pb2.ListRootsRequest, _scanjobs_pb2.ListRootsResponse]  # type: ignore[assignment]
+    """The library roots and how each is watched (--watch): by events, by polling (and why),
+    or not at all; when each was last reconciled and how many videos it holds.
     """
 
 class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -242,6 +262,28 @@ class ScanServiceServicer(metaclass=_abc_1.ABCMeta):
         mtime are unchanged (unless the scan asks for reprobe).
 
         Errors: INVALID_ARGUMENT (negative page_size, malformed page_token).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchVideos(
+        self,
+        request: _scanjobs_pb2.WatchVideosRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scanjobs_pb2.VideoEvent], _abc.AsyncIterator[_scanjobs_pb2.VideoEvent]]:
+        """Streams every change of the catalog after after_sequence, in order, then the changes as
+        they happen; it never ends by itself. List with ListVideos, then watch from its
+        catalog_sequence: no change is missed and none is sent twice. OUT_OF_RANGE (reason
+        HISTORY_EXPIRED) when after_sequence is older than the kept history: list again.
+        """
+
+    @_abc_1.abstractmethod
+    def ListRoots(
+        self,
+        request: _scanjobs_pb2.ListRootsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scanjobs_pb2.ListRootsResponse, _abc.Awaitable[_scanjobs_pb2.ListRootsResponse]]:
+        """The library roots and how each is watched (--watch): by events, by polling (and why),
+        or not at all; when each was last reconciled and how many videos it holds.
         """
 
 def add_ScanServiceServicer_to_server(servicer: ScanServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
