@@ -40,6 +40,7 @@ from .jobs import (
     new_job,
     same_request,
 )
+from .jobstore import decode_job, encode_job, event_from_row, time_ns
 from .pgstore import PgDatabase
 from .queue import (
     QueueConfig,
@@ -49,7 +50,6 @@ from .queue import (
     too_many_jobs,
 )
 from .runner import JobHandler, JobRunner, OwnedTasks, cancel_and_wait
-from .store import decode_job, encode_job, event_from_row, time_ns
 from .watch import Subscription, check_watcher_limits
 
 __all__ = ["ClusterConfig", "PgJobQueue"]

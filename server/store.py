@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 from .catalog import (
     DirectoryChanges,
@@ -46,17 +45,9 @@ from .catalog_sql import (
 from .changes import ChangeFeed
 from .errors import StorageFault, StorageFull, StorageIOError
 from .jobs import (
-    FileError,
-    Job,
     JobEvent,
-    JobSpec,
-    JobState,
-    Phase,
-    Progress,
-    ScanResult,
-    Trigger,
 )
-from .jobstore import StoredJob
+from .jobstore import StoredJob, decode_job, encode_job, event_from_row, time_ns
 from .store_changes import CHANGES_SCHEMA, SqliteChanges
 
 __all__ = [
@@ -65,10 +56,6 @@ __all__ = [
     "DatabaseInUse",
     "SqliteCatalog",
     "SqliteJobStore",
-    "decode_job",
-    "encode_job",
-    "event_from_row",
-    "time_ns",
 ]
 
 _T = TypeVar("_T")
@@ -577,87 +564,3 @@ class SqliteJobStore:
 def _delete_jobs(conn: sqlite3.Connection, job_ids: Sequence[str]) -> None:
     conn.executemany("DELETE FROM job_events WHERE job_id = ?", [(i,) for i in job_ids])
     conn.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
-
-
-def event_from_row(row: tuple[Any, ...]) -> JobEvent:
-    """An event from its stored columns: (sequence, state_change, snapshot, time_ns)."""
-    sequence, state_change, snapshot, nanos = row
-    return JobEvent(sequence, decode_job(snapshot), bool(state_change), _time(nanos))
-
-
-def time_ns(value: datetime | None) -> int | None:
-    """A time as integer nanoseconds since the epoch (microsecond precision), or None."""
-    if value is None:
-        return None
-    return int(value.timestamp() * 1_000_000) * 1000
-
-
-def _time(ns: int | None) -> datetime | None:
-    if ns is None:
-        return None
-    return datetime.fromtimestamp(ns / 1e9, UTC)
-
-
-def encode_job(job: Job) -> str:
-    """A job snapshot as compact JSON (times in integer nanoseconds)."""
-    spec, progress, result = job.spec, job.progress, job.result
-    return json.dumps(
-        {
-            "id": job.id,
-            "spec": [spec.path, spec.recursive, spec.timeout_s, spec.request_id, spec.reprobe,
-                     spec.trigger.value],
-            "state": job.state.value,
-            "times": [time_ns(job.create_time), time_ns(job.start_time), time_ns(job.end_time)],
-            "timeout_s": job.timeout_s,
-            "cancel": job.cancel_requested,
-            "attempts": job.attempts,
-            "progress": [
-                progress.phase.value, progress.files_found, progress.files_done,
-                progress.current_path,
-            ],
-            "result": [
-                result.added, result.updated, result.unchanged, result.failed,
-                [[e.path, e.message] for e in result.errors], result.error_count,
-                result.moved, result.restored, result.removed,
-            ],
-            "error": job.error,
-        },
-        separators=(",", ":"),
-    )  # fmt: skip
-
-
-def _spec(fields: list[Any]) -> JobSpec:
-    # Snapshots written before triggers have none: they came through the API.
-    path, recursive, timeout_s, request_id, reprobe, *trigger = fields
-    return JobSpec(path, recursive, timeout_s, request_id, reprobe, Trigger(*trigger or ["api"]))
-
-
-def decode_job(text: str) -> Job:
-    """Inverse of :func:`encode_job`."""
-    d = json.loads(text)
-    created, started, ended = d["times"]
-    phase, found, done, current = d["progress"]
-    # Snapshots written before reconciliation have no moved, restored and removed.
-    added, updated, unchanged, failed, errors, error_count, *reconciled = d["result"]
-    return Job(
-        id=d["id"],
-        spec=_spec(d["spec"]),
-        state=JobState(d["state"]),
-        create_time=_time(created) or datetime.fromtimestamp(0, UTC),
-        timeout_s=d["timeout_s"],
-        start_time=_time(started),
-        end_time=_time(ended),
-        cancel_requested=d["cancel"],
-        attempts=d["attempts"],
-        progress=Progress(Phase(phase), found, done, current),
-        result=ScanResult(
-            added,
-            updated,
-            unchanged,
-            failed,
-            tuple(FileError(*e) for e in errors),
-            error_count,
-            *reconciled,
-        ),
-        error=d["error"],
-    )
