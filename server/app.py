@@ -199,7 +199,9 @@ async def start(
         # second of start-up that a gRPC-only server need not pay.
         from .http_server import serve_http
 
-        http = await serve_http(config, http_socket, queue, catalog, roots, metrics, root_states)
+        http = await serve_http(
+            config, http_socket, queue, catalog, roots, metrics, root_states, service.video_slots
+        )
     await _set_health(health_servicer, serving=True)
     if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
 

@@ -28,7 +28,7 @@ from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog
 from .library_watch import RootState
-from .live_service import changes_of, roots_reply
+from .live_service import StreamSlots, changes_of, roots_reply
 from .queue import JobQueue
 from .roots import RootPolicy
 from .service import (
@@ -101,6 +101,9 @@ class ConnectScanService:
         queue, catalog, roots: the same core objects the gRPC servicer uses.
         tokens: bearer tokens, one of which every call must carry when any is configured.
         on_call: called with the method and status code name of every call (metrics).
+        root_states: each root's watch state, or None without ``--watch``.
+        video_slots: the WatchVideos streams open on both ports and their limit (the gRPC
+            servicer's ``video_slots``); one of its own with the default limit if None.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class ConnectScanService:
         tokens: BearerTokens,
         on_call: Callable[[str, str], None] | None = None,
         root_states: Callable[[], list[RootState]] | None = None,
+        video_slots: StreamSlots | None = None,
     ) -> None:
         self._queue = queue
         self._catalog = catalog
@@ -118,6 +122,7 @@ class ConnectScanService:
         self._tokens = tokens
         self._on_call = on_call
         self._root_states = root_states
+        self._video_slots = video_slots if video_slots is not None else StreamSlots(4000)
 
     def authenticate(self, ctx: _Context) -> None:
         """Admit a call that carries one of the tokens in its ``authorization`` header."""
@@ -199,10 +204,11 @@ class ConnectScanService:
         code = "CANCELLED"
         try:
             self.authenticate(ctx)
-            changes = changes_of(self._catalog, self._roots, request)
-            async with contextlib.aclosing(changes):
-                async for event in changes:
-                    yield event
+            with self._video_slots.hold():
+                changes = changes_of(self._catalog, self._roots, request)
+                async with contextlib.aclosing(changes):
+                    async for event in changes:
+                        yield event
             code = "OK"
         except errors.ScanJobsError as exc:
             code = code_of(exc).name

@@ -27,6 +27,7 @@ from .config import Config
 from .connect import ConnectScanService
 from .http import AsgiApp, HttpApp
 from .library_watch import RootState
+from .live_service import StreamSlots
 from .metrics import Metrics
 from .queue import JobQueue
 from .roots import RootPolicy
@@ -102,12 +103,19 @@ async def serve_http(
     roots: RootPolicy,
     metrics: Metrics,
     root_states: Callable[[], list[RootState]] | None = None,
+    video_slots: StreamSlots | None = None,
 ) -> HttpServer:
     """Start the HTTP port on ``sock``: Connect / gRPC-Web, REST and the page, over the same
     core objects, tokens, TLS files and limits as the gRPC port."""
     tokens = BearerTokens(config.tokens)
     service = ConnectScanService(
-        queue, catalog, roots, tokens, on_call=metrics.on_rpc, root_states=root_states
+        queue,
+        catalog,
+        roots,
+        tokens,
+        on_call=metrics.on_rpc,
+        root_states=root_states,
+        video_slots=video_slots,
     )
     connect = ScanServiceASGIApplication(service, read_max_bytes=config.max_message_bytes)
     app = HttpApp(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
@@ -24,7 +24,7 @@ from .jobs import display_path
 from .library_watch import RootState, WatchMode
 from .roots import RootPolicy
 
-__all__ = ["LiveLibrary", "change_to_proto", "changes_of", "roots_reply"]
+__all__ = ["LiveLibrary", "StreamSlots", "change_to_proto", "changes_of", "roots_reply"]
 
 _Context = grpc.aio.ServicerContext[Any, Any]
 _MODE_TO_PB = {
@@ -32,6 +32,35 @@ _MODE_TO_PB = {
     WatchMode.POLLING: pb.WATCH_MODE_POLLING,
     WatchMode.OFF: pb.WATCH_MODE_OFF,
 }
+
+
+class StreamSlots:
+    """A count of open WatchVideos streams, over both ports, and its limit.
+
+    The gRPC servicer and the Connect one hold the same instance, so ``--max-watchers``
+    bounds the streams of both transports together.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """One slot for the duration of the block.
+
+        Raises:
+            ResourceExhausted: every slot is taken (reason ``TOO_MANY_WATCHERS``).
+        """
+        if self.open >= self.limit:
+            raise errors.ResourceExhausted(
+                "too many WatchVideos streams", reason="TOO_MANY_WATCHERS"
+            )
+        self.open += 1
+        try:
+            yield
+        finally:
+            self.open -= 1
 
 
 class LiveLibrary:
@@ -53,8 +82,7 @@ class LiveLibrary:
     ) -> None:
         self._live_catalog = catalog
         self._live_roots = roots
-        self._max_video_watchers = max_video_watchers
-        self._video_watchers = 0
+        self.video_slots = StreamSlots(max_video_watchers)
         self._root_states = root_states
         self._poll_s = poll_s
         self._closing = asyncio.Event()
@@ -62,7 +90,7 @@ class LiveLibrary:
     @property
     def video_watchers(self) -> int:
         """Open WatchVideos streams."""
-        return self._video_watchers
+        return self.video_slots.open
 
     def close(self) -> None:
         """End every WatchVideos stream (with UNAVAILABLE) and refuse new ones."""
@@ -73,17 +101,10 @@ class LiveLibrary:
         # when the server shuts down.
         if self._closing.is_set():
             raise errors.Unavailable("the server is shutting down")
-        if self._video_watchers >= self._max_video_watchers:
-            raise errors.ResourceExhausted(
-                "too many WatchVideos streams", reason="TOO_MANY_WATCHERS"
-            )
-        self._video_watchers += 1
-        try:
+        with self.video_slots.hold():
             # Headers now: a client knows the watch is in place before the first change.
             await context.send_initial_metadata(())
             await self._until_closing(self._send_changes(request, context))
-        finally:
-            self._video_watchers -= 1
 
     async def _until_closing(self, work: Awaitable[None]) -> None:
         """Run ``work`` until it ends, or until the server shuts down (UNAVAILABLE)."""

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from connectrpc.code import Code
@@ -377,6 +378,37 @@ async def test_a_connect_watcher_that_hangs_up_is_forgotten(
         while s.app.queue.stats()[2]:
             await asyncio.sleep(0.01)
     (root / "open-gate").touch()
+
+
+async def test_connect_and_grpc_watch_videos_streams_share_the_max_watchers_limit(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
+    s, base = await _http(serve, tmp_path, max_watchers=1)
+    held = s.stub.WatchVideos(pb.WatchVideosRequest())
+    await held.wait_for_connection()  # the one slot is the gRPC stream's
+    async with ScanServiceClient(base) as connect:
+        with pytest.raises(ConnectError) as refused:
+            async with asyncio.timeout(60):
+                await anext(aiter(connect.watch_videos(pb.WatchVideosRequest())))
+        held.cancel()
+        async with asyncio.timeout(10):  # the server learns of the cancel from the stream
+            while s.app.service.video_watchers:
+                await asyncio.sleep(0.01)
+        stream = connect.watch_videos(pb.WatchVideosRequest())
+        first = asyncio.create_task(anext(aiter(stream)))
+        async with asyncio.timeout(10):  # now the slot is the Connect stream's
+            while not s.app.service.video_watchers:
+                await asyncio.sleep(0.01)
+        again = s.stub.WatchVideos(pb.WatchVideosRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as crowded:
+            async with asyncio.timeout(60):
+                await again.read()
+        first.cancel()
+        await asyncio.gather(first, return_exceptions=True)
+    assert refused.value.code is Code.RESOURCE_EXHAUSTED
+    info = error_details_pb2.ErrorInfo.FromString(refused.value.details[0].message_bytes)
+    assert info.reason == "TOO_MANY_WATCHERS"
+    assert crowded.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_stop_ends_open_http_streams_with_unavailable(
