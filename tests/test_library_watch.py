@@ -29,9 +29,9 @@ class Changes:
     def __init__(self, s: Running) -> None:
         self.stream = s.stub.WatchVideos(pb.WatchVideosRequest())
 
-    async def next(self, count: int = 1) -> list[pb.VideoEvent]:
+    async def next(self, count: int = 1, timeout: float = 60) -> list[pb.VideoEvent]:
         events = []
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(timeout):
             while len(events) < count:
                 events.append(await self.stream.read())
         return events
@@ -155,19 +155,19 @@ async def test_many_files_copied_at_once_make_few_jobs_and_each_file_is_added_on
     await reconciled(s)
     changes = Changes(s)
     staging = tmp_path / "staging"
-    for d in range(20):
-        for f in range(10):
-            target = staging / f"d{d:02}" / f"f{f}.mp4"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(sample, target)
+    for d in range(20):  # 10,000 copies of one tiny video, 500 in each of 20 folders
+        folder = staging / f"d{d:02}"
+        folder.mkdir(parents=True)
+        for f in range(500):
+            shutil.copyfile(sample, folder / f"f{f:03}.mp4")
     shutil.copytree(staging, lib / "batch")
-    events = await changes.next(200)
+    events = await changes.next(10_000, timeout=600)
     assert {e.kind for e in events} == {K.VIDEO_EVENT_KIND_ADDED}
-    assert len({e.video.path for e in events}) == 200
+    assert len({e.video.path for e in events}) == 10_000
     jobs = (await s.stub.ListJobs(pb.ListJobsRequest(page_size=1000))).jobs
     watch_jobs = [j for j in jobs if j.trigger == pb.JOB_TRIGGER_WATCH]
     assert 1 <= len(watch_jobs) <= 8
-    assert sum(j.result.added for j in watch_jobs) == 200
+    assert sum(j.result.added for j in watch_jobs) == 10_000
 
 
 async def test_an_exhausted_watch_limit_falls_back_to_polling_and_says_so(
