@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from .catalog import Catalog
 from .config import Config
 from .errors import StorageIOError
 from .leader import lead
-from .library_watch import LibraryWatcher, QueueRunner, WatchConfig, cancel_quietly
+from .library_watch import LibraryWatcher, QueueRunner, RootState, WatchConfig, cancel_quietly
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
@@ -32,6 +32,7 @@ from .queue import AsyncioJobQueue
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .service import ScanService, ServiceInterceptor
+from .shared_roots import SharedRootStates
 from .store import Database, SqliteCatalog, SqliteJobStore
 
 if TYPE_CHECKING:
@@ -181,8 +182,9 @@ async def start(
             tls_client_ca=config.tls_client_ca,
         )
 
-    watcher = _watcher(config, queue, roots, metrics) if config.watch else None
-    root_states = watcher.states if watcher is not None else None
+    shared = SharedRootStates(db.url) if isinstance(db, PgDatabase) else None
+    watcher = _watcher(config, queue, roots, metrics, shared) if config.watch else None
+    root_states = _root_states(watcher, shared)
     service = ScanService(
         queue, catalog, roots, max_video_watchers=config.max_watchers, root_states=root_states
     )
@@ -232,21 +234,40 @@ async def start(
         catalog,
         service,
         http,
-        _watch(watcher, db, config) if watcher is not None else None,
+        _watch(watcher, shared, config) if watcher is not None else None,
     )
 
 
 def _watch(
-    watcher: LibraryWatcher, db: Database | PgDatabase, config: Config
+    watcher: LibraryWatcher, shared: SharedRootStates | None, config: Config
 ) -> asyncio.Task[None]:
     """Start watching: at once with SQLite, whenever this replica leads with PostgreSQL."""
-    if isinstance(db, PgDatabase):  # one replica at a time watches
-        return asyncio.create_task(lead(db.url, watcher.run, retry_s=config.lease_s))
+    if shared is not None:  # one replica at a time watches, and tells the others
+        return asyncio.create_task(lead(shared.url, shared.lead, retry_s=config.lease_s))
     return asyncio.create_task(watcher.run(), name="watch")
 
 
+def _root_states(
+    watcher: LibraryWatcher | None, shared: SharedRootStates | None
+) -> Callable[[], Awaitable[list[RootState]]] | None:
+    """What ListRoots reports: the leader's view with PostgreSQL, this watcher's with SQLite."""
+    if watcher is None:
+        return None
+    if shared is not None:
+        return shared.states
+
+    async def local() -> list[RootState]:
+        return watcher.states()
+
+    return local
+
+
 def _watcher(
-    config: Config, queue: AsyncioJobQueue | PgJobQueue, roots: RootPolicy, metrics: Metrics
+    config: Config,
+    queue: AsyncioJobQueue | PgJobQueue,
+    roots: RootPolicy,
+    metrics: Metrics,
+    shared: SharedRootStates | None,
 ) -> LibraryWatcher:
     watch_config = WatchConfig(
         settle_s=config.watch_settle_s,
@@ -259,10 +280,19 @@ def _watcher(
         if config.database
         else "not watched yet"
     )
-    return LibraryWatcher(
+
+    def on_state(state: RootState) -> None:
+        metrics.on_root_state(state)
+        if shared is not None:
+            shared.on_state(state)
+
+    watcher = LibraryWatcher(
         roots.resolved, QueueRunner(queue, roots), watch_config,
-        on_state=metrics.on_root_state, idle_reason=idle,
+        on_state=on_state, idle_reason=idle,
     )  # fmt: skip
+    if shared is not None:
+        shared.watch(watcher)
+    return watcher
 
 
 def _scanner(

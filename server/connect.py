@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import grpc
@@ -113,7 +113,7 @@ class ConnectScanService:
         roots: RootPolicy,
         tokens: BearerTokens,
         on_call: Callable[[str, str], None] | None = None,
-        root_states: Callable[[], list[RootState]] | None = None,
+        root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
         video_slots: StreamSlots | None = None,
     ) -> None:
         self._queue = queue

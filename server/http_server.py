@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +102,7 @@ async def serve_http(
     catalog: Catalog,
     roots: RootPolicy,
     metrics: Metrics,
-    root_states: Callable[[], list[RootState]] | None = None,
+    root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
     video_slots: StreamSlots | None = None,
 ) -> HttpServer:
     """Start the HTTP port on ``sock``: Connect / gRPC-Web, REST and the page, over the same

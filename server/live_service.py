@@ -77,7 +77,7 @@ class LiveLibrary:
         catalog: Catalog,
         roots: RootPolicy,
         max_video_watchers: int,
-        root_states: Callable[[], list[RootState]] | None,
+        root_states: Callable[[], Awaitable[list[RootState]]] | None,
         poll_s: float = 5.0,
     ) -> None:
         self._live_catalog = catalog
@@ -153,11 +153,13 @@ def changes_of(
 
 
 async def roots_reply(
-    catalog: Catalog, roots: RootPolicy, root_states: Callable[[], list[RootState]] | None
+    catalog: Catalog,
+    roots: RootPolicy,
+    root_states: Callable[[], Awaitable[list[RootState]]] | None,
 ) -> pb.ListRootsResponse:
     """Each root, how it is watched, when it was last reconciled, how many videos it has."""
     states = (
-        root_states()
+        await root_states()
         if root_states is not None
         else [
             RootState(r, WatchMode.OFF, "the server runs without --watch") for r in roots.resolved

@@ -176,6 +176,13 @@ _MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE catalog_history (pruned_through BIGINT NOT NULL);
     INSERT INTO catalog_history VALUES (0);
     """,
+    # 6: the leader's view of the roots, for ListRoots on every replica (server.shared_roots).
+    """
+    CREATE TABLE root_states (
+        path TEXT PRIMARY KEY, mode TEXT NOT NULL, reason TEXT NOT NULL,
+        last_reconcile_ns BIGINT
+    );
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

@@ -337,7 +337,7 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
         roots: RootPolicy,
         *,
         max_video_watchers: int = 4000,
-        root_states: Callable[[], list[RootState]] | None = None,
+        root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
     ) -> None:
         super().__init__(catalog, roots, max_video_watchers, root_states)
         self._queue = queue
