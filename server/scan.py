@@ -128,6 +128,7 @@ class _Tally:
     frontier: _Frontier
     found: int = 0
     counts: ScanCounts = field(default_factory=ScanCounts)
+    unwritten: ScanCounts = field(default_factory=ScanCounts)  # reported, with no row
     current: str = ""
     errors: list[FileError] = field(default_factory=list)
     error_count: int = 0
@@ -148,6 +149,8 @@ class _Tally:
     def committed(self, reply: Committed) -> None:
         """A worker's commit landed, with these counts and errors."""
         self.counts = self.counts + reply.counts
+        if not reply.written:
+            self.unwritten = self.unwritten + reply.counts
         for path, message in reply.errors:
             self.note(path, message)
         self.current = display_path(reply.current)
@@ -267,11 +270,12 @@ class Scanner:
                 frontier.finished(listed)
 
     async def _settle(self, tally: _Tally, job_id: str, before: ScanCounts) -> None:
-        """Make the job's counts what its workers committed (a worker killed by a cancel
-        may have committed more than it could say)."""
+        """Make the job's counts what its workers committed, plus what they reported with
+        no row to write (a worker killed by a cancel may have committed more than it could
+        say)."""
         with contextlib.suppress(StorageFault):
             committed = await self._catalog.job_counts(job_id)
-            tally.counts = committed - before
+            tally.counts = committed - before + tally.unwritten
             tally.ctx.report(None, tally.result())
 
 

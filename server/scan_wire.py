@@ -124,12 +124,15 @@ class Committed:
         counts: what it counted, as applied.
         errors: per-file errors behind it, (path, message).
         current: the last path it covered.
+        written: the counts were committed with rows; False when there was nothing to
+            write (unchanged files, remembered failures), so they live only in this reply.
         probe_s: seconds each file probed since the last report took.
     """
 
     counts: ScanCounts
     errors: tuple[tuple[bytes, str], ...] = ()
     current: bytes = b""
+    written: bool = True
     probe_s: tuple[float, ...] = field(default=())
 
 
@@ -183,7 +186,8 @@ def _plain(message: object) -> dict[str, Any]:
     elif isinstance(message, Committed):
         data = {"counts": list(message.counts.as_tuple()),
                 "errors": [[_b(p), m] for p, m in message.errors],
-                "current": _b(message.current), "probe_s": list(message.probe_s)}  # fmt: skip
+                "current": _b(message.current), "written": message.written,
+                "probe_s": list(message.probe_s)}  # fmt: skip
     else:
         data = asdict(message)  # type: ignore[call-overload]
     data["type"] = type(message).__name__
@@ -245,6 +249,7 @@ def decode_reply(payload: bytes) -> Reply:
                 ScanCounts(*(int(n) for n in data["counts"])),
                 tuple((_raw(p), str(m)) for p, m in data["errors"]),
                 _raw(data["current"]),
+                bool(data["written"]),
                 tuple(float(s) for s in data["probe_s"]),
             )
         if kind is Fault:

@@ -98,10 +98,12 @@ class DirectoryWork:
     def _reporter(self, emit: Emit) -> Reported:
         times = self._probe_times
 
-        def report(counts: ScanCounts, errors: Sequence[tuple[bytes, str]], current: bytes) -> None:
+        def report(
+            counts: ScanCounts, errors: Sequence[tuple[bytes, str]], current: bytes, written: bool
+        ) -> None:
             probed = tuple(times)
             times.clear()
-            emit(wire.Committed(counts, tuple(errors), current, probed))
+            emit(wire.Committed(counts, tuple(errors), current, written, probed))
 
         return report
 
