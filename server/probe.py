@@ -24,7 +24,7 @@ from fractions import Fraction
 from typing import Any, BinaryIO, Protocol
 
 from . import probe_wire as wire
-from .fsopen import open_beneath
+from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
 from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
 
 __all__ = [
@@ -54,7 +54,7 @@ MIN_PROBE_MEMORY_MIB = 256
 # attacker may have crafted. (COVERAGE_PROCESS_CONFIG lets the test suite measure workers.)
 _WORKER_ENVIRONMENT = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH",
-    "COVERAGE_PROCESS_CONFIG",
+    "COVERAGE_PROCESS_CONFIG", BY_COMPONENTS_VARIABLE,
 )  # fmt: skip
 _MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
 _FORMAT_WHITELIST = (

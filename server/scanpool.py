@@ -5,7 +5,7 @@ process group, with its probe processes below it. A directory whose caller is ca
 (a cancel, a timeout, a shutdown) kills the worker's whole group at once, instead of waiting
 for a probe or a commit: an open transaction rolls back, and a cancel's latency does not grow
 with the directory. The worker is replaced in the background. A worker that dies on its own
-(the OS killed it) costs its directory one more try on another worker.
+(the OS killed it) costs its directory one error; what it committed is kept and counted.
 """
 
 from __future__ import annotations
@@ -136,29 +136,25 @@ class ScanWorkers:
 
         Raises:
             StorageFault: the catalog failed (a full disk, a lost database).
-            WorkerDied: the directory's worker died twice.
+            WorkerDied: the worker died before it was done; what it committed is kept.
             RuntimeError: the worker failed unexpectedly (logged by the worker).
         """
-        for attempt in (1, 2):
-            worker = await self._idle.get()
-            try:
-                reply = await self._exchange(worker, task, on_reply)
-            except asyncio.CancelledError:
-                self._replace(worker)  # do not wait for its probe or commit
-                raise
-            except (asyncio.IncompleteReadError, ConnectionError, wire.BadFrame) as exc:
-                self._replace(worker)
-                log.warning("a scan worker died mid-directory", extra={"attempt": attempt})
-                if attempt == 2:
-                    raise WorkerDied(
-                        f"the scan worker died twice on this directory: {exc}"
-                    ) from None
-                continue
-            self._idle.put_nowait(worker)
-            if isinstance(reply, wire.Fault):
-                fault = _FAULTS.get(reply.kind)
-                raise fault(reply.message) if fault else RuntimeError(reply.message)
-            return
+        worker = await self._idle.get()
+        try:
+            reply = await self._exchange(worker, task, on_reply)
+        except asyncio.CancelledError:
+            self._replace(worker)  # do not wait for its probe or commit
+            raise
+        except (asyncio.IncompleteReadError, ConnectionError, wire.BadFrame) as exc:
+            self._replace(worker)
+            log.warning("a scan worker died mid-directory: %s", exc)
+            raise WorkerDied(
+                "the scan worker doing this folder died; what it committed is kept"
+            ) from None
+        self._idle.put_nowait(worker)
+        if isinstance(reply, wire.Fault):
+            fault = _FAULTS.get(reply.kind)
+            raise fault(reply.message) if fault else RuntimeError(reply.message)
 
     async def _exchange(
         self, worker: _Worker, task: wire.DirectoryTask, on_reply: Callable[[wire.Reply], None]

@@ -103,6 +103,7 @@ def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
             pytest.skip("this kernel refuses openat2")
     else:
         monkeypatch.setattr(fsopen, "has_openat2", lambda: False)
+        monkeypatch.setenv(fsopen.BY_COMPONENTS_VARIABLE, "1")  # the server's workers too
     return str(request.param)
 
 

@@ -81,10 +81,7 @@ def _children(command_part: str, parent: int | None = None) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if (
-            int(stat.rpartition(")")[2].split()[1]) == parent
-            and command_part.encode() in cmdline
-        ):
+        if int(stat.rpartition(")")[2].split()[1]) == parent and command_part.encode() in cmdline:
             found.append(int(entry))
     return found
 
