@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
+_MAX_BATCH = 32  # directories per round trip to a worker, at most
+_REPORT_EVERY_S = 0.02  # progress from one job's replies, at most this often
 
 
 class Directories(Protocol):
@@ -94,16 +96,21 @@ class _Frontier:
         """True while directories may still be found."""
         return bool(self._pending) or self._unlisted > 0
 
-    async def take(self) -> bytes | None:
-        """The next directory, or None once every directory is done."""
+    async def take(self, lanes: int) -> list[bytes]:
+        """The next directories for one lane (empty once every directory is done): one, or
+        while many are waiting, a share of them, so that a tree of small folders costs few
+        round trips to the workers."""
         while not self._pending:
             if self._busy == 0:
-                return None
+                return []
             self._changed.clear()
             await self._changed.wait()
+        count = max(1, min(_MAX_BATCH, len(self._pending) // (2 * lanes)))
+        taken = self._pending[-count:][::-1]
+        del self._pending[-count:]
         self._busy += 1
-        self._unlisted += 1
-        return self._pending.pop()
+        self._unlisted += count
+        return taken
 
     def listed(self, folders: Sequence[bytes]) -> None:
         """A directory taken was listed, with these sub-folders."""
@@ -111,10 +118,12 @@ class _Frontier:
         self._unlisted -= 1
         self._changed.set()
 
-    def finished(self, listed: bool) -> None:
-        """A directory taken is done (``listed``: it said so before)."""
+    def finished(self, unlisted: int, again: Sequence[bytes] = ()) -> None:
+        """A lane's directories are done, ``unlisted`` of them without saying so; ``again``
+        (some of those) were never started, and wait to be handed out again."""
         self._busy -= 1
-        self._unlisted -= not listed
+        self._unlisted -= unlisted
+        self._pending.extend(reversed(again))
         self._changed.set()
 
 
@@ -132,6 +141,21 @@ class _Tally:
     current: str = ""
     errors: list[FileError] = field(default_factory=list)
     error_count: int = 0
+    reported_at: float = 0.0
+    dirty: bool = False
+    later: asyncio.TimerHandle | None = None
+
+    def stop(self) -> None:
+        """Forget any report held back (the job is ending: its last report is explicit)."""
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        self.dirty = False
+
+    def _catch_up(self) -> None:
+        self.later = None
+        if self.dirty:
+            self.report(now=True)
 
     def listed(self, reply: Listed) -> None:
         """A worker listed a directory."""
@@ -172,7 +196,18 @@ class _Tally:
             removed=max(0, c.removed),
         )
 
-    def report(self) -> None:
+    def report(self, *, now: bool = False) -> None:
+        """Publish the progress, at most every ``_REPORT_EVERY_S`` unless ``now``; what is
+        held back is published when that time is up."""
+        clock = time.monotonic()
+        if not now and clock - self.reported_at < _REPORT_EVERY_S:
+            self.dirty = True
+            if self.later is None:
+                delay = self.reported_at + _REPORT_EVERY_S - clock
+                self.later = asyncio.get_running_loop().call_later(delay, self._catch_up)
+            return
+        self.stop()
+        self.reported_at = clock
         result = self.result()
         progress = Progress(
             phase=Phase.DISCOVERING if self.frontier.walking else Phase.PROBING,
@@ -241,19 +276,20 @@ class Scanner:
         self,
         frontier: _Frontier,
         tally: _Tally,
-        task: Callable[[bytes, int], DirectoryTask],
+        task: Callable[[tuple[bytes, ...], int], DirectoryTask],
         ctx: JobContext,
         folder: bytes,
     ) -> None:
         # The task cancel interrupts whatever a lane awaits; the token check between
         # directories is the safety net should a library swallow that cancel.
-        while not ctx.cancelled and (directory := await frontier.take()) is not None:
-            listed = False
+        lanes = self._config.lanes
+        while not ctx.cancelled and (directories := await frontier.take(lanes)):
+            unlisted = len(directories)
 
             def on_reply(reply: Reply) -> None:
-                nonlocal listed
+                nonlocal unlisted
                 if isinstance(reply, Listed):
-                    listed = True
+                    unlisted -= 1
                     frontier.listed(reply.folders)
                     tally.listed(reply)
                 elif isinstance(reply, Committed):
@@ -261,22 +297,29 @@ class Scanner:
                     if _changes_catalog(reply.counts):
                         self._catalog.feed.wake()  # the workers commit on their own connections
 
+            again: list[bytes] = []
             try:
                 offset = self._clock_ns() - time.time_ns()
-                await self._directories.run(task(directory, offset), on_reply)
+                await self._directories.run(task(tuple(directories), offset), on_reply)
             except WorkerDied as exc:
-                tally.note(folder + b"/" + directory if directory else folder, str(exc))
+                # It died in the last directory it listed (or in the first); the ones after
+                # that were never started: they go to another worker.
+                where = max(len(directories) - unlisted - 1, 0)
+                again = directories[where + 1 :]
+                path = directories[where]
+                tally.note(folder + b"/" + path if path else folder, str(exc))
             finally:
-                frontier.finished(listed)
+                frontier.finished(unlisted, again)
 
     async def _settle(self, tally: _Tally, job_id: str, before: ScanCounts) -> None:
         """Make the job's counts what its workers committed, plus what they reported with
         no row to write (a worker killed by a cancel may have committed more than it could
         say)."""
+        tally.stop()
         with contextlib.suppress(StorageFault):
             committed = await self._catalog.job_counts(job_id)
             tally.counts = committed - before + tally.unwritten
-            tally.ctx.report(None, tally.result())
+        tally.report(now=True)
 
 
 def _changes_catalog(counts: ScanCounts) -> bool:

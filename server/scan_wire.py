@@ -1,12 +1,13 @@
 """What the server and its scan workers say to each other, and how it crosses the pipe.
 
-The server hands a scan worker one directory at a time (:class:`DirectoryTask`); the worker
-answers with what it listed (:class:`Listed`: the sub-folders to hand out next), what each of
-its commits counted (:class:`Committed`), and then :class:`Done`, or :class:`Fault` when the
-catalog failed. Every message is a small JSON frame behind a 4-byte length; paths, which are
-raw bytes, travel as Latin-1 strings (one character per byte, any byte). The worker never
-parses a media file itself (its probe children do), so it is trusted as much as the server,
-and its frames are checked for shape only.
+The server hands a scan worker a few directories at a time (:class:`DirectoryTask`); the
+worker answers, directory after directory, with what it listed (:class:`Listed`: the
+sub-folders to hand out next) and what each of its commits counted (:class:`Committed`), and
+then :class:`Done`, or :class:`Fault` when the catalog failed. Every message is a small JSON
+frame behind a 4-byte length; paths, which are raw bytes, travel as Latin-1 strings (one
+character per byte, any byte). The worker never parses a media file itself (its probe
+processes do), so it is trusted as much as the server, and its frames are checked for shape
+only.
 """
 
 from __future__ import annotations
@@ -76,12 +77,13 @@ class WorkerSettings:
 
 @dataclass(frozen=True, slots=True)
 class DirectoryTask:
-    """One directory of a job, for one worker.
+    """Directories of a job, for one worker, done one after the other.
 
     Attributes:
         job_id, since_ns, reprobe, recursive: the job's (see ``server.reconcile``).
         folder: the job's folder, as the server located it.
-        directory: the directory, relative to ``folder`` (``b""`` for the folder itself).
+        directories: the directories, relative to ``folder`` (``b""`` for the folder
+            itself).
         clock_offset_ns: the server's clock minus the worker's wall clock, so that the
             times a worker writes are the server's.
     """
@@ -91,7 +93,7 @@ class DirectoryTask:
     reprobe: bool
     recursive: bool
     folder: Folder
-    directory: bytes
+    directories: tuple[bytes, ...]
     clock_offset_ns: int = 0
 
 
@@ -102,7 +104,7 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Listed:
-    """The directory was listed.
+    """The next directory of the task was listed.
 
     Attributes:
         found: its video files and unreadable entries.
@@ -138,12 +140,12 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """The directory is finished."""
+    """Every directory of the task is finished."""
 
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """The directory could not be finished: ``kind`` names the domain error (``StorageFull``,
+    """The task could not be finished: ``kind`` names the domain error (``StorageFull``,
     ``StorageIOError``, ``DatabaseUnavailable``), or ``internal``."""
 
     kind: str
@@ -174,11 +176,14 @@ def encode(message: WorkerSettings | DirectoryTask | Reply) -> bytes:
 
 
 def _plain(message: object) -> dict[str, Any]:
+    data: dict[str, Any]
     if isinstance(message, DirectoryTask):
         folder = message.folder
-        data: dict[str, Any] = asdict(message)
-        data["folder"] = [_b(folder.path), _b(folder.root), _b(folder.relative)]
-        data["directory"] = _b(message.directory)
+        data = {"job_id": message.job_id, "since_ns": message.since_ns,
+                "reprobe": message.reprobe, "recursive": message.recursive,
+                "folder": [_b(folder.path), _b(folder.root), _b(folder.relative)],
+                "directories": [_b(d) for d in message.directories],
+                "clock_offset_ns": message.clock_offset_ns}  # fmt: skip
     elif isinstance(message, Listed):
         error = None if message.error is None else [_b(message.error[0]), message.error[1]]
         data = {"found": message.found, "folders": [_b(f) for f in message.folders],
@@ -188,8 +193,12 @@ def _plain(message: object) -> dict[str, Any]:
                 "errors": [[_b(p), m] for p, m in message.errors],
                 "current": _b(message.current), "written": message.written,
                 "probe_s": list(message.probe_s)}  # fmt: skip
+    elif isinstance(message, Fault):
+        data = {"kind": message.kind, "message": message.message}
+    elif isinstance(message, WorkerSettings):
+        data = asdict(message)
     else:
-        data = asdict(message)  # type: ignore[call-overload]
+        data = {}
     data["type"] = type(message).__name__
     return data
 
@@ -223,7 +232,7 @@ def decode_task(payload: bytes) -> DirectoryTask:
         reprobe=bool(data["reprobe"]),
         recursive=bool(data["recursive"]),
         folder=Folder(path, root, relative),
-        directory=_raw(data["directory"]),
+        directories=tuple(_raw(d) for d in data["directories"]),
         clock_offset_ns=int(data["clock_offset_ns"]),
     )
 

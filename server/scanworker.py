@@ -34,7 +34,7 @@ from . import logs
 from . import scan_wire as wire
 from .catalog import Catalog, ScanCounts
 from .errors import StorageFault
-from .probe import ProbePool, Prober
+from .probe import ProbeOutcome, ProbePool, Prober, ProbeTarget
 from .reconcile import DirectoryScan, Reported
 from .roots import RootPolicy
 from .walk import Tree
@@ -74,11 +74,15 @@ class DirectoryWork:
         self._probe_times = probe_times if probe_times is not None else []
 
     async def run(self, task: wire.DirectoryTask, emit: Emit) -> None:
-        """Do ``task``: emits :class:`~server.scan_wire.Listed` once, then one
-        :class:`~server.scan_wire.Committed` per commit. Domain faults (a full disk, a lost
-        database) are raised."""
+        """Do ``task``'s directories in order: for each, emits
+        :class:`~server.scan_wire.Listed` once, then one :class:`~server.scan_wire.Committed`
+        per commit. Domain faults (a full disk, a lost database) are raised."""
+        for directory in task.directories:
+            await self._directory(task, directory, emit)
+
+    async def _directory(self, task: wire.DirectoryTask, directory: bytes, emit: Emit) -> None:
         with Tree(task.folder, self._extensions, self._roots) as tree:
-            listing = tree.list(task.directory)
+            listing = tree.list(directory)
         error = listing.error
         emit(
             wire.Listed(
@@ -155,11 +159,39 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
         return None  # the server closed our stdin, or died
 
 
-async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
-    def emit(reply: wire.Reply) -> None:
-        out.write(wire.encode(reply))
-        out.flush()
+class _Replies:
+    """Replies on their way to the server, written together: before the worker waits for a
+    probe (the server hands out the sub-folders meanwhile) and at the end of a task, so that
+    a task of unchanged folders costs one write."""
 
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._pending: list[bytes] = []
+
+    def emit(self, reply: wire.Reply) -> None:
+        self._pending.append(wire.encode(reply))
+
+    def flush(self) -> None:
+        if self._pending:
+            self._out.write(b"".join(self._pending))
+            self._out.flush()
+            self._pending.clear()
+
+
+class _Flushing:
+    """A prober that sends the replies so far before it probes."""
+
+    def __init__(self, prober: Prober, replies: _Replies) -> None:
+        self._prober = prober
+        self._replies = replies
+
+    async def probe(self, targets: Sequence[ProbeTarget]) -> list[ProbeOutcome]:
+        self._replies.flush()
+        return await self._prober.probe(targets)
+
+
+async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
+    replies = _Replies(out)
     hello = await _read_frame(reader)
     if hello is None:
         return
@@ -175,13 +207,16 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
         user=settings.probe_user,
     )
     await probes.start()
-    work = DirectoryWork(catalog, probes, RootPolicy(settings.roots), settings, times)
-    emit(wire.Ready())
+    roots = RootPolicy(settings.roots)
+    work = DirectoryWork(catalog, _Flushing(probes, replies), roots, settings, times)
+    replies.emit(wire.Ready())
+    replies.flush()
     try:
         while (payload := await _read_frame(reader)) is not None:
             task = wire.decode_task(payload)
             with logs.bound_job(task.job_id):
-                emit(await _run(work, task, emit))
+                replies.emit(await _run(work, task, replies.emit))
+            replies.flush()
     finally:
         await probes.close()
         await catalog.close()
