@@ -170,7 +170,7 @@ class Database:
     def __init__(
         self,
         conn: sqlite3.Connection,
-        executor: ThreadPoolExecutor,
+        executor: ThreadPoolExecutor | None,
         lock: BinaryIO | None,
         path: Path,
     ) -> None:
@@ -212,15 +212,10 @@ class Database:
     @classmethod
     async def attach(cls, path: Path) -> Database:
         """Open the database a server at ``path`` already opened (and migrated and locked):
-        a second connection, for a scan worker of that server."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
-        loop = asyncio.get_running_loop()
-        try:
-            conn = await loop.run_in_executor(executor, _attach, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(conn, executor, None, path)
+        a second connection, for a scan worker of that server. Its statements run on the
+        calling thread: a worker's event loop has nothing else to do meanwhile, and the hop
+        to a thread cost more than a directory's read."""
+        return cls(_attach(path), None, None, path)
 
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn(connection)`` on the database thread.
@@ -230,6 +225,8 @@ class Database:
             StorageIOError: the database cannot be read or written (read-only, failing, or
                 removed from under the server).
         """
+        if self._executor is None:
+            return self._call(fn)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -253,8 +250,11 @@ class Database:
         if self._closed:
             return
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
+        if self._executor is None:
+            self._conn.close()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            self._executor.shutdown(wait=True)
         if self._lock is not None:
             self._lock.close()  # releases the lock
 
