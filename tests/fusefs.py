@@ -273,6 +273,7 @@ def mounted(
     Raises:
         FuseError: the mount did not come up (is Debian's fuse3 installed?).
     """
+    mountpoint = Path(os.path.abspath(mountpoint))
     mountpoint.mkdir(parents=True, exist_ok=True)
     process = subprocess.Popen(
         [sys.executable, str(_SERVE), str(source.resolve()), str(mountpoint), "--delay-s",

@@ -9,8 +9,9 @@ same operation on SOURCE.
 
 It is controlled over stdin and stdout, one JSON object a line each way: it writes
 ``{"ready": true}`` once the kernel has sent its first request (the mount is live), then answers
-each request on stdin with one line. On end of stdin it lets every hung operation go and serves
-the rest without delay until the kernel ends the connection (the mount is detached and unused).
+each request on stdin with one line. On end of stdin (the parent is done, or died) it lets every
+hung operation go, detaches the mount, and serves what is left without delay until the kernel
+ends the connection (once nothing uses the detached mount any more).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import ctypes
 import errno
 import json
 import os
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -326,11 +329,21 @@ def _main_real(argc: int, argv: Any, operations: Any, size: int, user_data: Any)
     return 8 if failed else 0
 
 
+def detach(mountpoint: str) -> None:
+    """Unmount lazily: gone from the mount table now, even while operations are stuck in it."""
+    if shutil.which("fusermount3"):
+        command = ["fusermount3", "-u", "-z", "-q", mountpoint]
+    else:
+        command = ["umount", "-l", mountpoint]
+    subprocess.run(command, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 class Control:
     """Requests on stdin, one answer a line on stdout."""
 
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, mountpoint: str) -> None:
         self.gate = gate
+        self.mountpoint = mountpoint
         self._out = threading.Lock()
 
     def say(self, message: dict[str, Any]) -> None:
@@ -344,7 +357,10 @@ class Control:
                 self.say(self.answer(json.loads(line)))
             except (ValueError, KeyError, TypeError) as exc:
                 self.say({"ok": False, "error": f"{type(exc).__name__}: {exc}"})
+        # The test or bench is done, or died: nothing may stay stuck, and no mount may be left
+        # behind. Once the kernel lets go of the detached mount, the loop ends.
         self.gate.open_all()
+        detach(self.mountpoint)
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request["op"]
@@ -369,7 +385,7 @@ def main() -> None:
     parser.add_argument("--delay-s", type=float, default=0.005)
     args = parser.parse_args()
     gate = Gate(args.delay_s)
-    control = Control(gate)
+    control = Control(gate, os.path.abspath(args.mountpoint))
     threading.Thread(target=control.serve, name="control", daemon=True).start()
     mfusepy.fuse_main_real = _main_real
     operations = Passthrough(

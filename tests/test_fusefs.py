@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.fusefs import SHARE_VIDEOS, SlowShare, is_mounted
+from tests.fusefs import SHARE_VIDEOS, SlowShare, is_mounted, mounted
 
 _STAT = (sys.executable, "-c", "import os, sys; os.stat(sys.argv[1])")
 _HOLD = (
@@ -19,6 +21,20 @@ _HOLD = (
     "-c",
     "import sys; f = open(sys.argv[1], 'rb'); print('open', flush=True); sys.stdin.read()",
 )
+
+_OWNER = (
+    sys.executable,
+    "-c",
+    textwrap.dedent("""
+        import sys, time
+        from pathlib import Path
+        from tests.fusefs import mounted
+        with mounted(Path(sys.argv[1]), Path(sys.argv[2])) as share:
+            print(share.process.pid, flush=True)
+            time.sleep(120)
+    """),
+)
+_REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int, int, int]]:
@@ -145,22 +161,23 @@ def test_a_hung_folder_names_a_path_inside_the_share(slow_share: SlowShare) -> N
         slow_share.hang("/dead")
 
 
-def test_unmount_with_an_operation_stuck_frees_it_and_leaves_no_mount(
-    slow_share: SlowShare,
+def test_leaving_the_mount_with_an_operation_stuck_frees_it_and_leaves_no_mount(
+    tmp_path: Path,
 ) -> None:
-    slow_share.hang("dead")
-    stuck = subprocess.Popen([*_STAT, str(slow_share.path / "dead" / "c.mp4")])
+    (tmp_path / "source" / "dead").mkdir(parents=True)
+    (tmp_path / "source" / "dead" / "c.mp4").write_bytes(b"x")
+    with mounted(tmp_path / "source", tmp_path / "share") as share:  # as slow_share does
+        share.hang("dead")
+        stuck = subprocess.Popen([*_STAT, str(share.path / "dead" / "c.mp4")])
+        share.wait_blocked(1)
     try:
-        slow_share.wait_blocked(1)
-        slow_share.unmount()
-
         assert stuck.wait(timeout=10) is not None
     finally:
         stuck.kill()
         stuck.wait()
-    assert not is_mounted(slow_share.path)
-    assert str(slow_share.path) not in Path("/proc/mounts").read_text()
-    assert slow_share.process.poll() is not None
+    assert not is_mounted(share.path)
+    assert str(share.path) not in Path("/proc/mounts").read_text()
+    assert share.process.poll() is not None
 
 
 def test_unmount_ends_the_share_even_while_a_process_holds_a_file_open(
@@ -178,3 +195,30 @@ def test_unmount_ends_the_share_even_while_a_process_holds_a_file_open(
             assert slow_share.process.poll() is not None
         finally:
             holder.kill()
+
+
+def test_a_share_whose_owner_dies_unmounts_itself(tmp_path: Path) -> None:
+    (tmp_path / "source").mkdir()
+    mountpoint = tmp_path / "share"
+    with subprocess.Popen(
+        [*_OWNER, str(tmp_path / "source"), str(mountpoint)],
+        stdout=subprocess.PIPE,
+        cwd=_REPOSITORY,
+    ) as owner:
+        assert owner.stdout is not None
+        server_pid = int(owner.stdout.readline())
+        assert is_mounted(mountpoint)
+        owner.send_signal(signal.SIGKILL)  # no teardown runs: the serving process sees stdin end
+
+    deadline = time.monotonic() + 10
+    while is_mounted(mountpoint) or _alive(server_pid):
+        assert time.monotonic() < deadline, "the orphaned share is still mounted or running"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
