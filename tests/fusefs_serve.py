@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import itertools
 import json
 import os
 import shutil
@@ -51,6 +52,10 @@ MOUNT_OPTIONS: dict[str, Any] = {
     "use_ino": True,
     "allow_other": True,
 }
+
+_FUSE_READDIR_PLUS = 1  # enum fuse_readdir_flags
+_FUSE_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
+_FUSE_CAP_READDIRPLUS_AUTO = 1 << 14
 
 
 class Gate:
@@ -126,6 +131,38 @@ def _gated(method: _F) -> _F:
     return gated  # type: ignore[return-value]
 
 
+def _attributes(st: os.stat_result) -> dict[str, Any]:
+    attrs: dict[str, Any] = {name: getattr(st, name) for name in _STAT_FIELDS}
+    attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+    return attrs
+
+
+class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
+    """mfusepy's FUSE, with listings that carry every entry's attributes.
+
+    When the kernel asks for a listing with attributes (READDIRPLUS), every entry comes with
+    them, as an SMB or NFS client gets them from one directory listing, and the kernel learns
+    the names: a walk that lists a folder and then stats its files pays one round trip per stat,
+    not a serialised look-up plus one (see the limits in tests/fusefs.py). mfusepy passes types
+    only. Each entry's inode number must not be 0: glibc's readdir skips such entries.
+    """
+
+    def readdir_fuse_3(
+        self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
+    ) -> int:
+        # Entries go with offsets (their place + 1): libfuse 3.14 sends the attributes of a
+        # READDIRPLUS only then; with offset 0 it buffers the listing and drops them.
+        plus = _FUSE_FILL_DIR_PLUS if flags & _FUSE_READDIR_PLUS else 0
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        entries = self.operations.readdir(decoded, fip.contents.fh, offset)
+        for place, (name, attrs) in enumerate(entries[offset:], start=offset + 1):
+            st = mfusepy.c_stat()
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            if filler(buf, name.encode(self.encoding, self.errors), st, place, plus) != 0:
+                break  # the kernel's buffer is full: it asks again from this entry
+        return 0
+
+
 class Passthrough(mfusepy.Operations):  # type: ignore[misc]
     """SOURCE, one operation at a time, every one through the gate."""
 
@@ -135,19 +172,21 @@ class Passthrough(mfusepy.Operations):  # type: ignore[misc]
         self.source = source.rstrip("/")
         self.gate = gate
         self._on_ready = on_ready
+        self._handles = itertools.count(1)
+        self._listings: dict[int, list[tuple[str, dict[str, Any]]]] = {}
 
     def _full(self, path: str) -> str:
         return self.source + path
 
-    def init(self, path: str) -> None:
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        # Every listing with attributes, not only its first chunk (see `_Fuse`).
+        conn.want &= ~_FUSE_CAP_READDIRPLUS_AUTO
         self._on_ready()
 
     @_gated
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, Any]:
         st = os.fstat(fh) if path is None and fh is not None else os.lstat(self._full(path or "/"))
-        attrs: dict[str, Any] = {name: getattr(st, name) for name in _STAT_FIELDS}
-        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
-        return attrs
+        return _attributes(st)
 
     @_gated
     def access(self, path: str, amode: int) -> int:
@@ -159,20 +198,26 @@ class Passthrough(mfusepy.Operations):  # type: ignore[misc]
     def opendir(self, path: str) -> int:
         if not os.path.isdir(self._full(path)):
             raise mfusepy.FuseOSError(errno.ENOTDIR)
-        return 0
+        return next(self._handles)
 
     @_gated
-    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        # Each entry carries its type (d_type, which network filesystems report too: a walk tells
-        # folders from files without a stat each) and, with use_ino, its inode number, which
-        # must not be 0: glibc's readdir skips such entries as deleted.
-        full = self._full(path)
-        entries = [_dirent(".", os.lstat(full)), _dirent("..", os.lstat(os.path.join(full, "..")))]
-        with os.scandir(full) as listing:
-            entries.extend(
-                _dirent(entry.name, entry.stat(follow_symlinks=False)) for entry in listing
-            )
-        return entries
+    def readdir(self, path: str, fh: int, offset: int = 0) -> list[tuple[str, dict[str, Any]]]:
+        """Each entry with its attributes, as an SMB listing gives them (see `_Fuse`).
+
+        The kernel reads a listing a chunk at a time; it is made once, at its start (offset 0,
+        also after a rewind), and kept with the open folder until it is closed.
+        """
+        if offset == 0 or fh not in self._listings:
+            full = self._full(path)
+            entries = [(".", os.lstat(full)), ("..", os.lstat(os.path.join(full, "..")))]
+            with os.scandir(full) as listing:
+                entries.extend((e.name, e.stat(follow_symlinks=False)) for e in listing)
+            self._listings[fh] = [(name, _attributes(st)) for name, st in entries]
+        return self._listings[fh]
+
+    def releasedir(self, path: str | None, fh: int) -> int:
+        self._listings.pop(fh, None)
+        return 0
 
     @_gated
     def readlink(self, path: str) -> str:
@@ -261,10 +306,6 @@ class Passthrough(mfusepy.Operations):  # type: ignore[misc]
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
         os.utime(self._full(path), ns=times, follow_symlinks=False)
         return 0
-
-
-def _dirent(name: str, st: os.stat_result) -> tuple[str, dict[str, int], int]:
-    return name, {"st_mode": st.st_mode, "st_ino": st.st_ino}, 0
 
 
 # Operations served at once, each on a thread of its own. fuse_main of libfuse 3.14 ignores
@@ -391,7 +432,7 @@ def main() -> None:
     operations = Passthrough(
         os.path.abspath(args.source), gate, on_ready=lambda: control.say({"ready": True})
     )
-    mfusepy.FUSE(operations, args.mountpoint, foreground=True, **MOUNT_OPTIONS)
+    _Fuse(operations, args.mountpoint, foreground=True, **MOUNT_OPTIONS)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,19 @@ def test_the_share_lists_and_stats_every_file_as_its_source_does(slow_share: Slo
     assert is_mounted(slow_share.path)
 
 
+def test_a_folder_too_large_for_one_listing_chunk_lists_every_entry_once(
+    slow_share: SlowShare,
+) -> None:
+    many = slow_share.source / "many"
+    many.mkdir()
+    for n in range(500):
+        (many / f"episode {n:03}.mkv").write_bytes(b"x" * n)
+    slow_share.set_delay(0)  # 500 stats one after another: the delay is not what is tested
+
+    assert sorted(os.listdir(slow_share.path / "many")) == sorted(os.listdir(many))
+    assert _tree(slow_share.path / "many") == _tree(many)
+
+
 def test_changes_to_the_source_show_on_the_share_at_once(slow_share: SlowShare) -> None:
     (slow_share.path / "a.mp4").stat()  # looked up once: a cache would now hold it
     (slow_share.source / "a.mp4").write_bytes(b"replaced")
