@@ -131,12 +131,13 @@ class SlowShare:
 
         Every operation on a path below it blocks; on the folder itself, every operation but
         getattr (``stat``, and the look-up of its name) blocks: opening or listing it. The
-        parent folder still lists it with its type. The folder itself answers ``stat`` because
-        libfuse 3.14 makes the kernel serialise look-ups within a folder, under a lock that a
-        waiting process cannot be killed out of: a hung look-up of the folder's name would block
-        every other look-up and listing in the parent. Below the hung folder that does happen:
-        while one look-up in a folder there is blocked, other processes' look-ups in that same
-        folder wait for it in uninterruptible sleep (state D) until `release` or `unmount`.
+        parent folder still lists it. The folder itself answers ``stat`` because libfuse 3.14
+        makes the kernel serialise the look-ups of new names and the listings within a folder,
+        under a lock that a waiting process cannot be killed out of: a hung look-up of the
+        folder's name would block the parent. Below the hung folder that does happen: while a
+        look-up of a name the kernel has not seen yet (or a listing) is blocked in a folder
+        there, other look-ups of new names and listings in that same folder wait for it in
+        uninterruptible sleep (state D) until `release` or `unmount`, and cannot be killed.
         An operation that already passed its check is not caught.
         """
         self._request({"op": "hang", "path": _inside(relative)})
@@ -244,10 +245,10 @@ class SlowShare:
 
 def _inside(relative: str | Path) -> str:
     """A path relative to the mount's root as FUSE names it: "/a/b"."""
-    parts = Path(relative).parts
-    if Path(relative).is_absolute() or ".." in parts:
-        raise ValueError(f"{relative} is not a path inside the share")
-    return "/" + "/".join(part for part in parts if part != ".")
+    parts = [part for part in Path(relative).parts if part != "."]
+    if Path(relative).is_absolute() or ".." in parts or not parts:
+        raise ValueError(f"{relative!r} is not a path inside the share")
+    return "/" + "/".join(parts)
 
 
 def _detach(mountpoint: Path) -> None:

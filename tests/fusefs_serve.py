@@ -85,8 +85,9 @@ class Gate:
     def _is_hung(self, operation: str, path: str) -> bool:
         # A hung folder itself still answers getattr, which is also how libfuse answers a
         # look-up of its name in the parent: libfuse 3.14 never tells the kernel that look-ups
-        # may run in parallel, so the kernel holds the parent's lock through each look-up, and
-        # one that hangs would block every look-up and listing in the parent (and uninterruptibly).
+        # may run in parallel, so the kernel holds the parent's lock through each look-up of a
+        # name it does not know yet, and one that hangs would block every such look-up and every
+        # listing in the parent (uninterruptibly).
         if self._open:
             return False
         return any(
@@ -164,7 +165,7 @@ class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
 
 
 class Passthrough(mfusepy.Operations):  # type: ignore[misc]
-    """SOURCE, one operation at a time, every one through the gate."""
+    """The folder SOURCE, every operation through the gate first."""
 
     use_ns = True
 

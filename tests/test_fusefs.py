@@ -172,6 +172,8 @@ def test_a_hung_folder_names_a_path_inside_the_share(slow_share: SlowShare) -> N
         slow_share.hang("../elsewhere")
     with pytest.raises(ValueError, match="not a path inside the share"):
         slow_share.hang("/dead")
+    with pytest.raises(ValueError, match="not a path inside the share"):
+        slow_share.hang(".")
 
 
 def test_leaving_the_mount_with_an_operation_stuck_frees_it_and_leaves_no_mount(
