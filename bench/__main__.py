@@ -67,7 +67,7 @@ class Sizes:
     live_trials: int = 30
     idle_files: int = 100_000
     idle_seconds: float = 20.0
-    realistic_files: int = 480
+    realistic_files: int = 360
     realistic_seconds: int = 10
 
 
@@ -133,18 +133,26 @@ def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
 # -- 1b: scan throughput on realistic files ---------------------------------------------------
 
 
-def realistic_throughput(sizes: Sizes, corpus: Path) -> list[Row]:
-    """A cold scan of 10 s 640x360 videos of 1-3 MB, against the bare PyAV loop on the same
-    files; both run with every file in the page cache."""
-    files = baselines.video_files(corpus)
-    mean_mb = baselines.read_all(files) / len(files) / 1e6
+def _cold_scan_rate(sizes: Sizes, corpus: Path, files: int) -> float:
+    """Files per second of one scan of ``corpus`` by a fresh server (an empty catalog)."""
     with server(corpus, "--probe-processes", str(sizes.processes)) as s:
         started = time.perf_counter()
         cold = asyncio.run(scan_once(s.target, corpus))
         cold_s = time.perf_counter() - started
-    assert cold.result.added == len(files) and not cold.result.failed, cold.result
-    ours = len(files) / cold_s
-    bare = baselines.bare_pyav_rate(files, sizes.processes)
+    assert cold.result.added == files and not cold.result.failed, cold.result
+    return files / cold_s
+
+
+def realistic_throughput(sizes: Sizes, corpus: Path) -> list[Row]:
+    """Cold scans of 10 s 640x360 videos of 1-3 MB against the bare PyAV loop on the same
+    files, with every file in the page cache; each twice, alternating, and the best of each
+    (so that a burst of work by a neighbour on the machine weighs on neither side alone)."""
+    files = baselines.video_files(corpus)
+    mean_mb = baselines.read_all(files) / len(files) / 1e6
+    ours, bare = 0.0, 0.0
+    for _ in range(2):
+        ours = max(ours, _cold_scan_rate(sizes, corpus, len(files)))
+        bare = max(bare, baselines.bare_pyav_rate(files, sizes.processes))
     return [
         Row("scan throughput, realistic files", ours, bare,
             f"bare PyAV loop, {sizes.processes} procs", "files/s", ours / bare,
