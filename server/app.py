@@ -21,6 +21,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .deadline import FsCalls
 from .errors import StorageIOError
 from .leader import lead
 from .library_watch import LibraryWatcher, QueueRunner, RootState, WatchConfig, cancel_quietly
@@ -141,6 +142,9 @@ async def start(
         ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
+    # Every filesystem call of this process (root checks) runs with --io-timeout, on daemon
+    # threads: a dead share costs a caller an IO_TIMEOUT, never a thread that holds the exit.
+    fs = FsCalls(config.io_timeout_s)
     metrics = Metrics()
     calls = ServiceInterceptor(
         config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
@@ -184,11 +188,12 @@ async def start(
         )
 
     shared = SharedRootStates(db.url) if isinstance(db, PgDatabase) else None
-    watcher = _watcher(config, queue, roots, metrics, shared) if config.watch else None
+    watcher = _watcher(config, queue, roots, fs, metrics, shared) if config.watch else None
     root_states = _root_states(watcher, shared)
     service = ScanService(
-        queue, catalog, roots, max_video_watchers=config.max_watchers, root_states=root_states
-    )
+        queue, catalog, roots, fs=fs, max_video_watchers=config.max_watchers,
+        root_states=root_states,
+    )  # fmt: skip
     pb_grpc.add_ScanServiceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -203,8 +208,9 @@ async def start(
         from .http_server import serve_http
 
         http = await serve_http(
-            config, http_socket, queue, catalog, roots, metrics, root_states, service.video_slots
-        )
+            config, http_socket, queue, catalog, roots, metrics, fs, root_states,
+            service.video_slots,
+        )  # fmt: skip
     await _set_health(health_servicer, serving=True)
     if isinstance(db, PgDatabase):  # a balancer sends clients elsewhere while it is down
 
@@ -267,6 +273,7 @@ def _watcher(
     config: Config,
     queue: AsyncioJobQueue | PgJobQueue,
     roots: RootPolicy,
+    fs: FsCalls,
     metrics: Metrics,
     shared: SharedRootStates | None,
 ) -> LibraryWatcher:
@@ -288,7 +295,7 @@ def _watcher(
             shared.on_state(state)
 
     watcher = LibraryWatcher(
-        roots.resolved, QueueRunner(queue, roots), watch_config,
+        roots.resolved, QueueRunner(queue, roots, fs), watch_config,
         on_state=on_state, idle_reason=idle,
     )  # fmt: skip
     if shared is not None:

@@ -27,6 +27,7 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog
+from .deadline import FsCalls
 from .library_watch import RootState
 from .live_service import StreamSlots, changes_of, roots_reply
 from .queue import JobQueue
@@ -112,6 +113,7 @@ class ConnectScanService:
         catalog: Catalog,
         roots: RootPolicy,
         tokens: BearerTokens,
+        fs: FsCalls,
         on_call: Callable[[str, str], None] | None = None,
         root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
         video_slots: StreamSlots | None = None,
@@ -120,6 +122,7 @@ class ConnectScanService:
         self._catalog = catalog
         self._roots = roots
         self._tokens = tokens
+        self._fs = fs
         self._on_call = on_call
         self._root_states = root_states
         self._video_slots = video_slots if video_slots is not None else StreamSlots(4000)
@@ -145,7 +148,12 @@ class ConnectScanService:
 
     @_unary("SubmitScan")
     async def submit_scan(self, request: pb.SubmitScanRequest, ctx: _Context) -> pb.Job:
-        return job_to_proto(await intake.submit_scan(self._queue, self._roots, spec_of(request)))
+        left_ms = ctx.timeout_ms
+        job = await intake.submit_scan(
+            self._queue, self._roots, spec_of(request), self._fs,
+            time_left_s=None if left_ms is None else left_ms / 1000,
+        )  # fmt: skip
+        return job_to_proto(job)
 
     @_unary("GetJob")
     async def get_job(self, request: pb.GetJobRequest, ctx: _Context) -> pb.Job:

@@ -97,4 +97,4 @@ class FsCalls:
                     state["late"] = True
                     self._stuck += 1
             log.warning("a filesystem call got no answer in %g s", deadline)
-            raise IoTimeout(no_answer(self.timeout_s)) from None
+            raise IoTimeout(no_answer(deadline)) from None

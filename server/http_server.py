@@ -25,6 +25,7 @@ from .auth import BearerTokens
 from .catalog import Catalog
 from .config import Config
 from .connect import ConnectScanService
+from .deadline import FsCalls
 from .http import AsgiApp, HttpApp
 from .library_watch import RootState
 from .live_service import StreamSlots
@@ -102,6 +103,7 @@ async def serve_http(
     catalog: Catalog,
     roots: RootPolicy,
     metrics: Metrics,
+    fs: FsCalls,
     root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
     video_slots: StreamSlots | None = None,
 ) -> HttpServer:
@@ -113,6 +115,7 @@ async def serve_http(
         catalog,
         roots,
         tokens,
+        fs,
         on_call=metrics.on_rpc,
         root_states=root_states,
         video_slots=video_slots,
@@ -124,6 +127,7 @@ async def serve_http(
         roots,
         tokens,
         service.record,
+        fs=fs,
         cors_origins=config.http_cors_origins,
         max_body_bytes=config.max_message_bytes,
     )

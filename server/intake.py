@@ -2,27 +2,29 @@
 
 The gRPC servicer and the HTTP adapter (Connect, gRPC-Web, REST) both convert their wire form
 into plain values and call these, so that a request is checked the same way whichever door it
-came through: field checks first, then the root check (in a thread: it touches the file
-system), then the queue.
+came through: field checks first, then the root check (on a filesystem call with a deadline:
+it touches the file system, which may be a share that stopped answering), then the queue.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from dataclasses import replace
 
 from .catalog import Catalog, FailurePage, Listing
-from .errors import InvalidArgument
+from .deadline import FsCalls
+from .errors import InvalidArgument, IoTimeout
 from .jobs import Job, JobSpec, JobState
 from .queue import JobQueue
 from .roots import RootPolicy, jobs_within_roots
 
 __all__ = [
+    "ANSWER_MARGIN_S",
     "MAX_JOB_ID",
     "MAX_PAGE_SIZE",
     "MAX_REQUEST_ID",
     "MAX_TIMEOUT_S",
+    "check_root",
     "job_id",
     "job_spec",
     "list_file_errors",
@@ -36,6 +38,9 @@ MAX_PAGE_SIZE = 1000
 MAX_REQUEST_ID = 128
 MAX_JOB_ID = 64
 MAX_TIMEOUT_S = 7 * 24 * 3600
+# Time kept back from a caller's own deadline for the answer to reach it (a fifth of what is
+# left when that is less): a check that runs out answers IO_TIMEOUT, not DEADLINE_EXCEEDED.
+ANSWER_MARGIN_S = 0.25
 
 
 def job_spec(
@@ -70,15 +75,49 @@ def job_spec(
     return JobSpec(normalised, recursive, timeout_s or None, request_id, reprobe)
 
 
-async def submit_scan(queue: JobQueue, roots: RootPolicy, spec: JobSpec) -> Job:
+async def submit_scan(
+    queue: JobQueue,
+    roots: RootPolicy,
+    spec: JobSpec,
+    fs: FsCalls,
+    *,
+    time_left_s: float | None = None,
+) -> Job:
     """Check the path against the allowed roots, then queue the job.
+
+    Args:
+        queue, roots: where the job goes, and the roots it must lie in.
+        spec: the checked request (``job_spec``).
+        fs: the filesystem calls the root check runs on (``--io-timeout``).
+        time_left_s: the time left before the caller's own deadline, if it set one.
 
     Raises:
         PermissionDenied, NotFound, FailedPrecondition: from ``RootPolicy.check``.
+        IoTimeout: the path did not answer in time (see ``check_root``).
         ResourceExhausted, Unavailable, AlreadyExists: from the queue.
     """
-    path = await asyncio.to_thread(roots.check, spec.path)
+    path = await check_root(roots, spec.path, fs, time_left_s=time_left_s)
     return await queue.submit(replace(spec, path=path))
+
+
+async def check_root(
+    roots: RootPolicy, path: str, fs: FsCalls, *, time_left_s: float | None = None
+) -> str:
+    """``roots.check(path)`` with a deadline: ``--io-timeout``, or sooner when the caller's
+    own deadline (``time_left_s``) is nearer, less ``ANSWER_MARGIN_S``, so that the caller
+    hears why.
+
+    Raises:
+        PermissionDenied, NotFound, FailedPrecondition: from ``RootPolicy.check``.
+        IoTimeout: the path did not answer in time: a share that is down, a disk that hangs.
+    """
+    timeout_s = None
+    if time_left_s is not None:
+        timeout_s = max(0.0, time_left_s - min(ANSWER_MARGIN_S, time_left_s / 5))
+    try:
+        return await fs.run(lambda: roots.check(path), timeout_s=timeout_s)
+    except IoTimeout as exc:
+        raise IoTimeout(f"{path}: {exc.message}") from None
 
 
 def job_id(raw: str) -> str:

@@ -27,6 +27,7 @@ from typing import Protocol
 
 import watchfiles
 
+from .deadline import FsCalls
 from .errors import ScanJobsError
 from .jobs import JobSpec, JobState, Trigger
 from .queue import JobQueue
@@ -294,12 +295,15 @@ class LibraryWatcher:
 class QueueRunner:
     """The :class:`ScanRunner` of a job queue: scans submitted as any client's are."""
 
-    def __init__(self, queue: JobQueue, roots: RootPolicy) -> None:
+    def __init__(self, queue: JobQueue, roots: RootPolicy, fs: FsCalls) -> None:
         self._queue = queue
         self._roots = roots
+        self._fs = fs
 
     async def submit(self, path: str, *, recursive: bool, trigger: Trigger) -> str:
-        checked = await asyncio.to_thread(self._roots.check, path)
+        # On a daemon thread with a deadline: a root on a dead share costs this scan an
+        # IoTimeout (a ScanJobsError), never a thread that holds the server's exit up.
+        checked = await self._fs.run(lambda: self._roots.check(path))
         job = await self._queue.submit(JobSpec(checked, recursive, trigger=trigger))
         return job.id
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from scanjobs.server import intake
+from scanjobs.server.deadline import FsCalls
 from scanjobs.server.errors import InvalidArgument, NotFound, PermissionDenied
 from scanjobs.server.jobs import JobState
 from scanjobs.server.queue import AsyncioJobQueue
@@ -32,15 +33,17 @@ async def test_submit_scan_checks_the_path_against_the_roots_then_queues_it(
     roots = RootPolicy([str(root)])
     spec = intake.job_spec(f"{root}/sub/../sub/", recursive=False, request_id="r-1")
 
-    job = await intake.submit_scan(queue, roots, spec)
+    fs = FsCalls(timeout_s=10.0)
+
+    job = await intake.submit_scan(queue, roots, spec, fs)
 
     assert job.spec.path == str(root / "sub")
     assert not job.spec.recursive and job.spec.request_id == "r-1"
     assert (await until_state(queue, job.id, JobState.COMPLETED)).id == job.id
     with pytest.raises(PermissionDenied):
-        await intake.submit_scan(queue, roots, intake.job_spec(str(tmp_path)))
+        await intake.submit_scan(queue, roots, intake.job_spec(str(tmp_path)), fs)
     with pytest.raises(NotFound):
-        await intake.submit_scan(queue, roots, intake.job_spec(str(root / "gone")))
+        await intake.submit_scan(queue, roots, intake.job_spec(str(root / "gone")), fs)
 
 
 @pytest.mark.parametrize(
