@@ -94,8 +94,9 @@ class App:
            Meanwhile running jobs stop at their next safe point (they resume on the next
            start) and WatchJob streams end with UNAVAILABLE.
         2. Within the grace period, calls in flight finish; then the gRPC server stops
-           (cancelling what is left), the probe workers exit (or are killed), and the
-           database and the metrics endpoint close.
+           (cancelling what is left), the scan workers exit (or are killed; one stuck in the
+           kernel on a dead share is abandoned), and the database and the metrics endpoint
+           close.
         """
         if self.stopped:
             return
@@ -115,7 +116,9 @@ class App:
         if self.http is not None:
             await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
-        await self.workers.close()
+        # Within what is left of the grace period (a killed worker stuck on a dead share is
+        # abandoned, not waited for).
+        await self.workers.close(min(2.0, max(0.2, deadline - loop.time())))
         await self.catalog.close()
         await self.db.close()
         self.metrics.close()
@@ -146,6 +149,7 @@ async def start(
     # threads: a dead share costs a caller an IO_TIMEOUT, never a thread that holds the exit.
     fs = FsCalls(config.io_timeout_s)
     metrics = Metrics()
+    metrics.watch_stuck_calls(lambda: fs.stuck)
     calls = ServiceInterceptor(
         config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
     )
@@ -172,6 +176,7 @@ async def start(
             config.probe_processes,
             _worker_settings(config, db, scan_config, probe_command),
             on_probe=metrics.on_probe,
+            on_abandon=metrics.on_abandoned_process,
         )
         await workers.start()
         undo.push_async_callback(workers.close)

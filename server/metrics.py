@@ -68,6 +68,16 @@ class Metrics:
             "scanjobs_rpcs_total", "ScanService calls by method and status code",
             ["method", "code"], registry=self.registry,
         )  # fmt: skip
+        self._abandoned = Counter(
+            "scanjobs_abandoned_processes_total",
+            "Killed worker processes that did not exit (stuck in the kernel on a dead share)",
+            registry=self.registry,
+        )
+        self._stuck_calls = Gauge(
+            "scanjobs_stuck_fs_calls",
+            "Filesystem calls of the server past their deadline (--io-timeout), not back yet",
+            registry=self.registry,
+        )
 
     def watch_queue(self, read: Callable[[], tuple[dict[JobState, int], int, int]]) -> None:
         """Report the gauges that ``read`` returns: (jobs by state, pending, watchers)."""
@@ -99,6 +109,14 @@ class Metrics:
         """A root's watch mode changed (or its last reconcile time)."""
         for mode in WatchMode:
             self._root_modes.labels(state.path, mode.value).set(int(mode is state.mode))
+
+    def on_abandoned_process(self) -> None:
+        """A killed worker process did not exit and was left behind."""
+        self._abandoned.inc()
+
+    def watch_stuck_calls(self, read: Callable[[], int]) -> None:
+        """Report ``read()`` as the filesystem calls stuck past their deadline."""
+        self._stuck_calls.set_function(read)
 
     def on_rpc(self, method: str, code: str) -> None:
         """One ScanService call ended."""

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO, Protocol
 from . import probe_wire as wire
 from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
 from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
+from .reap import abandon, exited
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
@@ -305,7 +306,8 @@ class ProbePool:
 
         Each worker's input is closed, so that an idle one exits at once; after ``grace_s``
         seconds the ones still running (a probe in flight) are killed, and logged. Returns
-        only when every worker process has been reaped: none is left behind.
+        when every worker process has been reaped, or abandoned (logged) when, killed, it
+        did not exit within ``reap.KILL_WAIT_S``: stuck in the kernel on a dead share.
         """
         self._closed = True
         for task in list(self._spawning):
@@ -325,7 +327,15 @@ class ProbePool:
             )
         for worker in stubborn:
             worker.kill()
-        await asyncio.gather(*exits, return_exceptions=True)
+        for pending in exits:
+            pending.cancel()
+        # A killed worker stuck in the kernel (a read on a dead share) is abandoned, not
+        # waited for: the scan worker above must exit when told to.
+        for worker, gone in zip(
+            stubborn, await asyncio.gather(*(exited(w.proc) for w in stubborn)), strict=True
+        ):
+            if not gone:
+                abandon(worker.proc, "probe worker")
         self._all.clear()
 
     @property
@@ -384,9 +394,11 @@ class ProbePool:
         task.add_done_callback(self._spawning.discard)
 
     async def _respawn(self, dead: _Worker) -> None:
-        await dead.proc.wait()
-        self._all.discard(dead)
+        # The replacement first: a killed worker stuck in the kernel may never exit.
         await self._spawn()
+        if not await exited(dead.proc):
+            abandon(dead.proc, "probe worker")
+        self._all.discard(dead)
 
     async def _spawn(self) -> None:
         proc = await asyncio.create_subprocess_exec(

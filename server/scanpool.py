@@ -4,8 +4,10 @@ Each worker is a fresh interpreter (``python -m scanjobs.server.scanworker``) in
 process group, with its probe processes below it. A directory whose caller is cancelled
 (a cancel, a timeout, a shutdown) kills the worker's whole group at once, instead of waiting
 for a probe or a commit: an open transaction rolls back, and a cancel's latency does not grow
-with the directory. The worker is replaced in the background. A worker that dies on its own
-(the OS killed it) costs its directory one error; what it committed is kept and counted.
+with the directory. The worker is replaced in the background, at once: a killed worker stuck
+in the kernel (on a share that does not answer) is not waited for; past ``reap.KILL_WAIT_S`` it
+is abandoned, logged and counted. A worker that dies on its own (the OS killed it) costs its
+directory one error; what it committed is kept and counted.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable, Sequence
 
 from . import scan_wire as wire
 from .errors import DatabaseUnavailable, StorageFault, StorageFull, StorageIOError
+from .reap import abandon, exited
 
 __all__ = ["ScanWorkers", "WorkerDied"]
 
@@ -67,6 +70,7 @@ class ScanWorkers:
         command: the worker's command line; by default ``server.scanworker`` run by this
             interpreter.
         on_probe: called with the seconds each file's probe took (metrics).
+        on_abandon: called once for each killed worker that did not exit (metrics).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class ScanWorkers:
         *,
         command: Sequence[str] = (sys.executable, "-m", "scanjobs.server.scanworker"),
         on_probe: Callable[[float], None] | None = None,
+        on_abandon: Callable[[], None] | None = None,
     ) -> None:
         self._size = max(1, processes)
         self._settings = settings
@@ -83,6 +88,8 @@ class ScanWorkers:
         self._on_probe = on_probe
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._spawning: set[asyncio.Task[None]] = set()
+        self._reaping: set[asyncio.Task[None]] = set()
+        self._on_abandon = on_abandon
         self._all: set[_Worker] = set()
         self._closed = False
 
@@ -109,6 +116,8 @@ class ScanWorkers:
 
         Each worker's input is closed, so that an idle one exits at once (closing its probe
         processes); after ``grace_s`` seconds the ones still running are killed, and logged.
+        A killed one that does not exit within ``reap.KILL_WAIT_S`` (stuck in the kernel) is
+        abandoned, logged and counted: the server's shutdown never waits on a dead share.
         """
         self._closed = True
         for task in list(self._spawning):
@@ -120,6 +129,8 @@ class ScanWorkers:
         exits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
         if exits:
             await asyncio.wait(exits, timeout=grace_s)
+        for pending in exits:
+            pending.cancel()
         stubborn = [w for w in workers if w.proc.returncode is None]
         if stubborn:
             log.warning(
@@ -128,7 +139,7 @@ class ScanWorkers:
             )
         for worker in stubborn:
             worker.kill()
-        await asyncio.gather(*exits, return_exceptions=True)
+        await asyncio.gather(*(self._reap(w) for w in stubborn), *self._reaping)
         self._all.clear()
 
     async def run(self, task: wire.DirectoryTask, on_reply: Callable[[wire.Reply], None]) -> None:
@@ -171,15 +182,25 @@ class ScanWorkers:
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
+        self._all.discard(worker)
+        reaping = asyncio.create_task(self._reap(worker))
+        self._reaping.add(reaping)
+        reaping.add_done_callback(self._reaping.discard)
         if self._closed:
             return
-        task = asyncio.create_task(self._respawn(worker))
+        task = asyncio.create_task(self._respawn())
         self._spawning.add(task)
         task.add_done_callback(self._spawning.discard)
 
-    async def _respawn(self, dead: _Worker) -> None:
-        await dead.proc.wait()
-        self._all.discard(dead)
+    async def _reap(self, dead: _Worker) -> None:
+        """Wait (bounded) for a killed worker to exit; abandon it if it does not."""
+        if not await exited(dead.proc):
+            abandon(dead.proc, "scan worker")
+            if self._on_abandon is not None:
+                self._on_abandon()
+
+    async def _respawn(self) -> None:
+        """Start a replacement at once: the killed worker is reaped beside it."""
         while True:
             try:
                 await self._spawn()

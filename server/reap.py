@@ -1,0 +1,37 @@
+"""Reaping killed processes without waiting for ever on one the kernel holds.
+
+A process blocked in the kernel on a share that stopped answering (uninterruptible sleep, state
+``D``) does not exit when killed: it exits when the share answers, which may be never. Waiting
+for it would hold up a replacement or a shutdown. :func:`exited` bounds that wait; a process
+still there after it is abandoned: logged with its pid, and left to the kernel (the child
+watcher reaps it whenever it does exit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+__all__ = ["KILL_WAIT_S", "abandon", "exited"]
+
+log = logging.getLogger(__name__)
+
+KILL_WAIT_S = 1.0  # a killed process exits in milliseconds unless the kernel holds it
+
+
+async def exited(proc: asyncio.subprocess.Process, wait_s: float = KILL_WAIT_S) -> bool:
+    """Wait up to ``wait_s`` seconds for ``proc`` to exit; True if it did."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(proc.wait(), wait_s)
+    return proc.returncode is not None
+
+
+def abandon(proc: asyncio.subprocess.Process, what: str) -> None:
+    """Log that ``proc`` (a ``what``), killed, did not exit: it is left behind."""
+    log.warning(
+        "abandoned a %s that does not exit after being killed (stuck in the kernel, on a "
+        "share that does not answer?)",
+        what,
+        extra={"pid": proc.pid},
+    )
