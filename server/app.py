@@ -21,7 +21,6 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
-from .deadline import FsCalls
 from .errors import StorageIOError
 from .leader import lead
 from .library_watch import LibraryWatcher, QueueRunner, RootState, WatchConfig, cancel_quietly
@@ -30,6 +29,7 @@ from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
 from .probe import PROBE_COMMAND
 from .queue import AsyncioJobQueue
+from .rootcheck import RootChecks
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .scan_wire import WorkerSettings
@@ -77,6 +77,7 @@ class App:
     service: ScanService
     http: HttpServer | None = None
     watching: asyncio.Task[None] | None = None
+    checks: RootChecks | None = None
     stopped: bool = False
 
     @property
@@ -118,7 +119,10 @@ class App:
         await self.server.stop(None)
         # Within what is left of the grace period (a killed worker stuck on a dead share is
         # abandoned, not waited for).
-        await self.workers.close(min(2.0, max(0.2, deadline - loop.time())))
+        await asyncio.gather(
+            self.workers.close(min(2.0, max(0.2, deadline - loop.time()))),
+            self.checks.close() if self.checks is not None else asyncio.sleep(0),
+        )
         await self.catalog.close()
         await self.db.close()
         self.metrics.close()
@@ -145,11 +149,12 @@ async def start(
         ListenError: the listen address could not be bound.
     """
     roots = RootPolicy(config.roots)
-    # Every filesystem call of this process (root checks) runs with --io-timeout, on daemon
-    # threads: a dead share costs a caller an IO_TIMEOUT, never a thread that holds the exit.
-    fs = FsCalls(config.io_timeout_s)
     metrics = Metrics()
-    metrics.watch_stuck_calls(lambda: fs.stuck)
+    # The server never touches a requested path itself: a thread stuck in the kernel on a dead
+    # share would keep the process from exiting. Root checks run in a helper process, with
+    # --io-timeout.
+    checks = RootChecks(config.roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process)
+    metrics.watch_stuck_calls(lambda: checks.stuck)
     calls = ServiceInterceptor(
         config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
     )
@@ -180,6 +185,8 @@ async def start(
         )
         await workers.start()
         undo.push_async_callback(workers.close)
+        await checks.start()
+        undo.push_async_callback(checks.close)
         scanner = Scanner(roots, workers, catalog, scan_config, clock_ns=clock_ns)
         queue = _queue(config, db, scanner, metrics)
         await queue.start()
@@ -193,10 +200,10 @@ async def start(
         )
 
     shared = SharedRootStates(db.url) if isinstance(db, PgDatabase) else None
-    watcher = _watcher(config, queue, roots, fs, metrics, shared) if config.watch else None
+    watcher = _watcher(config, queue, roots, checks, metrics, shared) if config.watch else None
     root_states = _root_states(watcher, shared)
     service = ScanService(
-        queue, catalog, roots, fs=fs, max_video_watchers=config.max_watchers,
+        queue, catalog, roots, checks=checks, max_video_watchers=config.max_watchers,
         root_states=root_states,
     )  # fmt: skip
     pb_grpc.add_ScanServiceServicer_to_server(service, server)
@@ -213,7 +220,7 @@ async def start(
         from .http_server import serve_http
 
         http = await serve_http(
-            config, http_socket, queue, catalog, roots, metrics, fs, root_states,
+            config, http_socket, queue, catalog, roots, metrics, checks, root_states,
             service.video_slots,
         )  # fmt: skip
     await _set_health(health_servicer, serving=True)
@@ -247,6 +254,7 @@ async def start(
         service,
         http,
         _watch(watcher, shared, config) if watcher is not None else None,
+        checks,
     )
 
 
@@ -278,7 +286,7 @@ def _watcher(
     config: Config,
     queue: AsyncioJobQueue | PgJobQueue,
     roots: RootPolicy,
-    fs: FsCalls,
+    checks: RootChecks,
     metrics: Metrics,
     shared: SharedRootStates | None,
 ) -> LibraryWatcher:
@@ -300,7 +308,7 @@ def _watcher(
             shared.on_state(state)
 
     watcher = LibraryWatcher(
-        roots.resolved, QueueRunner(queue, roots, fs), watch_config,
+        roots.resolved, QueueRunner(queue, checks), watch_config,
         on_state=on_state, idle_reason=idle,
     )  # fmt: skip
     if shared is not None:

@@ -27,10 +27,10 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog
-from .deadline import FsCalls
 from .library_watch import RootState
 from .live_service import StreamSlots, changes_of, roots_reply
 from .queue import JobQueue
+from .rootcheck import RootChecks
 from .roots import RootPolicy
 from .service import (
     ERROR_DOMAIN,
@@ -113,7 +113,7 @@ class ConnectScanService:
         catalog: Catalog,
         roots: RootPolicy,
         tokens: BearerTokens,
-        fs: FsCalls,
+        checks: RootChecks,
         on_call: Callable[[str, str], None] | None = None,
         root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
         video_slots: StreamSlots | None = None,
@@ -122,7 +122,7 @@ class ConnectScanService:
         self._catalog = catalog
         self._roots = roots
         self._tokens = tokens
-        self._fs = fs
+        self._checks = checks
         self._on_call = on_call
         self._root_states = root_states
         self._video_slots = video_slots if video_slots is not None else StreamSlots(4000)
@@ -150,7 +150,7 @@ class ConnectScanService:
     async def submit_scan(self, request: pb.SubmitScanRequest, ctx: _Context) -> pb.Job:
         left_ms = ctx.timeout_ms
         job = await intake.submit_scan(
-            self._queue, self._roots, spec_of(request), self._fs,
+            self._queue, self._checks, spec_of(request),
             time_left_s=None if left_ms is None else left_ms / 1000,
         )  # fmt: skip
         return job_to_proto(job)

@@ -33,8 +33,8 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 
 from . import errors, intake
 from .auth import BearerTokens
-from .deadline import FsCalls
 from .queue import JobQueue
+from .rootcheck import RootChecks
 from .roots import RootPolicy
 from .service import code_of, job_to_proto, spec_of
 
@@ -126,7 +126,7 @@ class HttpApp:
         tokens: BearerTokens,
         record: Callable[[str, str, float, str], None],
         *,
-        fs: FsCalls,
+        checks: RootChecks,
         cors_origins: Iterable[str] = (),
         max_body_bytes: int = 64 * 1024,
         static_dir: Path = STATIC_DIR,
@@ -135,7 +135,7 @@ class HttpApp:
         self._queue = queue
         self._roots = roots
         self._tokens = tokens
-        self._fs = fs
+        self._checks = checks
         self._record = record
         self._cors_origins = frozenset(cors_origins)
         self._max_body_bytes = max_body_bytes
@@ -198,7 +198,7 @@ class HttpApp:
         await self._call("SubmitScan", send, request, HTTPStatus.CREATED, self._submit_job, message)
 
     async def _submit_job(self, message: pb.SubmitScanRequest) -> pb.Job:
-        job = await intake.submit_scan(self._queue, self._roots, spec_of(message), self._fs)
+        job = await intake.submit_scan(self._queue, self._checks, spec_of(message))
         return job_to_proto(job)
 
     async def _job(self, send: Send, request: _Request, raw_id: str, *, cancel: bool) -> None:

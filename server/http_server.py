@@ -25,12 +25,12 @@ from .auth import BearerTokens
 from .catalog import Catalog
 from .config import Config
 from .connect import ConnectScanService
-from .deadline import FsCalls
 from .http import AsgiApp, HttpApp
 from .library_watch import RootState
 from .live_service import StreamSlots
 from .metrics import Metrics
 from .queue import JobQueue
+from .rootcheck import RootChecks
 from .roots import RootPolicy
 
 __all__ = ["HttpServer", "TlsFiles", "serve_http"]
@@ -103,7 +103,7 @@ async def serve_http(
     catalog: Catalog,
     roots: RootPolicy,
     metrics: Metrics,
-    fs: FsCalls,
+    checks: RootChecks,
     root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
     video_slots: StreamSlots | None = None,
 ) -> HttpServer:
@@ -115,7 +115,7 @@ async def serve_http(
         catalog,
         roots,
         tokens,
-        fs,
+        checks,
         on_call=metrics.on_rpc,
         root_states=root_states,
         video_slots=video_slots,
@@ -127,7 +127,7 @@ async def serve_http(
         roots,
         tokens,
         service.record,
-        fs=fs,
+        checks=checks,
         cors_origins=config.http_cors_origins,
         max_body_bytes=config.max_message_bytes,
     )

@@ -2,7 +2,7 @@
 
 The gRPC servicer and the HTTP adapter (Connect, gRPC-Web, REST) both convert their wire form
 into plain values and call these, so that a request is checked the same way whichever door it
-came through: field checks first, then the root check (on a filesystem call with a deadline:
+came through: field checks first, then the root check (in a helper process, with a deadline:
 it touches the file system, which may be a share that stopped answering), then the queue.
 """
 
@@ -12,10 +12,10 @@ import os
 from dataclasses import replace
 
 from .catalog import Catalog, FailurePage, Listing
-from .deadline import FsCalls
 from .errors import InvalidArgument, IoTimeout
 from .jobs import Job, JobSpec, JobState
 from .queue import JobQueue
+from .rootcheck import RootChecks
 from .roots import RootPolicy, jobs_within_roots
 
 __all__ = [
@@ -76,19 +76,14 @@ def job_spec(
 
 
 async def submit_scan(
-    queue: JobQueue,
-    roots: RootPolicy,
-    spec: JobSpec,
-    fs: FsCalls,
-    *,
-    time_left_s: float | None = None,
+    queue: JobQueue, checks: RootChecks, spec: JobSpec, *, time_left_s: float | None = None
 ) -> Job:
     """Check the path against the allowed roots, then queue the job.
 
     Args:
-        queue, roots: where the job goes, and the roots it must lie in.
+        queue: where the job goes.
+        checks: the root checks (``--io-timeout``).
         spec: the checked request (``job_spec``).
-        fs: the filesystem calls the root check runs on (``--io-timeout``).
         time_left_s: the time left before the caller's own deadline, if it set one.
 
     Raises:
@@ -96,26 +91,25 @@ async def submit_scan(
         IoTimeout: the path did not answer in time (see ``check_root``).
         ResourceExhausted, Unavailable, AlreadyExists: from the queue.
     """
-    path = await check_root(roots, spec.path, fs, time_left_s=time_left_s)
+    path = await check_root(checks, spec.path, time_left_s=time_left_s)
     return await queue.submit(replace(spec, path=path))
 
 
-async def check_root(
-    roots: RootPolicy, path: str, fs: FsCalls, *, time_left_s: float | None = None
-) -> str:
-    """``roots.check(path)`` with a deadline: ``--io-timeout``, or sooner when the caller's
-    own deadline (``time_left_s``) is nearer, less ``ANSWER_MARGIN_S``, so that the caller
-    hears why.
+async def check_root(checks: RootChecks, path: str, *, time_left_s: float | None = None) -> str:
+    """``RootPolicy.check(path)`` with a deadline: ``--io-timeout``, or sooner when the
+    caller's own deadline (``time_left_s``) is nearer, less ``ANSWER_MARGIN_S``, so that the
+    caller hears why.
 
     Raises:
         PermissionDenied, NotFound, FailedPrecondition: from ``RootPolicy.check``.
         IoTimeout: the path did not answer in time: a share that is down, a disk that hangs.
+        Unavailable: the check could not be made (its helper process cannot start).
     """
     timeout_s = None
     if time_left_s is not None:
         timeout_s = max(0.0, time_left_s - min(ANSWER_MARGIN_S, time_left_s / 5))
     try:
-        return await fs.run(lambda: roots.check(path), timeout_s=timeout_s)
+        return await checks.check(path, timeout_s=timeout_s)
     except IoTimeout as exc:
         raise IoTimeout(f"{path}: {exc.message}") from None
 

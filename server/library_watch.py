@@ -27,11 +27,10 @@ from typing import Protocol
 
 import watchfiles
 
-from .deadline import FsCalls
 from .errors import ScanJobsError
 from .jobs import JobSpec, JobState, Trigger
 from .queue import JobQueue
-from .roots import RootPolicy
+from .rootcheck import RootChecks
 from .settle import ChangeType, ScanRequest, Settler
 
 __all__ = [
@@ -295,15 +294,14 @@ class LibraryWatcher:
 class QueueRunner:
     """The :class:`ScanRunner` of a job queue: scans submitted as any client's are."""
 
-    def __init__(self, queue: JobQueue, roots: RootPolicy, fs: FsCalls) -> None:
+    def __init__(self, queue: JobQueue, checks: RootChecks) -> None:
         self._queue = queue
-        self._roots = roots
-        self._fs = fs
+        self._checks = checks
 
     async def submit(self, path: str, *, recursive: bool, trigger: Trigger) -> str:
-        # On a daemon thread with a deadline: a root on a dead share costs this scan an
-        # IoTimeout (a ScanJobsError), never a thread that holds the server's exit up.
-        checked = await self._fs.run(lambda: self._roots.check(path))
+        # In the helper process, with a deadline: a root on a dead share costs this scan an
+        # IoTimeout (a ScanJobsError), never a thread of the server stuck in the kernel.
+        checked = await self._checks.check(path)
         job = await self._queue.submit(JobSpec(checked, recursive, trigger=trigger))
         return job.id
 

@@ -28,7 +28,13 @@ async def exited(proc: asyncio.subprocess.Process, wait_s: float = KILL_WAIT_S) 
 
 
 def abandon(proc: asyncio.subprocess.Process, what: str) -> None:
-    """Log that ``proc`` (a ``what``), killed, did not exit: it is left behind."""
+    """Log that ``proc`` (a ``what``), killed, did not exit: it is left behind, its pipes
+    closed (the child watcher still reaps it whenever it exits)."""
+    # asyncio has no public way to let go of a child it has not reaped: without this, its
+    # transport complains of being unclosed when collected, after the loop may be gone.
+    transport = getattr(proc, "_transport", None)
+    if transport is not None:
+        transport.close()
     log.warning(
         "abandoned a %s that does not exit after being killed (stuck in the kernel, on a "
         "share that does not answer?)",

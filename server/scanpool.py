@@ -100,8 +100,9 @@ class ScanWorkers:
 
     @property
     def background_tasks(self) -> int:
-        """Replacement spawns still under way (0 once idle or closed)."""
-        return len(self._spawning)
+        """Replacement spawns, and waits for killed workers to exit, still under way (0 once
+        idle or closed)."""
+        return len(self._spawning) + len(self._reaping)
 
     def pids(self) -> list[int]:
         """The worker processes' ids (tests read their children: the probe processes)."""

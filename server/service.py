@@ -29,11 +29,11 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from . import errors, intake
 from .auth import BearerTokens
 from .catalog import Catalog, Failure, Video
-from .deadline import FsCalls
 from .jobs import Job, JobEvent, JobSpec, JobState, Phase, Trigger, display_path
 from .library_watch import RootState
 from .live_service import LiveLibrary
 from .queue import JobQueue
+from .rootcheck import RootChecks
 from .roots import RootPolicy
 
 __all__ = [
@@ -337,12 +337,12 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
         catalog: Catalog,
         roots: RootPolicy,
         *,
-        fs: FsCalls,
+        checks: RootChecks,
         max_video_watchers: int = 4000,
         root_states: Callable[[], Awaitable[list[RootState]]] | None = None,
     ) -> None:
         super().__init__(catalog, roots, max_video_watchers, root_states)
-        self._fs = fs
+        self._checks = checks
         self._queue = queue
         self._catalog = catalog
         self._roots = roots
@@ -353,9 +353,8 @@ class ScanService(LiveLibrary, pb_grpc.ScanServiceServicer):  # type: ignore[mis
 
     async def SubmitScan(self, request: pb.SubmitScanRequest, context: _Context) -> pb.Job:
         job = await intake.submit_scan(
-            self._queue, self._roots, spec_of(request), self._fs,
-            time_left_s=context.time_remaining(),
-        )  # fmt: skip
+            self._queue, self._checks, spec_of(request), time_left_s=context.time_remaining()
+        )
         return job_to_proto(job)
 
     async def GetJob(self, request: pb.GetJobRequest, context: _Context) -> pb.Job:

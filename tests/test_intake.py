@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from scanjobs.server import intake
-from scanjobs.server.deadline import FsCalls
 from scanjobs.server.errors import InvalidArgument, NotFound, PermissionDenied
 from scanjobs.server.jobs import JobState
 from scanjobs.server.queue import AsyncioJobQueue
-from scanjobs.server.roots import RootPolicy
+from scanjobs.server.rootcheck import RootChecks
 from tests.queues import ScriptedHandler, until_state
 
 
@@ -30,20 +29,19 @@ async def test_submit_scan_checks_the_path_against_the_roots_then_queues_it(
 ) -> None:
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
-    roots = RootPolicy([str(root)])
+    checks = RootChecks([str(root)], timeout_s=10.0)
     spec = intake.job_spec(f"{root}/sub/../sub/", recursive=False, request_id="r-1")
 
-    fs = FsCalls(timeout_s=10.0)
-
-    job = await intake.submit_scan(queue, roots, spec, fs)
+    job = await intake.submit_scan(queue, checks, spec)
 
     assert job.spec.path == str(root / "sub")
     assert not job.spec.recursive and job.spec.request_id == "r-1"
     assert (await until_state(queue, job.id, JobState.COMPLETED)).id == job.id
     with pytest.raises(PermissionDenied):
-        await intake.submit_scan(queue, roots, intake.job_spec(str(tmp_path)), fs)
+        await intake.submit_scan(queue, checks, intake.job_spec(str(tmp_path)))
     with pytest.raises(NotFound):
-        await intake.submit_scan(queue, roots, intake.job_spec(str(root / "gone")), fs)
+        await intake.submit_scan(queue, checks, intake.job_spec(str(root / "gone")))
+    await checks.close()
 
 
 @pytest.mark.parametrize(
