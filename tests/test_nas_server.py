@@ -12,13 +12,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
+from scanjobs.v1.scanjobs_connect import ScanServiceClient
 from tests.conftest import (
     Running,
     ServeFactory,
@@ -264,3 +268,29 @@ def test_sigterm_stops_a_server_within_its_grace_period_while_it_is_stuck_in_a_d
     assert code == 0
     assert elapsed < grace_s + MARGIN_S
     assert lines[-1]["message"] == "server stopped"
+
+
+async def test_connect_and_rest_submits_into_a_dead_folder_answer_unavailable_in_time(
+    dead_share: SlowShare, serve: ServeFactory
+) -> None:
+    s = await serve(dead_share.path, io_timeout_s=2.0, http_listen="127.0.0.1:0")
+    base = f"http://127.0.0.1:{s.app.http_port}"
+    inside = str(dead_share.path / "dead" / "deeper")
+
+    started = time.monotonic()
+    async with ScanServiceClient(base, timeout_ms=1000) as connect:  # nearer than 2 s
+        with pytest.raises(ConnectError) as caught:
+            await connect.submit_scan(pb.SubmitScanRequest(path=inside))
+    connect_s = time.monotonic() - started
+    started = time.monotonic()
+    async with httpx.AsyncClient(timeout=20) as http:
+        response = await http.post(f"{base}/api/v1/scans", json={"path": inside})
+    rest_s = time.monotonic() - started
+
+    assert caught.value.code == Code.UNAVAILABLE, caught.value
+    assert "is the share down?" in caught.value.message
+    assert connect_s < 1.0
+    assert response.status_code == 503
+    assert response.json()["reason"] == "IO_TIMEOUT"
+    assert 2.0 * 0.9 <= rest_s < 2.0 + MARGIN_S
+    await _let_go(dead_share)
