@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -25,7 +26,7 @@ from . import errors
 from .deadline import no_answer
 from .errors import IoTimeout, ScanJobsError, Unavailable
 from .reap import abandon, exited
-from .roots import RootPolicy
+from .roots import Folder, RootPolicy
 
 __all__ = ["ROOT_CHECK_COMMAND", "RootChecks"]
 
@@ -125,6 +126,14 @@ class RootChecks:
         """``RootPolicy.check(path)`` in the helper: the path normalised.
 
         Raises:
+            as :meth:`locate`.
+        """
+        return os.fsdecode((await self.locate(path, timeout_s)).path)
+
+    async def locate(self, path: str, timeout_s: float | None = None) -> Folder:
+        """``RootPolicy.locate(path)`` in the helper: the folder beneath its root.
+
+        Raises:
             InvalidArgument, PermissionDenied, NotFound, FailedPrecondition: from the check.
             IoTimeout: no answer within ``timeout_s`` (default and at most: ``timeout_s`` of
                 the constructor).
@@ -144,7 +153,7 @@ class RootChecks:
                 self._retire(helper, IoTimeout(f"{no_answer(deadline)} (earlier checks are stuck)"))
             raise IoTimeout(no_answer(deadline)) from None
         if "path" in answer:
-            return str(answer["path"])
+            return Folder(*(os.fsencode(answer[k]) for k in ("path", "root", "relative")))
         kind = _ERRORS.get(answer.get("error", ""), errors.FailedPrecondition)
         if kind is errors.InvalidArgument:
             raise errors.InvalidArgument(
@@ -213,7 +222,13 @@ class RootChecks:
 
 def _answer(roots: RootPolicy, request: dict[str, Any]) -> dict[str, Any]:
     try:
-        return {"id": request["id"], "path": roots.check(request["path"])}
+        folder = roots.locate(request["path"])
+        return {
+            "id": request["id"],
+            "path": os.fsdecode(folder.path),
+            "root": os.fsdecode(folder.root),
+            "relative": os.fsdecode(folder.relative),
+        }
     except ScanJobsError as exc:
         field = getattr(exc, "violations", ())
         return {

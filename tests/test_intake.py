@@ -9,10 +9,16 @@ from pathlib import Path
 import pytest
 
 from scanjobs.server import intake
-from scanjobs.server.errors import InvalidArgument, NotFound, PermissionDenied
+from scanjobs.server.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from scanjobs.server.jobs import JobState
 from scanjobs.server.queue import AsyncioJobQueue
 from scanjobs.server.rootcheck import RootChecks
+from scanjobs.server.roots import RootPolicy
 from tests.queues import ScriptedHandler, until_state
 
 
@@ -70,3 +76,21 @@ def test_ids_and_page_sizes_are_checked() -> None:
         intake.page_size(-1, default=50)
     assert intake.page_size(0, default=50) == 50
     assert intake.page_size(10**6, default=50) == intake.MAX_PAGE_SIZE
+
+
+async def test_the_root_check_helper_finds_a_folder_as_the_root_policy_does(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    (root / "sub \udcff").mkdir(parents=True)
+    (root / "file").write_bytes(b"")
+    checks = RootChecks([str(root)], timeout_s=10.0)
+    try:
+        found = await checks.locate(f"{root}/sub \udcff/")
+        with pytest.raises(FailedPrecondition) as not_a_folder:
+            await checks.check(str(root / "file"))
+    finally:
+        await checks.close()
+
+    assert found == RootPolicy([str(root)]).locate(f"{root}/sub \udcff/")
+    assert not_a_folder.value.reason == "NOT_A_DIRECTORY"
