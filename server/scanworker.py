@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import sys
 import threading
 import time
@@ -77,6 +78,7 @@ class DirectoryWork:
         self._settings = settings
         self._extensions = frozenset(os.fsencode(e.lower()) for e in settings.extensions)
         self._probe_times = probe_times if probe_times is not None else []
+        self._fs = _FsThread()
         self._stats = (
             ThreadPoolExecutor(settings.io_concurrency, thread_name_prefix="stat")
             if settings.io_concurrency > 1
@@ -106,7 +108,7 @@ class DirectoryWork:
                 return tree.list(directory)
 
         try:
-            return await _watched(call, lambda: tree.ops, self._settings.io_timeout_s)
+            return await self._fs.watched(call, lambda: tree.ops, self._settings.io_timeout_s)
         except IoTimeout:
             return None
 
@@ -147,39 +149,57 @@ class DirectoryWork:
         return report
 
 
-async def _watched(fn: Callable[[], _T], progress: Callable[[], int], timeout_s: float) -> _T:
-    """``fn()`` on a daemon thread, given up on (``IoTimeout``) once ``progress()`` has not
-    moved for ``timeout_s``: a folder of many files on slow storage takes as long as it
-    takes, one call that never answers costs ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[_T] = loop.create_future()
+class _FsThread:
+    """One long-lived daemon thread for a worker's filesystem calls (a thread per call cost
+    more than listing a small folder). A call that never answers leaves it stuck: the worker
+    then asks to be replaced, and no call is made after that."""
 
-    def settle(result: _T | None, error: BaseException | None) -> None:
-        if not future.done():
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)  # type: ignore[arg-type]
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
-    def call() -> None:
-        try:
-            result, error = fn(), None
-        except BaseException as exc:  # handed to the waiting task
-            result, error = None, exc
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-            loop.call_soon_threadsafe(settle, result, error)
+    def _serve(self) -> None:
+        while True:
+            self._calls.get()()
 
-    threading.Thread(target=call, name="fs-call", daemon=True).start()
-    seen = -1
-    while True:
-        done, _ = await asyncio.wait([future], timeout=timeout_s)
-        if done:
-            return future.result()
-        now = progress()
-        if now == seen:
-            log.warning("a filesystem call got no answer in %g s", timeout_s)
-            raise IoTimeout(no_answer(timeout_s))
-        seen = now
+    async def watched(
+        self, fn: Callable[[], _T], progress: Callable[[], int], timeout_s: float
+    ) -> _T:
+        """``fn()`` on the thread, given up on (``IoTimeout``) once ``progress()`` has not
+        moved for ``timeout_s``: a folder of many files on slow storage takes as long as it
+        takes, one call that never answers costs ``timeout_s``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="fs-calls", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+
+        def settle(result: _T | None, error: BaseException | None) -> None:
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)  # type: ignore[arg-type]
+
+        def call() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # handed to the waiting task
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(settle, result, error)
+
+        self._calls.put(call)
+        seen = -1
+        while True:
+            done, _ = await asyncio.wait([future], timeout=timeout_s)
+            if done:
+                return future.result()
+            now = progress()
+            if now == seen:
+                log.warning("a filesystem call got no answer in %g s", timeout_s)
+                raise IoTimeout(no_answer(timeout_s))
+            seen = now
 
 
 class LocalDirectories:
