@@ -155,6 +155,10 @@ class ScanWorkers:
             # A filesystem call of its own is stuck in the kernel: it gets no more work.
             log.warning("replacing a scan worker with a filesystem call stuck past its deadline")
             self._replace(worker)
+        elif isinstance(reply, wire.Fault):
+            # Its connection may be broken for good (a database that went away): a fresh
+            # worker connects afresh once the database answers again.
+            self._replace(worker)
         else:
             self._idle.put_nowait(worker)
         if isinstance(reply, wire.Fault):

@@ -231,7 +231,7 @@ async def _open_catalog(database: str) -> tuple[Catalog, Callable[[], Awaitable[
     if database.startswith(("postgresql://", "postgres://")):
         from .pgstore import PgCatalog, PgDatabase
 
-        pg = await PgDatabase.open(database, size=1)
+        pg = await PgDatabase.attach(database)
         return PgCatalog(pg), pg.close
     from pathlib import Path
 
