@@ -94,9 +94,7 @@ async def test_two_jobs_on_a_root_with_a_dead_folder_both_end_with_its_error(
     slow_share.hang("dead")
     try:
         s = await serve(share, io_timeout_s=IO_TIMEOUT_S)
-        jobs = [
-            await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(share))) for _ in range(2)
-        ]
+        jobs = [await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(share))) for _ in range(2)]
         finals = [await wait_terminal(s.stub, job.id) for job in jobs]
     finally:
         slow_share.release()
