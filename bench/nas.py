@@ -105,7 +105,8 @@ def _server_round(source: Path, processes: int) -> tuple[int, float, float, floa
     """On one fresh share: the server's first scan and rescan, then the walk + stat baseline.
     Returns the files and the three rates."""
     with fresh_share(source) as (path, files):
-        with server(path, "--probe-processes", str(processes)) as s:
+        # No lame duck on the way out: nobody calls it then, and the quick run stays quick.
+        with server(path, "--probe-processes", str(processes), "--lame-duck", "0") as s:
             cold_s, cold = _timed_scan(s.target, path)
             warm_s, warm = _timed_scan(s.target, path)
         assert cold.result.scanned == len(files), cold.result
