@@ -1,4 +1,4 @@
-"""Running a real server for a benchmark, and reading its memory use."""
+"""Running a real server for a benchmark, scanning with it, and reading its memory use."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from scanjobs.client import ScanClient
+from scanjobs.v1 import scanjobs_pb2 as pb
 
 
 def free_port() -> int:
@@ -74,6 +77,16 @@ def server(root: Path, *extra: str) -> Iterator[Server]:
             proc.terminate()
             proc.wait(timeout=30)
             log.close()
+
+
+async def scan_once(target: str, path: Path) -> pb.Job:
+    """Submit a scan and wait for its end; returns the final job."""
+    async with ScanClient(target, timeout_s=60) as client:
+        job = await client.submit(str(path))
+        final = job
+        async for event in client.watch(job.id):
+            final = event.job
+        return final
 
 
 def percentile(values: Sequence[float], pct: float) -> float:
