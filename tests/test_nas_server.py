@@ -226,7 +226,7 @@ async def test_ten_scans_stuck_in_a_dead_folder_and_cancelled_leave_only_abandon
         abandoned = _abandoned(s)
         assert len(s.app.workers.pids()) == 2
         assert stuck == {p for p in stuck if _state(p) == "D"}
-        assert 1 <= len(stuck) <= abandoned <= 10  # one may exit after it was given up on
+        assert len(stuck) <= abandoned <= 10  # one may exit after it was given up on
         assert _threads() <= threads + abandoned  # a waitpid thread each
     finally:
         slow_share.release()
