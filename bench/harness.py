@@ -26,6 +26,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """Resident memory of a process in MiB (``VmHWM`` for the peak)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
