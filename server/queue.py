@@ -95,7 +95,7 @@ class QueueConfig:
     job_timeout_s: float = 3600.0
     max_pending: int = 1000
     progress_interval_s: float = 0.1
-    progress_budget_per_s: float = 2000.0
+    progress_budget_per_s: float = 1000.0
     history: int = 256
     max_attempts: int = 3
     retention_s: float = 7 * 24 * 3600.0
