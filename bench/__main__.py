@@ -15,16 +15,21 @@ import json
 import os
 import platform
 import random
-import shutil
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from bench import baselines, live
-from bench.corpus import make_corpus
+from bench.corpus import (
+    make_corpus,
+    make_empty_tree,
+    make_large_library,
+    make_realistic_corpus,
+    sample_video,
+)
 from bench.harness import percentile, rss_mib, server
 from scanjobs.client import InvalidRequest, ScanClient, is_terminal
 from scanjobs.v1 import scanjobs_pb2 as pb
@@ -62,9 +67,11 @@ class Sizes:
     live_trials: int = 30
     idle_files: int = 100_000
     idle_seconds: float = 20.0
+    realistic_files: int = 360
+    realistic_seconds: int = 10
 
 
-QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2, 6, 300, 3, 2000, 1.0)
+QUICK = Sizes(60, 10, 5, 20, 300, 3000, 0.5, 2, 6, 300, 3, 2000, 1.0, 12, 1)
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -123,6 +130,36 @@ def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
     return rows
 
 
+# -- 1b: scan throughput on realistic files ---------------------------------------------------
+
+
+def _cold_scan_rate(sizes: Sizes, corpus: Path, files: int) -> float:
+    """Files per second of one scan of ``corpus`` by a fresh server (an empty catalog)."""
+    with server(corpus, "--probe-processes", str(sizes.processes)) as s:
+        started = time.perf_counter()
+        cold = asyncio.run(scan_once(s.target, corpus))
+        cold_s = time.perf_counter() - started
+    assert cold.result.added == files and not cold.result.failed, cold.result
+    return files / cold_s
+
+
+def realistic_throughput(sizes: Sizes, corpus: Path) -> list[Row]:
+    """Cold scans of 10 s 640x360 videos of 1-3 MB against the bare PyAV loop on the same
+    files, with every file in the page cache; each twice, alternating, and the best of each
+    (so that a burst of work by a neighbour on the machine weighs on neither side alone)."""
+    files = baselines.video_files(corpus)
+    mean_mb = baselines.read_all(files) / len(files) / 1e6
+    ours, bare = 0.0, 0.0
+    for _ in range(2):
+        ours = max(ours, _cold_scan_rate(sizes, corpus, len(files)))
+        bare = max(bare, baselines.bare_pyav_rate(files, sizes.processes))
+    return [
+        Row("scan throughput, realistic files", ours, bare,
+            f"bare PyAV loop, {sizes.processes} procs", "files/s", ours / bare,
+            f">= 0.9x ({len(files)} files, {mean_mb:.1f} MB mean)", ours / bare >= 0.9),
+    ]  # fmt: skip
+
+
 # -- 2b: a rescan of a large unchanged library -------------------------------------------------
 
 
@@ -143,7 +180,7 @@ def rescan(sizes: Sizes, corpus: Path) -> list[Row]:
     stat_s = min(baselines.walk_stat_seconds(corpus) for _ in range(3))
     return [
         Row(f"rescan of {files:,} unchanged files", warm_s, stat_s, "walk + stat floor", "s",
-            warm_s / stat_s, "<= 2x", warm_s / stat_s <= 2),
+            warm_s / stat_s, "<= 1x", warm_s / stat_s <= 1),
     ]  # fmt: skip
 
 
@@ -253,8 +290,8 @@ def fan_out(sizes: Sizes, blocker: Path, measured: Path) -> list[Row]:
             f"p99 <= 100 ms (p50 {p50:.1f} ms, {len(delays)} deliveries)", p99 <= 100),
         Row("fan-out extra RSS", peak - before, 50.0, "target", "MiB", (peak - before) / 50,
             f"<= 50 MiB (before {before:.0f} MiB)", peak - before <= 50),
-        Row("job time with watchers", _seconds(final), _seconds(alone), "same job, no watchers",
-            "s", slowdown, "<= 1.25x", slowdown <= 1.25),
+        Row(f"job time with {sizes.watchers} watchers vs none", _seconds(final), _seconds(alone),
+            "same job, no watchers", "s", slowdown, "<= 1.25x", slowdown <= 1.25),
     ]  # fmt: skip
 
 
@@ -285,23 +322,8 @@ def rpc_overhead(sizes: Sizes, corpus: Path) -> list[Row]:
 # -- 6: scale ------------------------------------------------------------------------------------
 
 
-def _tiny_tree(root: Path, files: int) -> Path:
-    marker = root / f".complete-{files}"
-    if marker.exists():
-        return root
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    for n in range(files):
-        folder = root / f"d{n // 1000:04}"
-        if n % 1000 == 0:
-            folder.mkdir()
-        (folder / f"f{n:07}.txt").touch()
-    marker.touch()
-    return root
-
-
 def scale(sizes: Sizes) -> list[Row]:
-    root = _tiny_tree(CACHE / f"tiny-{sizes.walk_files}", sizes.walk_files)
+    root = make_empty_tree(CACHE / f"tiny-{sizes.walk_files}", sizes.walk_files)
     walk_s = min(baselines.walk_seconds(root) for _ in range(2))
     with server(root) as s:
         job = asyncio.run(scan_once(s.target, root))
@@ -405,13 +427,12 @@ def replicas(sizes: Sizes, small: Path) -> list[Row]:
 # -- 8: the live library ------------------------------------------------------------------------
 
 
-def live_library(sizes: Sizes, corpus: Path) -> list[Row]:
+def live_library(sizes: Sizes, sample: Path) -> list[Row]:
     settle = 2.0
-    sample = min(corpus.rglob("clip*.mp4"))
     waits = live.added_latencies(CACHE / "live" / "watched", sample, sizes.live_trials, settle)
     beyond = [max(0.0, w - settle) * 1000 for w in waits]
     p50, p99 = percentile(beyond, 50), percentile(beyond, 99)
-    idle = live.idle_cpu(_tiny_tree(CACHE / f"idle-{sizes.idle_files}", sizes.idle_files),
+    idle = live.idle_cpu(make_empty_tree(CACHE / f"idle-{sizes.idle_files}", sizes.idle_files),
                          sizes.idle_seconds)  # fmt: skip
     return [
         Row("last write -> ADDED, beyond the 2 s settle, p99", p99, 1000.0, "target", "ms",
@@ -424,19 +445,55 @@ def live_library(sizes: Sizes, corpus: Path) -> list[Row]:
 # -- the runner ----------------------------------------------------------------------------------
 
 
-def _large_library(files: int) -> Path:
-    """Hard links to one >= 200 MB video: every probe in this tree is of a large file."""
-    root = CACHE / "large"
-    source = root / "original" / "large.avi"
-    if not source.exists():
-        source.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "bench.large", str(source)], check=True)
-    links = root / f"links-{files}"
-    if not links.exists():
-        links.mkdir()
-        for n in range(files):
-            os.link(source, links / f"large{n:03}.avi")
-    return links
+class Corpora:
+    """Every corpus a benchmark may need, built (or taken from the cache) on first use, so
+    that ``--only`` builds only what the chosen benchmarks measure."""
+
+    def __init__(self, sizes: Sizes, tag: str) -> None:
+        self.sizes, self.tag = sizes, tag
+
+    @cached_property
+    def small(self) -> Path:
+        return make_corpus(CACHE / f"corpus-{self.tag}" / "library", self.sizes.files)
+
+    @cached_property
+    def realistic(self) -> Path:
+        root = CACHE / f"realistic-{self.tag}" / "library"
+        return make_realistic_corpus(root, self.sizes.realistic_files, self.sizes.realistic_seconds)
+
+    @cached_property
+    def rescan(self) -> Path:
+        return make_corpus(CACHE / f"rescan-{self.tag}" / "library", self.sizes.rescan_files)
+
+    @cached_property
+    def cancel(self) -> Path:
+        return make_corpus(CACHE / f"cancel-{self.tag}" / "library", max(self.sizes.files, 1000))
+
+    @cached_property
+    def fan_out(self) -> Path:
+        return make_corpus(CACHE / f"fanout-{self.tag}" / "measured", self.sizes.fan_out_files)
+
+    @cached_property
+    def large(self) -> Path:
+        return make_large_library(CACHE / "large", 200)
+
+    @cached_property
+    def sample(self) -> Path:
+        return sample_video(CACHE / "samples" / "h264-aac.mp4")
+
+
+# Each selection of --only, in the order of the table, and what it runs on.
+_BENCHMARKS: dict[str, Callable[[Sizes, Corpora, argparse.Namespace], list[Row]]] = {
+    "scan": lambda s, c, args: throughput(s, c.small, args.skip_ffprobe),
+    "realistic": lambda s, c, args: realistic_throughput(s, c.realistic),
+    "rescan": lambda s, c, args: rescan(s, c.rescan),
+    "cancel": lambda s, c, args: cancel_latency(s, c.cancel, c.large),
+    "fanout": lambda s, c, args: fan_out(s, c.large, c.fan_out),
+    "rpc": lambda s, c, args: rpc_overhead(s, c.small),
+    "scale": lambda s, c, args: scale(s),
+    "replicas": lambda s, c, args: replicas(s, c.cancel),
+    "live": lambda s, c, args: live_library(s, c.sample),
+}
 
 
 def _print(rows: list[Row]) -> None:
@@ -449,42 +506,21 @@ def _print(rows: list[Row]) -> None:
               f"{r.target} [{r.unit}] vs {r.baseline_name} {mark}")  # fmt: skip
 
 
-_ALL = ("scan", "rescan", "cancel", "fanout", "rpc", "scale", "replicas", "live")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--skip-ffprobe", action="store_true", help="no ffprobe baseline")
-    parser.add_argument("--only", choices=[*_ALL], action="append",
+    parser.add_argument("--only", choices=[*_BENCHMARKS], action="append",
                         help="run only these (repeatable)")  # fmt: skip
     parser.add_argument("--output", type=Path, default=HERE / "results.json")
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
-    tag = "quick" if args.quick else "full"
-    corpus = make_corpus(CACHE / f"corpus-{tag}" / "library", sizes.files)
-    small = make_corpus(CACHE / f"cancel-{tag}" / "library", max(sizes.files, 1000))
-    measured = make_corpus(CACHE / f"fanout-{tag}" / "measured", sizes.fan_out_files)
-    large = _large_library(200)
-    only = set(args.only or _ALL)
+    corpora = Corpora(sizes, "quick" if args.quick else "full")
+    only = set(args.only or _BENCHMARKS)
     rows: list[Row] = []
-    if "scan" in only:
-        rows += throughput(sizes, corpus, args.skip_ffprobe)
-    if "rescan" in only:
-        big = make_corpus(CACHE / f"rescan-{tag}" / "library", sizes.rescan_files)
-        rows += rescan(sizes, big)
-    if "cancel" in only:
-        rows += cancel_latency(sizes, small, large)
-    if "fanout" in only:
-        rows += fan_out(sizes, large, measured)
-    if "rpc" in only:
-        rows += rpc_overhead(sizes, corpus)
-    if "scale" in only:
-        rows += scale(sizes)
-    if "replicas" in only:
-        rows += replicas(sizes, small)
-    if "live" in only:
-        rows += live_library(sizes, corpus)
+    for name, benchmark in _BENCHMARKS.items():
+        if name in only:
+            rows += benchmark(sizes, corpora, args)
     machine = {
         "cpus": os.cpu_count(),
         "cpu": _cpu_model(),

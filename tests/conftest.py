@@ -27,7 +27,7 @@ from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from tests.media import write_video
 
-pytest_plugins = ["tests.postgres", "tests.queues"]
+pytest_plugins = ["tests.fusefs", "tests.postgres", "tests.queues"]
 
 HERE = Path(__file__).resolve().parent
 SERVER = (sys.executable, "-m", "scanjobs.server")

@@ -32,5 +32,6 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
         "peak server RSS during that scan",
     } <= names
     assert any(n.startswith("rescan of ") for n in names)
+    assert "scan throughput, realistic files" in {r["name"] for r in rows}
     assert all(r["ours"] >= 0 and r["baseline"] > 0 for r in rows)
     assert "benchmark" in proc.stdout and "ratio" in proc.stdout
