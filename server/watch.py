@@ -57,7 +57,8 @@ class ProgressPace:
     evenly, not in bursts, and a progress event is sent when it is published: on its turn,
     a watcher is sent the next progress published. If none comes within ``hold_s``, the
     one it holds goes out then, so that a job that reports seldom is never shown stale for
-    long.
+    long. After a quiet interval (a job that starts) a watcher waits for its phase again,
+    so that the first progress does not go to every watcher at once.
 
     Args:
         budget_per_s: progress messages per second, summed over every watcher.
@@ -185,7 +186,14 @@ class Subscription:
     # -- pace ------------------------------------------------------------------------------
 
     def _my_turn(self) -> bool:
-        return not self._pace.paced or self._loop.time() >= self._turn
+        if not self._pace.paced:
+            return True
+        now, interval = self._loop.time(), self._pace.interval_s
+        if now - self._turn >= interval:
+            # Quiet for a whole interval (a job that starts, or reports seldom): wait for the
+            # turn's phase again rather than all watchers taking this progress at once.
+            self._turn += interval * math.ceil((now - self._turn) / interval)
+        return now >= self._turn
 
     def _next_turn(self) -> None:
         """Move the turn past now, keeping its phase (so that turns stay spread out)."""
