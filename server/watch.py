@@ -72,26 +72,27 @@ class ProgressPace:
         self.hold_s = 2 * min_interval_s
         self.watchers = 0
         self._joined = 0
-
-    @property
-    def paced(self) -> bool:
+        # Read for every watcher on every progress event: kept current, not computed there.
+        self.paced = False
         """True when the budget, not the job's own rate, sets the watchers' pace."""
-        return self.watchers > self._budget_per_s * self._min_interval_s
-
-    @property
-    def interval_s(self) -> float:
+        self.interval_s = min_interval_s
         """Seconds between two progress messages to one watcher."""
-        return max(self._min_interval_s, self.watchers / self._budget_per_s)
 
     def join(self) -> float:
         """Count one more watcher; returns its phase, a fraction of the interval."""
         self.watchers += 1
         self._joined += 1
+        self._count_changed()
         return (self._joined * _GOLDEN) % 1.0
 
     def leave(self) -> None:
         """Count one watcher fewer."""
         self.watchers -= 1
+        self._count_changed()
+
+    def _count_changed(self) -> None:
+        self.paced = self.watchers > self._budget_per_s * self._min_interval_s
+        self.interval_s = max(self._min_interval_s, self.watchers / self._budget_per_s)
 
 
 class Subscription:
