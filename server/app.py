@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,10 +27,12 @@ from .library_watch import LibraryWatcher, QueueRunner, RootState, WatchConfig, 
 from .metrics import Metrics
 from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
-from .probe import ProbePool
+from .probe import PROBE_COMMAND
 from .queue import AsyncioJobQueue
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
+from .scan_wire import WorkerSettings
+from .scanpool import ScanWorkers
 from .service import ScanService, ServiceInterceptor
 from .shared_roots import SharedRootStates
 from .store import Database, SqliteCatalog, SqliteJobStore
@@ -63,7 +65,7 @@ class App:
     server: grpc.aio.Server
     port: int
     queue: AsyncioJobQueue | PgJobQueue
-    probes: ProbePool
+    workers: ScanWorkers
     db: Database | PgDatabase
     health: health.aio.HealthServicer
     calls: ServiceInterceptor
@@ -112,7 +114,7 @@ class App:
         if self.http is not None:
             await self.http.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         await self.server.stop(None)
-        await self.probes.close()
+        await self.workers.close()
         await self.catalog.close()
         await self.db.close()
         self.metrics.close()
@@ -122,15 +124,15 @@ class App:
 async def start(
     config: Config,
     *,
-    probes: ProbePool | None = None,
+    probe_command: Sequence[str] = PROBE_COMMAND,
     clock_ns: Callable[[], int] = time.time_ns,
 ) -> App:
     """Start serving per ``config``; returns once the port is bound.
 
     Args:
         config: the settings.
-        probes: a probe pool to use instead of one built from ``config`` (tests pass pools
-            whose workers can be made to hang or crash on purpose).
+        probe_command: the probe worker's command line (tests pass workers that can be
+            made to hang or crash on purpose).
         clock_ns: the catalog's wall clock (first/last-seen and missing times, the missing
             retention), in nanoseconds.
 
@@ -161,17 +163,16 @@ async def start(
         undo.push_async_callback(db.close)
         undo.push_async_callback(catalog.close)
         await _tidy_catalog(catalog, roots, config, clock_ns)
-        if probes is None:
-            probes = ProbePool(
-                config.probe_processes,
-                config.probe_timeout_s,
-                on_probe=metrics.on_probe,
-                memory_mib=config.probe_memory_mib,
-                user=config.probe_user,
-            )
-        await probes.start()
-        undo.push_async_callback(probes.close)
-        queue = _queue(config, db, _scanner(config, roots, probes, catalog, clock_ns), metrics)
+        scan_config = _scan_config(config)
+        workers = ScanWorkers(
+            config.probe_processes,
+            _worker_settings(config, db, scan_config, probe_command),
+            on_probe=metrics.on_probe,
+        )
+        await workers.start()
+        undo.push_async_callback(workers.close)
+        scanner = Scanner(roots, workers, catalog, scan_config, clock_ns=clock_ns)
+        queue = _queue(config, db, scanner, metrics)
         await queue.start()
         undo.pop_all()  # started: from here on App.stop() owns every part
     if config.metrics_listen:
@@ -224,7 +225,7 @@ async def start(
         server,
         port,
         queue,
-        probes,
+        workers,
         db,
         health_servicer,
         calls,
@@ -295,21 +296,33 @@ def _watcher(
     return watcher
 
 
-def _scanner(
-    config: Config,
-    roots: RootPolicy,
-    probes: ProbePool,
-    catalog: Catalog,
-    clock_ns: Callable[[], int],
-) -> Scanner:
-    scan_config = ScanConfig(
+def _scan_config(config: Config) -> ScanConfig:
+    return ScanConfig(
         extensions=config.extensions,
-        lanes=max(2, config.probe_processes),
+        lanes=config.probe_processes,
         max_errors=config.max_errors,
         missing_retention_ns=int(config.missing_retention_s * 1e9),
         history_ns=int(config.catalog_history_s * 1e9),
     )
-    return Scanner(roots, probes, catalog, scan_config, clock_ns=clock_ns)
+
+
+def _worker_settings(
+    config: Config, db: Database | PgDatabase, scan: ScanConfig, probe_command: Sequence[str]
+) -> WorkerSettings:
+    """What each scan worker is told: where the catalog is, and how to probe."""
+    return WorkerSettings(
+        database=db.url if isinstance(db, PgDatabase) else str(db.path),
+        roots=config.roots,
+        extensions=tuple(sorted(scan.extensions)),
+        seen_resolution_ns=scan.seen_resolution_ns,
+        chunk=scan.batch_size,
+        probe_batch=scan.probe_batch,
+        probe_command=tuple(probe_command),
+        probe_processes=1,
+        probe_timeout_s=config.probe_timeout_s,
+        probe_memory_mib=config.probe_memory_mib,
+        probe_user=config.probe_user,
+    )
 
 
 def _queue(

@@ -144,6 +144,9 @@ class ScanCounts:
     def __add__(self, other: ScanCounts) -> ScanCounts:
         return ScanCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
+    def __sub__(self, other: ScanCounts) -> ScanCounts:
+        return ScanCounts(*(getattr(self, f.name) - getattr(other, f.name) for f in fields(self)))
+
     def as_tuple(self) -> tuple[int, ...]:
         """The counts in field order (the storage column order)."""
         return tuple(getattr(self, f.name) for f in fields(self))

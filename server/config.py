@@ -43,6 +43,8 @@ class Config:
     probe_timeout_s: float = 30.0
     probe_memory_mib: int = DEFAULT_PROBE_MEMORY_MIB
     probe_user: str | None = None
+    io_concurrency: int = 16
+    io_timeout_s: float = 30.0
     extensions: frozenset[str] = _SCAN.extensions
     max_pending: int = _QUEUE.max_pending
     max_jobs: int = _QUEUE.max_jobs
@@ -176,6 +178,12 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
     ("--probe-user", "PROBE_USER", str, "probe_user",
      "run probe workers as this user (name or uid), with its primary group only; the "
      "server must start as root"),
+    ("--io-concurrency", "IO_CONCURRENCY", _positive_int, "io_concurrency",
+     "files probed and stated in flight at once (threads in the probe and scan workers, "
+     "independent of --probe-processes); the default suits network storage"),
+    ("--io-timeout", "IO_TIMEOUT", _positive_float, "io_timeout_s",
+     "seconds any filesystem operation may take (a listing, a stat, the root check of "
+     "SubmitScan) before it is a per-folder error: a dead share costs one error, not a job"),
     ("--extensions", "EXTENSIONS", _extensions, "extensions",
      "comma-separated video file extensions"),
     ("--max-pending", "MAX_PENDING", _positive_int, "max_pending",
@@ -411,6 +419,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         probe_timeout_s=args.probe_timeout,
         probe_memory_mib=args.probe_memory,
         probe_user=args.probe_user,
+        io_concurrency=args.io_concurrency,
+        io_timeout_s=args.io_timeout,
         extensions=args.extensions,
         max_pending=args.max_pending,
         max_jobs=args.max_jobs,

@@ -35,6 +35,7 @@ __all__ = [
     "FailedPrecondition",
     "FieldViolation",
     "InvalidArgument",
+    "IoTimeout",
     "NotFound",
     "OutOfRange",
     "PermissionDenied",
@@ -138,6 +139,13 @@ class ShuttingDown(Unavailable):
     """This server is shutting down; another replica, or this one restarted, will answer."""
 
     reason = "SHUTTING_DOWN"
+
+
+class IoTimeout(Unavailable):
+    """A filesystem operation did not answer within ``--io-timeout``: a share that is down
+    or a disk that hangs. Retry once it answers again."""
+
+    reason = "IO_TIMEOUT"
 
 
 class StorageFault(ScanJobsError):

@@ -24,12 +24,13 @@ from fractions import Fraction
 from typing import Any, BinaryIO, Protocol
 
 from . import probe_wire as wire
-from .fsopen import open_beneath
+from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
 from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
     "MIN_PROBE_MEMORY_MIB",
+    "PROBE_COMMAND",
     "MediaInfo",
     "ProbeFailure",
     "ProbeOutcome",
@@ -53,13 +54,14 @@ MIN_PROBE_MEMORY_MIB = 256
 # attacker may have crafted. (COVERAGE_PROCESS_CONFIG lets the test suite measure workers.)
 _WORKER_ENVIRONMENT = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH",
-    "COVERAGE_PROCESS_CONFIG",
+    "COVERAGE_PROCESS_CONFIG", BY_COMPONENTS_VARIABLE,
 )  # fmt: skip
 _MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
 _FORMAT_WHITELIST = (
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,h264,hevc,m4v,mjpeg"
 )
 _OPTIONS = {"format_whitelist": _FORMAT_WHITELIST}
+PROBE_COMMAND = (sys.executable, "-m", "scanjobs.server.probe")  # a worker: this module
 # The demuxer a name suggests, as FFmpeg names it (the first alias is what av.open takes).
 _MOV, _MKV = "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"
 _FORMAT_BY_SUFFIX = {
@@ -275,7 +277,7 @@ class ProbePool:
         processes: int,
         probe_timeout_s: float = 30.0,
         *,
-        command: Sequence[str] = (sys.executable, "-m", "scanjobs.server.probe"),
+        command: Sequence[str] = PROBE_COMMAND,
         on_probe: Callable[[float], None] | None = None,
         memory_mib: int = DEFAULT_PROBE_MEMORY_MIB,
         user: str | None = None,

@@ -46,8 +46,9 @@ from .walk import Candidate, Listing, WalkError
 
 __all__ = ["DirectoryScan", "Reported"]
 
-# Committed counts and the per-file errors behind them, handed to the job's tally.
-Reported = Callable[[ScanCounts, Sequence[tuple[bytes, str]], bytes], None]
+# Committed counts, the per-file errors behind them, the last path covered, and whether the
+# counts were written with rows (False: nothing to write, such as an unchanged folder).
+Reported = Callable[[ScanCounts, Sequence[tuple[bytes, str]], bytes, bool], None]
 
 
 @dataclass(slots=True)
@@ -273,16 +274,16 @@ class DirectoryScan:
         if not changes.writes_anything():
             # Unchanged files and remembered failures: no row to write, so no transaction
             # (most folders of a rescan); their counts are reported all the same.
-            self.report(changes.counts, errors, current)
+            self.report(changes.counts, errors, current, False)
             return
         write = asyncio.ensure_future(self.catalog.commit(changes))
         try:
             counts = await asyncio.shield(write)
         except asyncio.CancelledError:
             # A commit is short: let it land so that the report matches the catalog.
-            self.report(await write, errors, current)
+            self.report(await write, errors, current, True)
             raise
-        self.report(counts, errors, current)
+        self.report(counts, errors, current, True)
 
 
 def _unchanged(plan: _Plan, file: Candidate, row: Known, stale_before: int) -> None:

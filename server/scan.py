@@ -1,35 +1,40 @@
-"""The scan job: walk a directory, reconcile each directory it lists with the catalog.
+"""The scan job: hand the directories of a folder to the scan workers, one at a time each.
 
 ::
 
-    walk (thread, by descriptor) -> one listing per directory, a bounded number ahead -> lanes,
-    each reconciles one directory at a time (server.reconcile) -> report progress
+    frontier of directories (names only) -> lanes, one per worker: a worker lists the
+    directory (its sub-folders join the frontier), reconciles it with the catalog and commits
+    (server.scanworker) -> its summaries become the job's progress
 
-The walk streams: it never holds the tree in memory, only a few directories' listings.
-Progress counts only what is committed, so what a job reports is what the catalog holds.
+The server never touches a file here, and holds no list of the tree: only the names of the
+directories still to hand out. What a job reports at its end is read back from the counts its
+workers committed with their rows, so a cancel (which kills the workers in flight) or a crash
+can never make the report and the catalog disagree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Protocol
 
 from .catalog import Catalog, ScanCounts
+from .errors import StorageFault
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
-from .probe import Prober
-from .reconcile import DirectoryScan
 from .roots import RootPolicy
 from .runner import JobContext
-from .walk import Candidate, Listing, WalkError, listings, walk
+from .scan_wire import Committed, DirectoryTask, Listed, Reply
+from .scanpool import WorkerDied
+from .walk import Candidate, WalkError, walk
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
     "Candidate",
+    "Directories",
     "ScanConfig",
     "Scanner",
     "WalkError",
@@ -37,68 +42,15 @@ __all__ = [
 ]
 
 DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
+_MAX_BATCH = 32  # directories per round trip to a worker, at most
+_REPORT_EVERY_S = 0.02  # progress from one job's replies, at most this often
 
 
-class _Feed:
-    """Runs a walk in a thread and hands its listings to the event loop, a bounded number
-    ahead."""
+class Directories(Protocol):
+    """Where directories are done: ``server.scanpool.ScanWorkers`` (worker processes), or
+    ``server.scanworker.LocalDirectories`` (in-process, for tests)."""
 
-    def __init__(
-        self,
-        listings: Iterator[Listing],
-        stop: threading.Event,
-        on_arrival: Callable[[Listing | None], None],
-        ahead: int,
-    ) -> None:
-        self._listings = listings
-        self._on_arrival = on_arrival
-        self._stop = stop
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Listing | BaseException | None] = asyncio.Queue()
-        self._slots = threading.Semaphore(max(2, ahead))
-        self._thread = threading.Thread(target=self._produce, name="walk", daemon=True)
-        self._thread.start()
-
-    async def next(self) -> Listing | None:
-        """The next listing, or None once the walk ended (for every caller)."""
-        item = await self._queue.get()
-        if item is None:
-            self._queue.put_nowait(None)
-            return None
-        self._slots.release()
-        if isinstance(item, BaseException):
-            self._queue.put_nowait(None)
-            raise item
-        return item
-
-    def stop(self) -> None:
-        """Ask the walk thread to end soon; it never blocks the loop."""
-        self._stop.set()
-
-    def _produce(self) -> None:
-        try:
-            for listing in self._listings:
-                while not self._slots.acquire(timeout=0.05):
-                    if self._stop.is_set():
-                        return
-                self._deliver(listing)
-        except Exception as exc:  # surfaced to the job on the loop
-            self._deliver(exc)
-        finally:
-            close = getattr(self._listings, "close", None)
-            if close is not None:  # a walk holds descriptors: release them in this thread
-                close()
-            self._deliver(None)
-
-    def _deliver(self, item: Listing | BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
-            self._loop.call_soon_threadsafe(self._arrive, item)
-
-    def _arrive(self, item: Listing | BaseException | None) -> None:
-        """On the loop: queue what the walk found and say so (found counts, end of walk)."""
-        self._queue.put_nowait(item)
-        if not isinstance(item, BaseException):
-            self._on_arrival(item)
+    async def run(self, task: DirectoryTask, on_reply: Callable[[Reply], None]) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +59,14 @@ class ScanConfig:
 
     Attributes:
         extensions: lower-case file extensions, with the dot, that mark a video.
-        batch_size: files probed and committed together within a directory.
+        batch_size: files probed and committed together within a directory (a directory
+            of 100,000 files commits, and reports, in steps of this many).
         probe_batch: files per round trip to a probe worker; a batch's chunks are probed
             in parallel.
-        lanes: directories in flight at once.
+        lanes: directories of one job in flight at once (one per scan worker).
         seen_resolution_ns: how stale an unchanged file's last-seen time may get before a
             rescan writes it again; a rescan within it writes nothing for unchanged files.
         max_errors: per-file errors kept per job; the rest are only counted.
-        walk_ahead: files the walk may find before the probes catch up (counted as
-            ``walk_ahead // batch_size`` directories): enough to know the total of most
-            libraries early (for a real ETA), while a huge tree still costs bounded memory.
         missing_retention_ns: how long a missing video is kept before a scan purges it.
         history_ns: how long the catalog's changes are kept (``server.changes``).
     """
@@ -127,30 +77,91 @@ class ScanConfig:
     lanes: int = 2
     seen_resolution_ns: int = 3600 * 10**9
     max_errors: int = 50
-    walk_ahead: int = 20_000
     missing_retention_ns: int = 30 * 24 * 3600 * 10**9
     history_ns: int = 7 * 24 * 3600 * 10**9
 
 
+class _Frontier:
+    """The directories of a job still to hand out (names, depth first), and how many are
+    being done."""
+
+    def __init__(self) -> None:
+        self._pending: list[bytes] = [b""]
+        self._busy = 0
+        self._unlisted = 0
+        self._changed = asyncio.Event()
+
+    @property
+    def walking(self) -> bool:
+        """True while directories may still be found."""
+        return bool(self._pending) or self._unlisted > 0
+
+    async def take(self, lanes: int) -> list[bytes]:
+        """The next directories for one lane (empty once every directory is done): one, or
+        while many are waiting, a share of them, so that a tree of small folders costs few
+        round trips to the workers."""
+        while not self._pending:
+            if self._busy == 0:
+                return []
+            self._changed.clear()
+            await self._changed.wait()
+        count = max(1, min(_MAX_BATCH, len(self._pending) // (2 * lanes)))
+        taken = self._pending[-count:][::-1]
+        del self._pending[-count:]
+        self._busy += 1
+        self._unlisted += count
+        return taken
+
+    def listed(self, folders: Sequence[bytes]) -> None:
+        """A directory taken was listed, with these sub-folders."""
+        self._pending.extend(reversed(folders))  # popped in listing order
+        self._unlisted -= 1
+        self._changed.set()
+
+    def finished(self, unlisted: int, again: Sequence[bytes] = ()) -> None:
+        """A lane's directories are done, ``unlisted`` of them without saying so; ``again``
+        (some of those) were never started, and wait to be handed out again."""
+        self._busy -= 1
+        self._unlisted -= unlisted
+        self._pending.extend(reversed(again))
+        self._changed.set()
+
+
 @dataclass(slots=True)
 class _Tally:
-    """Running counts of one job, as committed; every update is reported at once."""
+    """Running counts of one job, as its workers committed them; every update is reported at
+    once."""
 
     ctx: JobContext
     max_errors: int
+    frontier: _Frontier
     found: int = 0
     counts: ScanCounts = field(default_factory=ScanCounts)
-    walking: bool = True
+    unwritten: ScanCounts = field(default_factory=ScanCounts)  # reported, with no row
     current: str = ""
     errors: list[FileError] = field(default_factory=list)
     error_count: int = 0
+    reported_at: float = 0.0
+    dirty: bool = False
+    later: asyncio.TimerHandle | None = None
 
-    def walked(self, listing: Listing | None) -> None:
-        """The walk listed a directory, or (None) ended."""
-        if listing is None:
-            self.walking = False
-        else:
-            self.found += len(listing.entry_items())
+    def stop(self) -> None:
+        """Forget any report held back (the job is ending: its last report is explicit)."""
+        if self.later is not None:
+            self.later.cancel()
+            self.later = None
+        self.dirty = False
+
+    def _catch_up(self) -> None:
+        self.later = None
+        if self.dirty:
+            self.report(now=True)
+
+    def listed(self, reply: Listed) -> None:
+        """A worker listed a directory."""
+        self.found += reply.found
+        if reply.error is not None:
+            self.note(*reply.error)
         self.report()
 
     def note(self, path: bytes, message: str) -> None:
@@ -159,14 +170,14 @@ class _Tally:
         if len(self.errors) < self.max_errors:
             self.errors.append(FileError(display_path(path), message))
 
-    def committed(
-        self, counts: ScanCounts, errors: Sequence[tuple[bytes, str]], current: bytes
-    ) -> None:
-        """A directory's commit landed, with these counts and errors."""
-        self.counts = self.counts + counts
-        for path, message in errors:
+    def committed(self, reply: Committed) -> None:
+        """A worker's commit landed, with these counts and errors."""
+        self.counts = self.counts + reply.counts
+        if not reply.written:
+            self.unwritten = self.unwritten + reply.counts
+        for path, message in reply.errors:
             self.note(path, message)
-        self.current = display_path(current)
+        self.current = display_path(reply.current)
         self.report()
 
     def result(self) -> ScanResult:
@@ -185,10 +196,21 @@ class _Tally:
             removed=max(0, c.removed),
         )
 
-    def report(self) -> None:
+    def report(self, *, now: bool = False) -> None:
+        """Publish the progress, at most every ``_REPORT_EVERY_S`` unless ``now``; what is
+        held back is published when that time is up."""
+        clock = time.monotonic()
+        if not now and clock - self.reported_at < _REPORT_EVERY_S:
+            self.dirty = True
+            if self.later is None:
+                delay = self.reported_at + _REPORT_EVERY_S - clock
+                self.later = asyncio.get_running_loop().call_later(delay, self._catch_up)
+            return
+        self.stop()
+        self.reported_at = clock
         result = self.result()
         progress = Progress(
-            phase=Phase.DISCOVERING if self.walking else Phase.PROBING,
+            phase=Phase.DISCOVERING if self.frontier.walking else Phase.PROBING,
             files_found=self.found,
             files_done=result.scanned,
             current_path=self.current,
@@ -197,30 +219,30 @@ class _Tally:
 
 
 class Scanner:
-    """The job handler of scan jobs.
+    """The job handler of scan jobs: the coordinator of its directories.
 
     Args:
         roots: the allowed roots; the job's path is checked again when it starts.
-        prober: probes changed files.
-        catalog: where results go.
+        directories: where directories are done (the scan workers).
+        catalog: the catalog the workers commit to; the job's counts are read back from it.
         config: tunables.
-        clock_ns: wall clock in nanoseconds, for first/last-seen and missing times.
+        clock_ns: wall clock in nanoseconds, for first/last-seen and missing times (the
+            workers' clocks are set to it).
     """
 
     def __init__(
         self,
         roots: RootPolicy,
-        prober: Prober,
+        directories: Directories,
         catalog: Catalog,
         config: ScanConfig | None = None,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self._roots = roots
-        self._prober = prober
+        self._directories = directories
         self._catalog = catalog
         self._config = config or ScanConfig()
-        self._extensions = frozenset(os.fsencode(e.lower()) for e in self._config.extensions)
         self._clock_ns = clock_ns
 
     async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
@@ -230,39 +252,76 @@ class Scanner:
         started_ns = self._clock_ns()
         await self._catalog.purge_missing(started_ns - config.missing_retention_ns)
         await self._catalog.prune_changes(started_ns - config.history_ns)
-        tally = _Tally(ctx, config.max_errors)
+        # A resumed job counts again from the start: what it committed before counts as
+        # unchanged now, so only what this run commits is its result.
+        before = await self._catalog.job_counts(job.id)
+        frontier = _Frontier()
+        tally = _Tally(ctx, config.max_errors, frontier)
         tally.report()  # announces the DISCOVERING phase
-        directory_scan = DirectoryScan(
-            self._catalog, self._prober, job.id, started_ns, job.spec.reprobe,
-            job.spec.recursive, self._roots, self._clock_ns,
-            config.seen_resolution_ns, config.batch_size, config.probe_batch, tally.committed,
-        )  # fmt: skip
-        stop = threading.Event()
-        found = listings(
-            folder,
-            recursive=job.spec.recursive,
-            extensions=self._extensions,
-            roots=self._roots,
-            stop=stop,
-        )
-        feed = _Feed(found, stop, tally.walked, config.walk_ahead // config.batch_size)
+        task = partial(DirectoryTask, job.id, started_ns, job.spec.reprobe, job.spec.recursive,
+                       folder)  # fmt: skip
         try:
             async with asyncio.TaskGroup() as lanes:
                 for _ in range(config.lanes):
-                    lanes.create_task(_lane(directory_scan, feed, tally, ctx))
+                    lanes.create_task(self._lane(frontier, tally, task, ctx, folder.path))
         except ExceptionGroup as group:
             # The first lane's failure ends the job, as itself: a domain error keeps its
             # reason (a full disk, a lost database) instead of hiding in a group.
             raise group.exceptions[0] from group
         finally:
-            feed.stop()
+            await self._settle(tally, job.id, before)
         return tally.result()
 
+    async def _lane(
+        self,
+        frontier: _Frontier,
+        tally: _Tally,
+        task: Callable[[tuple[bytes, ...], int], DirectoryTask],
+        ctx: JobContext,
+        folder: bytes,
+    ) -> None:
+        # The task cancel interrupts whatever a lane awaits; the token check between
+        # directories is the safety net should a library swallow that cancel.
+        lanes = self._config.lanes
+        while not ctx.cancelled and (directories := await frontier.take(lanes)):
+            unlisted = len(directories)
 
-async def _lane(scan: DirectoryScan, feed: _Feed, tally: _Tally, ctx: JobContext) -> None:
-    # The task cancel interrupts whatever a lane awaits; the token check between directories
-    # is the safety net should a library swallow that cancel.
-    while not ctx.cancelled and (listing := await feed.next()) is not None:
-        if listing.error is not None:
-            tally.note(listing.error.path, listing.error.message)
-        await scan(listing)
+            def on_reply(reply: Reply) -> None:
+                nonlocal unlisted
+                if isinstance(reply, Listed):
+                    unlisted -= 1
+                    frontier.listed(reply.folders)
+                    tally.listed(reply)
+                elif isinstance(reply, Committed):
+                    tally.committed(reply)
+                    if _changes_catalog(reply.counts):
+                        self._catalog.feed.wake()  # the workers commit on their own connections
+
+            again: list[bytes] = []
+            try:
+                offset = self._clock_ns() - time.time_ns()
+                await self._directories.run(task(tuple(directories), offset), on_reply)
+            except WorkerDied as exc:
+                # It died in the last directory it listed (or in the first); the ones after
+                # that were never started: they go to another worker.
+                where = max(len(directories) - unlisted - 1, 0)
+                again = directories[where + 1 :]
+                path = directories[where]
+                tally.note(folder + b"/" + path if path else folder, str(exc))
+            finally:
+                frontier.finished(unlisted, again)
+
+    async def _settle(self, tally: _Tally, job_id: str, before: ScanCounts) -> None:
+        """Make the job's counts what its workers committed, plus what they reported with
+        no row to write (a worker killed by a cancel may have committed more than it could
+        say)."""
+        tally.stop()
+        with contextlib.suppress(StorageFault):
+            committed = await self._catalog.job_counts(job_id)
+            tally.counts = committed - before + tally.unwritten
+        tally.report(now=True)
+
+
+def _changes_catalog(counts: ScanCounts) -> bool:
+    return bool(counts.added or counts.updated or counts.moved or counts.restored
+                or counts.removed)  # fmt: skip

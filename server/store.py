@@ -168,7 +168,11 @@ class Database:
     """One SQLite file, one connection, one thread."""
 
     def __init__(
-        self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, lock: BinaryIO, path: Path
+        self,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor | None,
+        lock: BinaryIO | None,
+        path: Path,
     ) -> None:
         self._conn = conn
         self._executor = executor
@@ -200,6 +204,19 @@ class Database:
             raise
         return cls(conn, executor, lock, path)
 
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @classmethod
+    async def attach(cls, path: Path) -> Database:
+        """Open the database a server at ``path`` already opened (and migrated and locked):
+        a second connection, for a scan worker of that server. Its statements run on the
+        calling thread: a worker's event loop has nothing else to do meanwhile, and the hop
+        to a thread cost more than a directory's read."""
+        return cls(_attach(path), None, None, path)
+
     async def run(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn(connection)`` on the database thread.
 
@@ -208,6 +225,8 @@ class Database:
             StorageIOError: the database cannot be read or written (read-only, failing, or
                 removed from under the server).
         """
+        if self._executor is None:
+            return self._call(fn)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._call, fn)
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -231,9 +250,13 @@ class Database:
         if self._closed:
             return
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
-        self._executor.shutdown(wait=True)
-        self._lock.close()  # releases the lock
+        if self._executor is None:
+            self._conn.close()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
+            self._executor.shutdown(wait=True)
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
 
 
 _IO_FAULTS = frozenset(
@@ -292,6 +315,14 @@ def _connect(path: Path) -> sqlite3.Connection:
         conn.close()
         raise DatabaseCorrupt(f"{path}: {exc}") from exc
     conn.isolation_level = "DEFERRED"  # implicit transactions again, for `with conn:` blocks
+    return conn
+
+
+def _attach(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False)
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.create_function("scanjobs_parent", 1, parent_dir, deterministic=True)
     return conn
 
 

@@ -21,7 +21,7 @@ import pytest
 from scanjobs.server import fsopen
 from scanjobs.server.app import App, start
 from scanjobs.server.config import Config
-from scanjobs.server.probe import ProbePool
+from scanjobs.server.probe import PROBE_COMMAND
 from scanjobs.server.scan import DEFAULT_EXTENSIONS
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
@@ -81,16 +81,8 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
     ) -> Running:
         data_dir = overrides.pop("data_dir", tmp_path / f"data{len(running)}")
         config = make_config(root, data_dir, **overrides)
-        pool = None
-        if misbehaving:
-            pool = ProbePool(
-                config.probe_processes,
-                config.probe_timeout_s,
-                command=MISBEHAVING_WORKER,
-                memory_mib=config.probe_memory_mib,
-                user=config.probe_user,
-            )
-        app = await start(config, probes=pool, clock_ns=clock_ns)
+        command = MISBEHAVING_WORKER if misbehaving else PROBE_COMMAND
+        app = await start(config, probe_command=command, clock_ns=clock_ns)
         address = f"127.0.0.1:{app.port}"
         channel = grpc.aio.insecure_channel(address)
         r = Running(app, pb_grpc.ScanServiceStub(channel), channel, address)
@@ -111,6 +103,7 @@ def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
             pytest.skip("this kernel refuses openat2")
     else:
         monkeypatch.setattr(fsopen, "has_openat2", lambda: False)
+        monkeypatch.setenv(fsopen.BY_COMPONENTS_VARIABLE, "1")  # the server's workers too
     return str(request.param)
 
 

@@ -1,7 +1,8 @@
 """A probe worker that misbehaves on purpose, chosen by the file's name.
 
-``hang`` never answers; ``crash`` kills the worker; ``gate`` waits until a file named
-``open-gate`` exists next to it (so a test decides when the probe finishes); ``oversized``
+``hang`` never answers; ``crash`` kills the worker; ``gate`` (or a file whose content starts
+with ``GATE``) waits until a file named ``open-gate`` exists next to it (so a test decides
+when the probe finishes); ``oversized``
 announces a reply far over the size limit; ``pickle`` replies with a pickle that would create
 a file named ``unpickled`` next to it if the server ever unpickled it; ``report`` replies with
 its environment, address-space limit and identity; ``allocate`` tries to allocate 1 GiB;
@@ -56,14 +57,32 @@ def _allocate() -> probe.ProbeFailure:
     return probe.ProbeFailure(f"allocated {len(block)} bytes")
 
 
+def _gated_by_content(path: bytes) -> bool:
+    """A file whose content starts with ``GATE`` is a gate whatever its name (a test picks
+    it by its place in a listing, which a rename would change)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GATE"
+    except OSError:
+        return False
+
+
+def _hold(target: probe.ProbeTarget, name: bytes) -> None:
+    """Announce a ``hang`` or ``gate`` file, then hang, or wait for its gate."""
+    with open(target.path + b".probing", "wb"):
+        pass
+    if b"hang" in name:
+        time.sleep(3600)
+    gate = os.path.join(os.path.dirname(target.path), b"open-gate")
+    while not os.path.exists(gate):
+        time.sleep(0.005)
+
+
 def _probe(target: probe.ProbeTarget) -> probe.ProbeOutcome:
     name = os.path.basename(target.path)
     folder = os.path.dirname(target.path)
-    if b"hang" in name or b"gate" in name:
-        with open(target.path + b".probing", "wb"):
-            pass
-    if b"hang" in name:
-        time.sleep(3600)
+    if _gated_by_content(target.path):
+        name += b"-gate"  # behaves as a gate file
     if b"crash" in name:
         os._exit(70)
     if b"oversized" in name:
@@ -75,10 +94,8 @@ def _probe(target: probe.ProbeTarget) -> probe.ProbeOutcome:
         return _report()
     if b"allocate" in name:
         return _allocate()
-    if b"gate" in name:
-        gate = os.path.join(folder, b"open-gate")
-        while not os.path.exists(gate):
-            time.sleep(0.005)
+    if b"hang" in name or b"gate" in name:
+        _hold(target, name)
     return probe.probe_file(target)
 
 

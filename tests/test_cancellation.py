@@ -163,7 +163,7 @@ async def test_shutdown_ends_open_streams_with_unavailable(
     await stopping
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert s.app.probes.background_tasks == 0
+    assert s.app.workers.background_tasks == 0
 
 
 async def test_cancel_stops_a_fast_scan_promptly(serve: ServeFactory, tmp_path: Path) -> None:

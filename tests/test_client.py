@@ -12,7 +12,6 @@ import pytest
 from scanjobs.client import NotAllowed, NotFound, ScanClient, ServiceUnavailable, is_terminal
 from scanjobs.client.errors import InvalidRequest
 from scanjobs.server.app import start
-from scanjobs.server.probe import ProbePool
 from scanjobs.v1 import scanjobs_pb2 as pb
 from tests.conftest import MISBEHAVING_WORKER, ServeFactory, make_config
 
@@ -73,8 +72,7 @@ async def test_watch_resumes_after_the_server_restarts(tmp_path: Path) -> None:
     root.mkdir()
     (root / "gate.mp4").write_bytes(b"x")
     config = make_config(root, tmp_path / "data", shutdown_grace_s=1.0)
-    pool = ProbePool(1, 5.0, command=MISBEHAVING_WORKER)
-    first = await start(config, probes=pool)
+    first = await start(config, probe_command=MISBEHAVING_WORKER)
     address = f"127.0.0.1:{first.port}"
     async with ScanClient(address, backoff_s=0.05, reconnects=40) as client:
         job = await client.submit(str(root))
@@ -90,7 +88,7 @@ async def test_watch_resumes_after_the_server_restarts(tmp_path: Path) -> None:
         await first.stop()  # the stream breaks with UNAVAILABLE; the client retries
         (root / "open-gate").touch()
         again = dataclasses.replace(config, listen=address)
-        second = await start(again, probes=ProbePool(1, 5.0, command=MISBEHAVING_WORKER))
+        second = await start(again, probe_command=MISBEHAVING_WORKER)
         try:
             await asyncio.wait_for(following, 20)
         finally:

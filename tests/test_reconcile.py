@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from scanjobs.server.scan import ScanConfig
 from scanjobs.v1 import scanjobs_pb2 as pb
 from tests.conftest import Running, ServeFactory, wait_terminal
 from tests.media import write_video
@@ -222,13 +221,11 @@ async def test_a_directory_unreadable_mid_walk_marks_nothing_missing(
     backend: dict[str, Any],
     swap: str,
 ) -> None:
-    # The walk runs at most walk_ahead // batch_size listings ahead of the two lanes. Both
-    # lanes are held on gated probes, so the walk stops before it reaches the victim, the
-    # last directory in listing order: it is swapped while the walk is held, on purpose.
-    config = ScanConfig()
-    ahead = config.walk_ahead // config.batch_size
+    # Directories are handed out one per scan worker, depth first in listing order. Both
+    # workers are held on gated probes (the library itself, then its first folder), so no
+    # worker reaches the victim, the last folder in listing order: it is swapped meanwhile.
     lib = tmp_path / "lib"
-    for n in range(ahead + 20):
+    for n in range(20):
         (lib / f"d{n:03}").mkdir(parents=True)
     order = [n for n in os.listdir(lib)]  # the walk visits them in this order
     victim, second = lib / order[-1], lib / order[0]

@@ -70,7 +70,8 @@ async def test_workers_get_a_clean_environment_and_an_address_space_limit(
     assert errors["allocate.mp4"] == "allocation refused"
 
 
-def _children(command_part: str) -> list[int]:
+def _children(command_part: str, parent: int | None = None) -> list[int]:
+    parent = os.getpid() if parent is None else parent
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -80,10 +81,7 @@ def _children(command_part: str) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if (
-            int(stat.rpartition(")")[2].split()[1]) == os.getpid()
-            and command_part.encode() in cmdline
-        ):
+        if int(stat.rpartition(")")[2].split()[1]) == parent and command_part.encode() in cmdline:
             found.append(int(entry))
     return found
 
@@ -98,7 +96,12 @@ async def test_the_real_workers_of_a_server_hold_no_secret_and_are_limited(
     monkeypatch.setenv("SCANJOBS_DATABASE", SECRET_URL)
     s = await serve(media, probe_processes=2)
     await _errors(s, media)  # the workers have probed files
-    workers = _children("scanjobs.server.probe")
+    # The scan workers hold the catalog's connection but never load FFmpeg; their probe
+    # processes parse the files, with no secret and a memory limit.
+    scan_workers = _children("scanjobs.server.scanworker")
+    assert len(scan_workers) == 2
+    assert not any(_loaded_ffmpeg(pid) for pid in scan_workers)
+    workers = [p for w in scan_workers for p in _children("scanjobs.server.probe", w)]
     assert len(workers) == 2
     # A worker that has not probed yet may still be starting on a busy machine: wait until
     # each has loaded FFmpeg, which it does after setting its limit.

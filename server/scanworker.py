@@ -1,0 +1,247 @@
+"""The scan worker: a process that owns directories of scan jobs end to end.
+
+::
+
+    server (coordinator) --DirectoryTask--> scan worker: list the directory by descriptor,
+        read its catalog rows, compare, probe what changed (in its probe child, a sandbox),
+        commit rows and counts on its own database connection --Listed, Committed..., Done-->
+
+The server never touches a file: it hands out directories and gets small summaries back, so
+the per-file work of a scan runs in as many processes as there are workers, off the server's
+event loop. What a worker commits carries the counts it makes, in the same transaction, so a
+worker killed mid-directory (a cancel, the OS) loses only what it had not committed, and what
+the job reports is read back from what was.
+
+The worker holds a database connection but never parses a media file: FFmpeg runs in its
+probe processes (``server.probe``), which get a clean environment, an address-space limit and
+optionally another user, and answer in fixed structs. Run as
+``python -m scanjobs.server.scanworker``; :class:`DirectoryWork` is the same work in-process,
+for tests with a test double of the catalog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import BinaryIO
+
+from . import logs
+from . import scan_wire as wire
+from .catalog import Catalog, ScanCounts
+from .errors import StorageFault
+from .probe import ProbeOutcome, ProbePool, Prober, ProbeTarget
+from .reconcile import DirectoryScan, Reported
+from .roots import RootPolicy
+from .walk import Tree
+
+__all__ = ["DirectoryWork", "LocalDirectories"]
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[wire.Reply], None]
+
+
+class DirectoryWork:
+    """Lists, reconciles and commits one directory at a time, telling ``emit`` as it goes.
+
+    Args:
+        catalog: where rows live (this process's own connection).
+        prober: probes changed files.
+        roots: the allowed roots.
+        settings: the tunables (``extensions``, ``seen_resolution_ns``, ``chunk``,
+            ``probe_batch``).
+        probe_times: where the prober appends each file's seconds, reported with commits.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        prober: Prober,
+        roots: RootPolicy,
+        settings: wire.WorkerSettings,
+        probe_times: list[float] | None = None,
+    ) -> None:
+        self._catalog = catalog
+        self._prober = prober
+        self._roots = roots
+        self._settings = settings
+        self._extensions = frozenset(os.fsencode(e.lower()) for e in settings.extensions)
+        self._probe_times = probe_times if probe_times is not None else []
+
+    async def run(self, task: wire.DirectoryTask, emit: Emit) -> None:
+        """Do ``task``'s directories in order: for each, emits
+        :class:`~server.scan_wire.Listed` once, then one :class:`~server.scan_wire.Committed`
+        per commit. Domain faults (a full disk, a lost database) are raised."""
+        for directory in task.directories:
+            await self._directory(task, directory, emit)
+
+    async def _directory(self, task: wire.DirectoryTask, directory: bytes, emit: Emit) -> None:
+        with Tree(task.folder, self._extensions, self._roots) as tree:
+            listing = tree.list(directory)
+        error = listing.error
+        emit(
+            wire.Listed(
+                len(listing.entry_items()),
+                tuple(listing.folders) if task.recursive else (),
+                None if error is None else (error.path, error.message),
+            )
+        )
+        s, offset = self._settings, task.clock_offset_ns
+        scan = DirectoryScan(
+            self._catalog, self._prober, task.job_id, task.since_ns, task.reprobe,
+            task.recursive, self._roots, lambda: time.time_ns() + offset,
+            s.seen_resolution_ns, s.chunk, s.probe_batch, self._reporter(emit),
+        )  # fmt: skip
+        await scan(listing)
+
+    def _reporter(self, emit: Emit) -> Reported:
+        times = self._probe_times
+
+        def report(
+            counts: ScanCounts, errors: Sequence[tuple[bytes, str]], current: bytes, written: bool
+        ) -> None:
+            probed = tuple(times)
+            times.clear()
+            emit(wire.Committed(counts, tuple(errors), current, written, probed))
+
+        return report
+
+
+class LocalDirectories:
+    """Directories done in this process, one :class:`DirectoryWork` each at a time: what
+    ``server.scan.Scanner`` runs on in tests with test doubles (the server itself uses
+    ``server.scanpool.ScanWorkers``)."""
+
+    def __init__(self, work: DirectoryWork) -> None:
+        self._work = work
+
+    async def run(self, task: wire.DirectoryTask, on_reply: Emit) -> None:
+        await self._work.run(task, on_reply)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self, grace_s: float = 2.0) -> None:
+        return None
+
+    @property
+    def background_tasks(self) -> int:
+        return 0
+
+
+# -- the worker process --------------------------------------------------------------------
+
+
+async def _open_catalog(database: str) -> tuple[Catalog, Callable[[], Awaitable[None]]]:
+    if database.startswith(("postgresql://", "postgres://")):
+        from .pgstore import PgCatalog, PgDatabase
+
+        pg = await PgDatabase.open(database, size=1)
+        return PgCatalog(pg), pg.close
+    from pathlib import Path
+
+    from .store import Database, SqliteCatalog
+
+    db = await Database.attach(Path(database))
+    return SqliteCatalog(db), db.close
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    try:
+        (size,) = wire.FRAME.unpack(await reader.readexactly(wire.FRAME.size))
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError:
+        return None  # the server closed our stdin, or died
+
+
+class _Replies:
+    """Replies on their way to the server, written together: before the worker waits for a
+    probe (the server hands out the sub-folders meanwhile) and at the end of a task, so that
+    a task of unchanged folders costs one write."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self._out = out
+        self._pending: list[bytes] = []
+
+    def emit(self, reply: wire.Reply) -> None:
+        self._pending.append(wire.encode(reply))
+
+    def flush(self) -> None:
+        if self._pending:
+            self._out.write(b"".join(self._pending))
+            self._out.flush()
+            self._pending.clear()
+
+
+class _Flushing:
+    """A prober that sends the replies so far before it probes."""
+
+    def __init__(self, prober: Prober, replies: _Replies) -> None:
+        self._prober = prober
+        self._replies = replies
+
+    async def probe(self, targets: Sequence[ProbeTarget]) -> list[ProbeOutcome]:
+        self._replies.flush()
+        return await self._prober.probe(targets)
+
+
+async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
+    replies = _Replies(out)
+    hello = await _read_frame(reader)
+    if hello is None:
+        return
+    settings = wire.decode_settings(hello)
+    catalog, close_db = await _open_catalog(settings.database)
+    times: list[float] = []
+    probes = ProbePool(
+        settings.probe_processes,
+        settings.probe_timeout_s,
+        command=settings.probe_command,
+        on_probe=times.append,
+        memory_mib=settings.probe_memory_mib,
+        user=settings.probe_user,
+    )
+    await probes.start()
+    roots = RootPolicy(settings.roots)
+    work = DirectoryWork(catalog, _Flushing(probes, replies), roots, settings, times)
+    replies.emit(wire.Ready())
+    replies.flush()
+    try:
+        while (payload := await _read_frame(reader)) is not None:
+            task = wire.decode_task(payload)
+            with logs.bound_job(task.job_id):
+                replies.emit(await _run(work, task, replies.emit))
+            replies.flush()
+    finally:
+        await probes.close()
+        await catalog.close()
+        await close_db()
+
+
+async def _run(work: DirectoryWork, task: wire.DirectoryTask, emit: Emit) -> wire.Reply:
+    try:
+        await work.run(task, emit)
+    except StorageFault as exc:
+        return wire.Fault(type(exc).__name__, str(exc))
+    except Exception:
+        log.exception("a directory failed in a scan worker")
+        return wire.Fault("internal", "a scan worker failed; see the server log")
+    return wire.Done()
+
+
+async def _main() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=wire.MAX_FRAME)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    await _serve(reader, sys.stdout.buffer)
+
+
+if __name__ == "__main__":
+    logs.configure(os.environ.get("SCANJOBS_WORKER_LOG_LEVEL", "WARNING"))
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        asyncio.run(_main())
