@@ -63,30 +63,35 @@ def ffprobe_rate(ffprobe: str, files: list[bytes], sample: int) -> float:
     return len(chosen) / (time.perf_counter() - started)
 
 
+def probe_one(path: bytes) -> bool:
+    """What the bare PyAV loops do per file: open it, read its streams; False if it fails."""
+    import av
+
+    try:
+        with av.open(os.fsdecode(path)) as container:
+            _ = [(s.type, s.codec_context.name) for s in container.streams]
+            _ = container.duration, container.bit_rate
+            return True
+    except (av.FFmpegError, OSError, ValueError):
+        return False
+
+
 def _bare_probe(paths: list[bytes]) -> int:
+    import_av()
+    return sum(probe_one(path) for path in paths)
+
+
+def import_av() -> None:
+    """Import PyAV and silence its log: done before the clock starts."""
     import av
 
     av.logging.set_level(None)
-    ok = 0
-    for path in paths:
-        try:
-            with av.open(os.fsdecode(path)) as container:
-                _ = [(s.type, s.codec_context.name) for s in container.streams]
-                _ = container.duration, container.bit_rate
-                ok += 1
-        except (av.FFmpegError, OSError, ValueError):
-            pass
-    return ok
-
-
-def _import_av() -> None:
-    import av  # noqa: F401 - warm the worker before the clock starts
 
 
 def bare_pyav_rate(files: list[bytes], processes: int) -> float:
     """Files per second of a plain PyAV loop split over ``processes`` spawned processes."""
     chunks = [files[i::processes] for i in range(processes)]
-    with multiprocessing.get_context("spawn").Pool(processes, initializer=_import_av) as pool:
+    with multiprocessing.get_context("spawn").Pool(processes, initializer=import_av) as pool:
         pool.map(_import_av_task, range(processes))  # every worker up before timing
         started = time.perf_counter()
         pool.map(_bare_probe, chunks)
@@ -95,7 +100,7 @@ def bare_pyav_rate(files: list[bytes], processes: int) -> float:
 
 
 def _import_av_task(_: int) -> None:
-    _import_av()
+    import_av()
 
 
 def io_floor_rate(root: Path) -> float:

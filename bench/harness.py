@@ -1,4 +1,4 @@
-"""Running a real server for a benchmark, and reading its memory use."""
+"""Running a real server for a benchmark, scanning with it, and reading its memory use."""
 
 from __future__ import annotations
 
@@ -15,12 +15,29 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from scanjobs.client import ScanClient
+from scanjobs.v1 import scanjobs_pb2 as pb
+
 
 def free_port() -> int:
     """A loopback port that was free a moment ago."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -74,6 +91,16 @@ def server(root: Path, *extra: str) -> Iterator[Server]:
             proc.terminate()
             proc.wait(timeout=30)
             log.close()
+
+
+async def scan_once(target: str, path: Path) -> pb.Job:
+    """Submit a scan and wait for its end; returns the final job."""
+    async with ScanClient(target, timeout_s=60) as client:
+        job = await client.submit(str(path))
+        final = job
+        async for event in client.watch(job.id):
+            final = event.job
+        return final
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

@@ -21,6 +21,7 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
+from .deadline import FsCalls
 from .errors import StorageIOError
 from .leader import lead
 from .library_watch import LibraryWatcher, QueueRunner, RootState, WatchConfig, cancel_quietly
@@ -171,7 +172,8 @@ async def start(
         )
         await workers.start()
         undo.push_async_callback(workers.close)
-        scanner = Scanner(roots, workers, catalog, scan_config, clock_ns=clock_ns)
+        fs = FsCalls(config.io_timeout_s)
+        scanner = Scanner(roots, workers, catalog, scan_config, clock_ns=clock_ns, fs=fs)
         queue = _queue(config, db, scanner, metrics)
         await queue.start()
         undo.pop_all()  # started: from here on App.stop() owns every part
@@ -316,12 +318,14 @@ def _worker_settings(
         extensions=tuple(sorted(scan.extensions)),
         seen_resolution_ns=scan.seen_resolution_ns,
         chunk=scan.batch_size,
-        probe_batch=scan.probe_batch,
+        probe_batch=max(scan.probe_batch, config.io_concurrency),
         probe_command=tuple(probe_command),
         probe_processes=1,
         probe_timeout_s=config.probe_timeout_s,
         probe_memory_mib=config.probe_memory_mib,
         probe_user=config.probe_user,
+        io_timeout_s=config.io_timeout_s,
+        io_concurrency=config.io_concurrency,
     )
 
 

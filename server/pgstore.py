@@ -233,6 +233,21 @@ class PgDatabase:
         self._monitor: asyncio.Task[None] | None = None
 
     @classmethod
+    async def attach(cls, url: str) -> PgDatabase:
+        """One connection to the database a server already opened (and migrated), for a
+        scan worker of that server. It is checked before each use, so that after an outage
+        the worker connects afresh instead of failing on the connection the outage broke."""
+        try:
+            pool = AsyncConnectionPool(
+                url, min_size=1, max_size=1, open=False,
+                check=AsyncConnectionPool.check_connection,
+            )  # fmt: skip
+            await pool.open(wait=True, timeout=30)
+        except psycopg.Error as exc:
+            raise DatabaseUnavailable(f"cannot reach the database: {exc}") from None
+        return cls(url, pool, 1)
+
+    @classmethod
     async def open(cls, url: str, *, size: int = _POOL_SIZE) -> PgDatabase:
         """Connect and migrate (replicas starting together migrate once, under a lock).
 

@@ -19,7 +19,9 @@ import pwd
 import resource
 import stat
 import sys
+import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from typing import Any, BinaryIO, Protocol
 
@@ -57,6 +59,10 @@ _WORKER_ENVIRONMENT = (
     "COVERAGE_PROCESS_CONFIG", BY_COMPONENTS_VARIABLE,
 )  # fmt: skip
 _MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
+_THREADS_VARIABLE = "SCANJOBS_PROBE_THREADS"  # files of a batch a worker probes at once
+# Threads in a worker: each gets a small stack, and glibc two malloc arenas in all (not 64 MiB
+# of address space per thread), so that many files in flight fit the --probe-memory limit.
+_THREAD_STACK_BYTES = 2 * 2**20
 _FORMAT_WHITELIST = (
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,h264,hevc,m4v,mjpeg"
 )
@@ -265,6 +271,9 @@ class ProbePool:
         memory_mib: each worker's address-space limit (``RLIMIT_AS``), in MiB; 0 for none.
         user: run the workers as this user (a name or a uid) and its primary group, with no
             supplementary groups; the server must start as root for that.
+        threads: files of a batch each worker probes at once (``--io-concurrency``): PyAV
+            releases the GIL while it reads, so a worker keeps that many reads in flight on
+            slow storage. Outcomes still come back in order.
 
     Workers start with a clean environment (:func:`worker_environment`).
 
@@ -281,8 +290,10 @@ class ProbePool:
         on_probe: Callable[[float], None] | None = None,
         memory_mib: int = DEFAULT_PROBE_MEMORY_MIB,
         user: str | None = None,
+        threads: int = 1,
     ) -> None:
         self._memory_mib = memory_mib
+        self._threads = max(1, threads)
         self._account: dict[str, Any] = {}
         if user is not None:
             uid, gid = worker_account(user)
@@ -393,7 +404,12 @@ class ProbePool:
             *self._command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env={**worker_environment(), _MEMORY_VARIABLE: str(self._memory_mib)},
+            env={
+                **worker_environment(),
+                _MEMORY_VARIABLE: str(self._memory_mib),
+                _THREADS_VARIABLE: str(self._threads),
+                "MALLOC_ARENA_MAX": "2",
+            },
             **self._account,
         )
         worker = _Worker(proc)
@@ -435,16 +451,25 @@ def _serve(
     memory_bytes = int(os.environ.get(_MEMORY_VARIABLE) or 0) * 2**20
     if memory_bytes:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+    threads = max(1, int(os.environ.get(_THREADS_VARIABLE) or 1))
     import av
 
     av.logging.set_level(None)
+    pool = None
+    if threads > 1:
+        threading.stack_size(_THREAD_STACK_BYTES)
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="probe")
     while True:
         header = stdin.read(wire.FRAME.size)
         if len(header) < wire.FRAME.size:
             return  # the server closed our stdin or died
         (size,) = wire.FRAME.unpack(header)
-        for target in wire.decode_targets(stdin.read(size)):
-            stdout.write(wire.encode_outcome(probe(target)))
+        targets = wire.decode_targets(stdin.read(size))
+        outcomes = (
+            map(probe, targets) if pool is None or len(targets) < 2 else pool.map(probe, targets)
+        )
+        for outcome in outcomes:  # in order, each as soon as it and those before it are done
+            stdout.write(wire.encode_outcome(outcome))
             stdout.flush()
 
 

@@ -84,6 +84,8 @@ class DirectoryScan:
         chunk: files probed and committed together.
         probe_batch: files per probe worker round trip.
         report: receives each commit's counts and errors.
+        io_timeout_s: how long a look at a move's old path may take; past it the old path
+            counts as still there.
     """
 
     catalog: Catalog
@@ -98,6 +100,7 @@ class DirectoryScan:
     chunk: int
     probe_batch: int
     report: Reported
+    io_timeout_s: float = 30.0
 
     async def __call__(self, listing: Listing) -> None:
         """Reconcile one directory."""
@@ -212,9 +215,15 @@ class DirectoryScan:
                 listing.complete and os.path.dirname(row.path) == listing.path
             ):
                 return row.path  # known to be gone
-            if await asyncio.to_thread(_gone, self.roots, row.path, file.device, file.inode):
+            if await self._gone(row.path, file.device, file.inode):
                 return row.path
         return None
+
+    async def _gone(self, path: bytes, device: int, inode: int) -> bool:
+        """:func:`_gone` on a thread, with a deadline: no answer counts as still there."""
+        look = asyncio.ensure_future(asyncio.to_thread(_gone, self.roots, path, device, inode))
+        done, _ = await asyncio.wait([look], timeout=self.io_timeout_s)
+        return bool(done) and look.result()
 
     async def _probe(
         self, directory: bytes, files: list[Candidate], known: set[bytes]

@@ -23,6 +23,7 @@ from functools import partial
 from typing import Protocol
 
 from .catalog import Catalog, ScanCounts
+from .deadline import FsCalls
 from .errors import StorageFault
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
 from .roots import RootPolicy
@@ -228,6 +229,7 @@ class Scanner:
         config: tunables.
         clock_ns: wall clock in nanoseconds, for first/last-seen and missing times (the
             workers' clocks are set to it).
+        fs: runs the job's own filesystem calls (the check of its path) with a deadline.
     """
 
     def __init__(
@@ -238,7 +240,9 @@ class Scanner:
         config: ScanConfig | None = None,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
+        fs: FsCalls | None = None,
     ) -> None:
+        self._fs = fs or FsCalls(30.0)
         self._roots = roots
         self._directories = directories
         self._catalog = catalog
@@ -247,7 +251,9 @@ class Scanner:
 
     async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
         """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
-        folder = await asyncio.to_thread(self._roots.locate, job.spec.path)
+        # The path is checked again (the filesystem may have changed), within --io-timeout:
+        # a folder on a share that stopped answering fails the job, never hangs it.
+        folder = await self._fs.run(partial(self._roots.locate, job.spec.path))
         config = self._config
         started_ns = self._clock_ns()
         await self._catalog.purge_missing(started_ns - config.missing_retention_ns)
@@ -301,6 +307,8 @@ class Scanner:
             try:
                 offset = self._clock_ns() - time.time_ns()
                 await self._directories.run(task(tuple(directories), offset), on_reply)
+                # A worker whose filesystem stopped answering left the rest undone.
+                again = directories[len(directories) - unlisted :] if unlisted else []
             except WorkerDied as exc:
                 # It died in the last directory it listed (or in the first); the ones after
                 # that were never started: they go to another worker.

@@ -60,6 +60,8 @@ class WorkerSettings:
         probe_command: the probe worker's command line.
         probe_processes: probe processes of this worker.
         probe_timeout_s, probe_memory_mib, probe_user: see ``server.probe.ProbePool``.
+        io_timeout_s: the deadline of a filesystem call (``--io-timeout``).
+        io_concurrency: files probed or stated at once (``--io-concurrency``).
     """
 
     database: str
@@ -73,6 +75,8 @@ class WorkerSettings:
     probe_timeout_s: float = 30.0
     probe_memory_mib: int = 0
     probe_user: str | None = None
+    io_timeout_s: float = 30.0
+    io_concurrency: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,12 @@ class Committed:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """Every directory of the task is finished."""
+    """The task is finished: every directory, or (``retire``) as many as the worker could
+    before a filesystem call got stuck past ``--io-timeout``. The directories it did not
+    list are handed out again, and the worker, which has a thread stuck in the kernel, is
+    replaced."""
+
+    retire: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +204,8 @@ def _plain(message: object) -> dict[str, Any]:
                 "probe_s": list(message.probe_s)}  # fmt: skip
     elif isinstance(message, Fault):
         data = {"kind": message.kind, "message": message.message}
+    elif isinstance(message, Done):
+        data = {"retire": message.retire}
     elif isinstance(message, WorkerSettings):
         data = asdict(message)
     else:
@@ -263,8 +274,10 @@ def decode_reply(payload: bytes) -> Reply:
             )
         if kind is Fault:
             return Fault(str(data["kind"]), str(data["message"]))
-        if kind is Ready or kind is Done:
-            return kind()
+        if kind is Done:
+            return Done(bool(data["retire"]))
+        if kind is Ready:
+            return Ready()
     except (KeyError, TypeError, ValueError) as exc:
         raise BadFrame(f"a malformed {kind.__name__ if kind else 'reply'}: {exc}") from None
     raise BadFrame(f"unknown reply type {data.get('type')!r}")

@@ -151,7 +151,16 @@ class ScanWorkers:
             raise WorkerDied(
                 "the scan worker doing this folder died; what it committed is kept"
             ) from None
-        self._idle.put_nowait(worker)
+        if isinstance(reply, wire.Done) and reply.retire:
+            # A filesystem call of its own is stuck in the kernel: it gets no more work.
+            log.warning("replacing a scan worker with a filesystem call stuck past its deadline")
+            self._replace(worker)
+        elif isinstance(reply, wire.Fault):
+            # Its connection may be broken for good (a database that went away): a fresh
+            # worker connects afresh once the database answers again.
+            self._replace(worker)
+        else:
+            self._idle.put_nowait(worker)
         if isinstance(reply, wire.Fault):
             fault = _FAULTS.get(reply.kind)
             raise fault(reply.message) if fault else RuntimeError(reply.message)

@@ -25,21 +25,27 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import BinaryIO
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO, TypeVar
 
 from . import logs
 from . import scan_wire as wire
 from .catalog import Catalog, ScanCounts
-from .errors import StorageFault
+from .deadline import no_answer
+from .errors import IoTimeout, StorageFault
 from .probe import ProbeOutcome, ProbePool, Prober, ProbeTarget
 from .reconcile import DirectoryScan, Reported
 from .roots import RootPolicy
-from .walk import Tree
+from .walk import Listing, Tree
 
 __all__ = ["DirectoryWork", "LocalDirectories"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +78,46 @@ class DirectoryWork:
         self._settings = settings
         self._extensions = frozenset(os.fsencode(e.lower()) for e in settings.extensions)
         self._probe_times = probe_times if probe_times is not None else []
+        self._fs = _FsThread()
+        self._stats = (
+            ThreadPoolExecutor(settings.io_concurrency, thread_name_prefix="stat")
+            if settings.io_concurrency > 1
+            else None
+        )
 
-    async def run(self, task: wire.DirectoryTask, emit: Emit) -> None:
+    async def run(self, task: wire.DirectoryTask, emit: Emit) -> bool:
         """Do ``task``'s directories in order: for each, emits
         :class:`~server.scan_wire.Listed` once, then one :class:`~server.scan_wire.Committed`
-        per commit. Domain faults (a full disk, a lost database) are raised."""
-        for directory in task.directories:
-            await self._directory(task, directory, emit)
+        per commit. Domain faults (a full disk, a lost database) are raised.
 
-    async def _directory(self, task: wire.DirectoryTask, directory: bytes, emit: Emit) -> None:
-        with Tree(task.folder, self._extensions, self._roots) as tree:
-            listing = tree.list(directory)
+        Returns False when a listing got no answer within ``--io-timeout``: that directory
+        is an error, the ones after it are left undone, and a thread of this process is
+        stuck in the kernel (the process should be replaced).
+        """
+        for directory in task.directories:
+            if not await self._directory(task, directory, emit):
+                return False
+        return True
+
+    async def _list(self, task: wire.DirectoryTask, directory: bytes) -> Listing | None:
+        """The listing, on a thread with a deadline; None if the filesystem did not answer."""
+        tree = Tree(task.folder, self._extensions, self._roots, stats=self._stats)
+
+        def call() -> Listing:
+            with tree:
+                return tree.list(directory)
+
+        try:
+            return await self._fs.watched(call, lambda: tree.ops, self._settings.io_timeout_s)
+        except IoTimeout:
+            return None
+
+    async def _directory(self, task: wire.DirectoryTask, directory: bytes, emit: Emit) -> bool:
+        listing = await self._list(task, directory)
+        if listing is None:
+            path = task.folder.path + b"/" + directory if directory else task.folder.path
+            emit(wire.Listed(0, (), (path, no_answer(self._settings.io_timeout_s))))
+            return False
         error = listing.error
         emit(
             wire.Listed(
@@ -96,8 +131,10 @@ class DirectoryWork:
             self._catalog, self._prober, task.job_id, task.since_ns, task.reprobe,
             task.recursive, self._roots, lambda: time.time_ns() + offset,
             s.seen_resolution_ns, s.chunk, s.probe_batch, self._reporter(emit),
+            s.io_timeout_s,
         )  # fmt: skip
         await scan(listing)
+        return True
 
     def _reporter(self, emit: Emit) -> Reported:
         times = self._probe_times
@@ -112,6 +149,59 @@ class DirectoryWork:
         return report
 
 
+class _FsThread:
+    """One long-lived daemon thread for a worker's filesystem calls (a thread per call cost
+    more than listing a small folder). A call that never answers leaves it stuck: the worker
+    then asks to be replaced, and no call is made after that."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def _serve(self) -> None:
+        while True:
+            self._calls.get()()
+
+    async def watched(
+        self, fn: Callable[[], _T], progress: Callable[[], int], timeout_s: float
+    ) -> _T:
+        """``fn()`` on the thread, given up on (``IoTimeout``) once ``progress()`` has not
+        moved for ``timeout_s``: a folder of many files on slow storage takes as long as it
+        takes, one call that never answers costs ``timeout_s``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._serve, name="fs-calls", daemon=True)
+            self._thread.start()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+
+        def settle(result: _T | None, error: BaseException | None) -> None:
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)  # type: ignore[arg-type]
+
+        def call() -> None:
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # handed to the waiting task
+                result, error = None, exc
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
+                loop.call_soon_threadsafe(settle, result, error)
+
+        self._calls.put(call)
+        seen = -1
+        while True:
+            done, _ = await asyncio.wait([future], timeout=timeout_s)
+            if done:
+                return future.result()
+            now = progress()
+            if now == seen:
+                log.warning("a filesystem call got no answer in %g s", timeout_s)
+                raise IoTimeout(no_answer(timeout_s))
+            seen = now
+
+
 class LocalDirectories:
     """Directories done in this process, one :class:`DirectoryWork` each at a time: what
     ``server.scan.Scanner`` runs on in tests with test doubles (the server itself uses
@@ -121,7 +211,7 @@ class LocalDirectories:
         self._work = work
 
     async def run(self, task: wire.DirectoryTask, on_reply: Emit) -> None:
-        await self._work.run(task, on_reply)
+        await self._work.run(task, on_reply)  # a stuck listing: nothing to replace here
 
     async def start(self) -> None:
         return None
@@ -141,7 +231,7 @@ async def _open_catalog(database: str) -> tuple[Catalog, Callable[[], Awaitable[
     if database.startswith(("postgresql://", "postgres://")):
         from .pgstore import PgCatalog, PgDatabase
 
-        pg = await PgDatabase.open(database, size=1)
+        pg = await PgDatabase.attach(database)
         return PgCatalog(pg), pg.close
     from pathlib import Path
 
@@ -205,6 +295,7 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
         on_probe=times.append,
         memory_mib=settings.probe_memory_mib,
         user=settings.probe_user,
+        threads=settings.io_concurrency,
     )
     await probes.start()
     roots = RootPolicy(settings.roots)
@@ -225,13 +316,13 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
 
 async def _run(work: DirectoryWork, task: wire.DirectoryTask, emit: Emit) -> wire.Reply:
     try:
-        await work.run(task, emit)
+        finished = await work.run(task, emit)
     except StorageFault as exc:
         return wire.Fault(type(exc).__name__, str(exc))
     except Exception:
         log.exception("a directory failed in a scan worker")
         return wire.Fault("internal", "a scan worker failed; see the server log")
-    return wire.Done()
+    return wire.Done(retire=not finished)
 
 
 async def _main() -> None:

@@ -18,7 +18,9 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -41,6 +43,7 @@ __all__ = [
 OUTSIDE_ROOTS = "symlink points outside the allowed roots"
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SLOW_STAT_S = 0.0005  # a local stat takes microseconds; a network share's, milliseconds
 
 
 class Candidate(NamedTuple):
@@ -80,6 +83,8 @@ class WalkError:
 
 
 WalkItem = Candidate | WalkError
+_Items = list[WalkItem]
+_InFlight = list[Future[WalkItem | None]] | None  # stats on a pool, once storage is slow
 
 
 @dataclass(slots=True)
@@ -141,13 +146,25 @@ class Tree:
         folder: the scan folder, as :meth:`RootPolicy.locate` found it.
         extensions: lower-case extensions, with the dot, that mark a video.
         roots: where a file symlink may lead.
+        stats: a thread pool: a folder whose first ``stat`` is slow (network storage) has
+            the rest of its files stated in flight on it; on a local disk every ``stat``
+            stays on the calling thread, where it is cheapest.
     """
 
-    def __init__(self, folder: Folder, extensions: frozenset[bytes], roots: RootPolicy) -> None:
+    def __init__(
+        self,
+        folder: Folder,
+        extensions: frozenset[bytes],
+        roots: RootPolicy,
+        *,
+        stats: Executor | None = None,
+    ) -> None:
         self._folder = folder
         self._suffixes = tuple(os.fsdecode(e) for e in extensions)
         self._roots = roots
         self._root_fd = -1
+        self._stats = stats
+        self.ops = 0  # filesystem calls answered so far: how a watchdog tells slow from stuck
 
     def __enter__(self) -> Tree:
         self._root_fd = os.open(self._folder.root, _ROOT_FLAGS)
@@ -184,9 +201,11 @@ class Tree:
         sub = relative + b"/" if relative else b""
         under = beneath + b"/" if beneath != b"." else b""
         count = 0
+        in_flight: _InFlight = None
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
                 count += 1
+                self.ops += 1
                 try:
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(sub + entry.name.encode(_ENCODING, _ERRORS))
@@ -196,10 +215,38 @@ class Tree:
                     items.append(WalkError(prefix + name, f"cannot read: {exc.strerror}"))
                     continue
                 if entry.name.lower().endswith(suffixes):
-                    item = self._candidate(entry, fd, prefix, under)
-                    if item is not None:
-                        items.append(item)
+                    in_flight = self._video(entry, fd, prefix, under, items, in_flight)
+        for future in in_flight or ():
+            item = future.result()
+            self.ops += 1
+            if item is not None:
+                items.append(item)
         listing.entries = count
+
+    def _video(
+        self,
+        entry: os.DirEntry[str],
+        fd: int,
+        prefix: bytes,
+        under: bytes,
+        items: _Items,
+        in_flight: _InFlight,
+    ) -> _InFlight:
+        """A file with a video name, stated here, or in flight on the pool once storage
+        proved slow (then the list of those in flight is returned)."""
+        if self._stats is None:
+            item = self._candidate(entry, fd, prefix, under)
+        elif in_flight is not None:
+            in_flight.append(self._stats.submit(self._candidate, entry, fd, prefix, under))
+            return in_flight
+        else:
+            started = time.perf_counter()
+            item = self._candidate(entry, fd, prefix, under)
+            if time.perf_counter() - started > _SLOW_STAT_S:
+                in_flight = []
+        if item is not None:
+            items.append(item)
+        return in_flight
 
     def _candidate(
         self, entry: os.DirEntry[str], fd: int, prefix: bytes, under: bytes

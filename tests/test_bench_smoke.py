@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fusefs import fuse_unavailable
+
 
 @pytest.mark.timeout(600)  # a benchmark run: minutes on a busy machine
 def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
@@ -33,5 +35,7 @@ def test_every_benchmark_runs_and_reports(tmp_path: Path) -> None:
     } <= names
     assert any(n.startswith("rescan of ") for n in names)
     assert "scan throughput, realistic files" in {r["name"] for r in rows}
+    if fuse_unavailable() is None:
+        assert {"first scan on a 5 ms share", "rescan on a 5 ms share"} <= names
     assert all(r["ours"] >= 0 and r["baseline"] > 0 for r in rows)
     assert "benchmark" in proc.stdout and "ratio" in proc.stdout
