@@ -58,6 +58,7 @@ class Config:
     tls_client_ca: Path | None = None
     max_watchers: int = _QUEUE.max_watchers
     max_watchers_per_job: int = _QUEUE.max_watchers_per_job
+    progress_budget_per_s: float = _QUEUE.progress_budget_per_s
     max_health_watchers: int = 100
     max_streams_per_connection: int = 1000
     max_errors: int = _SCAN.max_errors
@@ -85,6 +86,7 @@ class Config:
             retention_s=self.job_retention_s,
             max_watchers=self.max_watchers,
             max_watchers_per_job=self.max_watchers_per_job,
+            progress_budget_per_s=self.progress_budget_per_s,
         )
 
 
@@ -193,6 +195,9 @@ _FLAGS: tuple[tuple[str, str, object, str | None, str], ...] = (
      "open WatchJob streams in total before RESOURCE_EXHAUSTED"),
     ("--max-watchers-per-job", "MAX_WATCHERS_PER_JOB", _positive_int, "max_watchers_per_job",
      "open WatchJob streams of one job before RESOURCE_EXHAUSTED"),
+    ("--progress-budget", "PROGRESS_BUDGET", _positive_float, "progress_budget_per_s",
+     "progress messages per second sent to all WatchJob streams together; with more "
+     "watchers each gets progress less often (state changes always go out at once)"),
     ("--max-health-watchers", "MAX_HEALTH_WATCHERS", _positive_int, "max_health_watchers",
      "open health Watch streams (unauthenticated) in total before RESOURCE_EXHAUSTED"),
     ("--max-streams-per-connection", "MAX_STREAMS_PER_CONNECTION", _positive_int,
@@ -429,6 +434,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         tls_client_ca=args.tls_client_ca,
         max_watchers=args.max_watchers,
         max_watchers_per_job=args.max_watchers_per_job,
+        progress_budget_per_s=args.progress_budget,
         max_health_watchers=args.max_health_watchers,
         max_streams_per_connection=args.max_streams_per_connection,
         max_errors=args.max_errors,

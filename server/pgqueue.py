@@ -50,7 +50,7 @@ from .queue import (
     too_many_jobs,
 )
 from .runner import JobHandler, JobRunner, OwnedTasks, cancel_and_wait
-from .watch import Subscription, check_watcher_limits
+from .watch import ProgressPace, Subscription, check_watcher_limits
 
 __all__ = ["ClusterConfig", "PgJobQueue"]
 
@@ -123,6 +123,7 @@ class PgJobQueue:
         self._wakeups: dict[str, set[asyncio.Event]] = {}
         self._work = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
+        self._pace = ProgressPace(config.progress_budget_per_s, config.progress_interval_s)
         self._tasks = OwnedTasks()
         self._listener: _Conn | None = None
         self._counts: dict[JobState, int] = {}
@@ -313,7 +314,7 @@ class PgJobQueue:
         )
         await self._runner.flush(job_id)  # a current snapshot
         wake = asyncio.Event()
-        subscription = Subscription(on_close=lambda s: self._unwatch(job_id, s, wake, feeding))
+        subscription = Subscription(lambda s: self._unwatch(job_id, s, wake, feeding), self._pace)
         self._subscriptions.add(subscription)
         self._wakeups.setdefault(job_id, set()).add(wake)
         feeding = self._tasks.spawn(self._feed(job_id, after_sequence, subscription, wake), "watch")

@@ -38,7 +38,7 @@ from .jobs import (
 )
 from .jobstore import InMemoryJobStore, JobStore, StoredJob
 from .runner import JobHandler, JobRunner, OwnedTasks
-from .watch import Subscription, check_watcher_limits
+from .watch import ProgressPace, Subscription, check_watcher_limits
 
 __all__ = [
     "AsyncioJobQueue",
@@ -78,6 +78,9 @@ class QueueConfig:
         job_timeout_s: run-time limit of a job whose request gives none.
         max_pending: PENDING jobs accepted before submit answers RESOURCE_EXHAUSTED.
         progress_interval_s: least time between two published progress events of one job.
+        progress_budget_per_s: progress messages per second sent to all watchers together;
+            with more watchers each is sent progress less often (see
+            :class:`server.watch.ProgressPace`).
         history: recent events kept in memory per running job for ``after_sequence`` replay.
         max_attempts: starts a job gets (restarts included) before it fails for good.
         retention_s: ended jobs older than this are pruned, with their events.
@@ -92,6 +95,7 @@ class QueueConfig:
     job_timeout_s: float = 3600.0
     max_pending: int = 1000
     progress_interval_s: float = 0.1
+    progress_budget_per_s: float = 1000.0
     history: int = 256
     max_attempts: int = 3
     retention_s: float = 7 * 24 * 3600.0
@@ -170,6 +174,7 @@ class AsyncioJobQueue:
         self._next_number = 0
         self._tasks = OwnedTasks()
         self._watching = 0
+        self._pace = ProgressPace(config.progress_budget_per_s, config.progress_interval_s)
         self._closing = False
         self._runner = JobRunner(
             handler,
@@ -346,8 +351,12 @@ class AsyncioJobQueue:
         await self._runner.flush(job_id)
         with contextlib.suppress(StorageFault):  # not kept yet: the rest follows once it is
             await self._committed(entry)  # so that the snapshot is the current state
-        subscription = Subscription(on_close=lambda s: self._unwatch(entry, s))
-        await self._seed(entry, subscription, after_sequence)
+        subscription = Subscription(lambda s: self._unwatch(entry, s), self._pace)
+        try:
+            await self._seed(entry, subscription, after_sequence)
+        except BaseException:
+            subscription.close()
+            raise
         return subscription
 
     async def _seed(self, entry: _Entry, subscription: Subscription, after: int) -> None:

@@ -13,7 +13,8 @@ Cancellation is a token with a reason *and* a task cancel: the token tells the j
 stopped (and so which terminal state it ends in, see :func:`server.jobs.ending`), the task
 cancel interrupts whatever the handler awaits, so that a cancel never waits for a slow file.
 Progress is coalesced: at most one progress write per job per ``progress_interval_s``, and
-never one after the job's end.
+never one after the job's end. How often each watcher is then sent it is the watchers' own
+pace (:class:`server.watch.ProgressPace`).
 """
 
 from __future__ import annotations

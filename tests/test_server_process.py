@@ -92,6 +92,7 @@ def test_missing_root_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.Monke
         ["--root", "/x", "--workers", "0"],
         ["--root", "/x", "--job-timeout", "-1"],
         ["--root", "/x", "--extensions", ","],
+        ["--root", "/x", "--progress-budget", "0"],
     ],
 )
 def test_bad_flags_are_usage_errors(argv: list[str]) -> None:
@@ -108,6 +109,13 @@ def test_flags_and_environment_combine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.roots == ("/a", "/b")
     assert config.extensions == frozenset({".mp4", ".ts"})
     assert config.probe_timeout_s == 2.5
+
+
+def test_the_progress_budget_flag_reaches_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCANJOBS_PROGRESS_BUDGET", "250")
+    assert parse_args(["--root", "/x"]).queue_config().progress_budget_per_s == 250.0
+    config = parse_args(["--root", "/x", "--progress-budget", "500.5"])
+    assert config.queue_config().progress_budget_per_s == 500.5
 
 
 def test_a_second_server_cannot_share_the_port_or_the_data_dir(
