@@ -21,7 +21,6 @@ from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 
 from .catalog import Catalog
 from .config import Config
-from .deadline import FsCalls
 from .errors import StorageIOError
 from .leader import lead
 from .library_watch import LibraryWatcher, QueueRunner, RootState, WatchConfig, cancel_quietly
@@ -188,8 +187,9 @@ async def start(
         undo.push_async_callback(workers.close)
         await checks.start()
         undo.push_async_callback(checks.close)
-        fs = FsCalls(config.io_timeout_s)
-        scanner = Scanner(roots, workers, catalog, scan_config, clock_ns=clock_ns, fs=fs)
+        scanner = Scanner(
+            roots, workers, catalog, scan_config, clock_ns=clock_ns, locate=checks.locate
+        )
         queue = _queue(config, db, scanner, metrics)
         await queue.start()
         undo.pop_all()  # started: from here on App.stop() owns every part

@@ -17,16 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Protocol
 
 from .catalog import Catalog, ScanCounts
-from .deadline import FsCalls
 from .errors import StorageFault
 from .jobs import FileError, Job, Phase, Progress, ScanResult, display_path
-from .roots import RootPolicy
+from .roots import Folder, RootPolicy
 from .runner import JobContext
 from .scan_wire import Committed, DirectoryTask, Listed, Reply
 from .scanpool import WorkerDied
@@ -229,7 +228,9 @@ class Scanner:
         config: tunables.
         clock_ns: wall clock in nanoseconds, for first/last-seen and missing times (the
             workers' clocks are set to it).
-        fs: runs the job's own filesystem calls (the check of its path) with a deadline.
+        locate: finds the job's folder, within ``--io-timeout`` (the server's root-check
+            helper process: no server thread ever waits on a share); by default
+            :meth:`RootPolicy.locate` on a thread.
     """
 
     def __init__(
@@ -240,20 +241,23 @@ class Scanner:
         config: ScanConfig | None = None,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
-        fs: FsCalls | None = None,
+        locate: Callable[[str], Awaitable[Folder]] | None = None,
     ) -> None:
-        self._fs = fs or FsCalls(30.0)
+        self._locate = locate or self._locate_here
         self._roots = roots
         self._directories = directories
         self._catalog = catalog
         self._config = config or ScanConfig()
         self._clock_ns = clock_ns
 
+    async def _locate_here(self, path: str) -> Folder:
+        return await asyncio.to_thread(self._roots.locate, path)
+
     async def __call__(self, job: Job, ctx: JobContext) -> ScanResult:
         """Run one scan job; see :data:`server.queue.JobHandler` for the cancel contract."""
         # The path is checked again (the filesystem may have changed), within --io-timeout:
         # a folder on a share that stopped answering fails the job, never hangs it.
-        folder = await self._fs.run(partial(self._roots.locate, job.spec.path))
+        folder = await self._locate(job.spec.path)
         config = self._config
         started_ns = self._clock_ns()
         await self._catalog.purge_missing(started_ns - config.missing_retention_ns)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from scanjobs.server.errors import ScanJobsError
+from scanjobs.server.roots import RootPolicy
 from scanjobs.v1 import scanjobs_pb2 as pb
-from tests.conftest import Running, ServeFactory, wait_terminal
+from tests.conftest import Running, ServeFactory, until_running, wait_terminal
 from tests.media import write_video
 from tests.opengate import first_open_of
 
@@ -98,33 +100,46 @@ async def test_a_folder_swapped_for_a_symlink_mid_walk_is_never_followed(
         undo[0]()
 
 
-async def test_a_folder_swapped_for_a_symlink_between_submit_and_start_is_refused(
-    serve: ServeFactory, library: Library, monkeypatch: pytest.MonkeyPatch
+def test_a_folder_swapped_for_a_symlink_between_its_resolution_and_its_open_is_refused(
+    library: Library, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # What the root check (in its helper process) does: resolve, then open by descriptor.
     target = library.root / "first"
     real_realpath = os.path.realpath
-    calls: list[str] = []
 
     def realpath_then_swap(path: str, *args: object, **kwargs: object) -> str:
         resolved = real_realpath(path, *args, **kwargs)  # type: ignore[arg-type]
         if str(path) == str(target):
-            calls.append(path)
-            # The submit's check resolves it in the root check helper process, not here: the
-            # first call in this process is the job's start. Now swap it.
-            if len(calls) == 1:
-                _swap_for_symlink(target, library.outside)
+            _swap_for_symlink(target, library.outside)
         return resolved
 
-    s = await serve(library.root)
-    before = library.sentinel.stat().st_atime_ns
+    roots = RootPolicy([str(library.root)])
     monkeypatch.setattr(os.path, "realpath", realpath_then_swap)
-    job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(target)))
-    final = await wait_terminal(s.stub, job.id)
-    monkeypatch.undo()
+    with pytest.raises(ScanJobsError, match="a symlink is not followed"):
+        roots.locate(str(target))
 
-    assert len(calls) == 1, "the swap did not happen between the check and the open"
+
+async def test_a_folder_swapped_for_a_symlink_between_submit_and_start_is_refused(
+    serve: ServeFactory, library: Library
+) -> None:
+    # One job at a time: a job held on a gated probe keeps the second one pending while its
+    # folder, checked at submit, is swapped for a symlink; the check at its start refuses it.
+    target = library.root / "first"
+    held = library.root / "held"
+    held.mkdir()
+    (held / "gate.mp4").write_bytes(b"x")
+    s = await serve(library.root, misbehaving=True, workers=1)
+    before = library.sentinel.stat().st_atime_ns
+    first = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(held)))
+    await until_running(s.stub, first.id)
+    job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(target)))
+    _swap_for_symlink(target, library.outside)
+    (held / "open-gate").touch()
+    final = await wait_terminal(s.stub, job.id)
+
+    assert (await wait_terminal(s.stub, first.id)).state == pb.JOB_STATE_COMPLETED
     assert final.state == pb.JOB_STATE_FAILED
-    assert "a symlink is not followed" in final.error
+    assert final.error.endswith("resolves outside the allowed roots")
     assert not any("secret" in p for p in await _catalogued(s))
     assert not library.sentinel_read(before), "a file outside the roots was read"
 
