@@ -198,7 +198,7 @@ class ScanWorkers:
         reaping.add_done_callback(self._reaping.discard)
         if self._closed:
             return
-        task = asyncio.create_task(self._respawn())
+        task = asyncio.create_task(self._respawn(reaping))
         self._spawning.add(task)
         task.add_done_callback(self._spawning.discard)
 
@@ -209,8 +209,11 @@ class ScanWorkers:
             if self._on_abandon is not None:
                 self._on_abandon()
 
-    async def _respawn(self) -> None:
-        """Start a replacement at once: the killed worker is reaped beside it."""
+    async def _respawn(self, reaping: asyncio.Task[None]) -> None:
+        """Start a replacement once the killed worker exited, or was abandoned (within a
+        second): a new interpreter's start-up must not compete with the cancel that killed
+        it, and nothing waits on a worker the kernel holds."""
+        await asyncio.shield(reaping)
         while True:
             try:
                 await self._spawn()
