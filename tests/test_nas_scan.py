@@ -69,11 +69,11 @@ async def test_a_dead_folder_costs_one_error_and_keeps_its_videos(
 
 
 async def test_cancel_while_a_folder_hangs_is_prompt(
-    serve: ServeFactory, slow_share: SlowShare
+    serve: ServeFactory, slow_share: SlowShare, backend: dict[str, Any]
 ) -> None:
     slow_share.hang("dead")
     try:
-        s = await serve(slow_share.path, io_timeout_s=600.0)
+        s = await serve(slow_share.path, io_timeout_s=600.0, **backend)
         job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(slow_share.path)))
         await asyncio.to_thread(slow_share.wait_blocked, 1, 30.0)
         started = time.monotonic()
@@ -88,12 +88,12 @@ async def test_cancel_while_a_folder_hangs_is_prompt(
 
 
 async def test_two_jobs_on_a_root_with_a_dead_folder_both_end_with_its_error(
-    serve: ServeFactory, slow_share: SlowShare
+    serve: ServeFactory, slow_share: SlowShare, backend: dict[str, Any]
 ) -> None:
     share = slow_share.path
     slow_share.hang("dead")
     try:
-        s = await serve(share, io_timeout_s=IO_TIMEOUT_S)
+        s = await serve(share, io_timeout_s=IO_TIMEOUT_S, **backend)
         jobs = [await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(share))) for _ in range(2)]
         finals = [await wait_terminal(s.stub, job.id) for job in jobs]
     finally:
