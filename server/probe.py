@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Protocol
 from . import probe_wire as wire
 from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
 from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
-from .reap import abandon, exited
+from .reap import abandon, exited, stop_in_two_stages
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
@@ -324,29 +324,10 @@ class ProbePool:
         for task in list(self._spawning):
             task.cancel()
         await asyncio.gather(*self._spawning, return_exceptions=True)
-        workers = list(self._all)
-        for worker in workers:
-            worker.stdin.close()
-        exits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
-        if exits:
-            await asyncio.wait(exits, timeout=grace_s)
-        stubborn = [w for w in workers if w.proc.returncode is None]
-        if stubborn:
-            log.warning(
-                "killed probe workers still running after the grace period",
-                extra={"pids": [w.proc.pid for w in stubborn]},
-            )
-        for worker in stubborn:
-            worker.kill()
-        for pending in exits:
-            pending.cancel()
         # A killed worker stuck in the kernel (a read on a dead share) is abandoned, not
         # waited for: the scan worker above must exit when told to.
-        for worker, gone in zip(
-            stubborn, await asyncio.gather(*(exited(w.proc) for w in stubborn)), strict=True
-        ):
-            if not gone:
-                abandon(worker.proc, "probe worker")
+        for proc in await stop_in_two_stages(list(self._all), grace_s, "probe workers"):
+            abandon(proc, "probe worker")
         self._all.clear()
 
     @property

@@ -12,12 +12,54 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
+from typing import Protocol
 
-__all__ = ["KILL_WAIT_S", "abandon", "exited"]
+__all__ = ["KILL_WAIT_S", "abandon", "exited", "stop_in_two_stages"]
 
 log = logging.getLogger(__name__)
 
 KILL_WAIT_S = 1.0  # a killed process exits in milliseconds unless the kernel holds it
+
+
+class Stoppable(Protocol):
+    """A worker process with its input pipe."""
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process: ...
+
+    @property
+    def stdin(self) -> asyncio.StreamWriter: ...
+
+    def kill(self) -> None: ...
+
+
+async def stop_in_two_stages(
+    workers: Sequence[Stoppable], grace_s: float, what: str
+) -> list[asyncio.subprocess.Process]:
+    """Close each worker's input, so that an idle one exits at once; after ``grace_s``
+    seconds kill (and log) the ones still running, and wait (bounded) for them to exit.
+
+    Returns the killed ones that did not exit: stuck in the kernel, to be abandoned.
+    """
+    for worker in workers:
+        worker.stdin.close()
+    exits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
+    if exits:
+        await asyncio.wait(exits, timeout=grace_s)
+    for pending in exits:
+        pending.cancel()
+    stubborn = [w for w in workers if w.proc.returncode is None]
+    if stubborn:
+        log.warning(
+            "killed %s still running after the grace period",
+            what,
+            extra={"pids": [w.proc.pid for w in stubborn]},
+        )
+    for worker in stubborn:
+        worker.kill()
+    gone = await asyncio.gather(*(exited(w.proc) for w in stubborn))
+    return [w.proc for w, out in zip(stubborn, gone, strict=True) if not out]
 
 
 async def exited(proc: asyncio.subprocess.Process, wait_s: float = KILL_WAIT_S) -> bool:

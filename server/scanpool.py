@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 from . import scan_wire as wire
 from .errors import DatabaseUnavailable, StorageFault, StorageFull, StorageIOError
-from .reap import abandon, exited
+from .reap import abandon, exited, stop_in_two_stages
 
 __all__ = ["ScanWorkers", "WorkerDied"]
 
@@ -124,23 +124,12 @@ class ScanWorkers:
         for task in list(self._spawning):
             task.cancel()
         await asyncio.gather(*self._spawning, return_exceptions=True)
-        workers = list(self._all)
-        for worker in workers:
-            worker.stdin.close()
-        exits = [asyncio.ensure_future(w.proc.wait()) for w in workers]
-        if exits:
-            await asyncio.wait(exits, timeout=grace_s)
-        for pending in exits:
-            pending.cancel()
-        stubborn = [w for w in workers if w.proc.returncode is None]
-        if stubborn:
-            log.warning(
-                "killed scan workers still running after the grace period",
-                extra={"pids": [w.proc.pid for w in stubborn]},
-            )
-        for worker in stubborn:
-            worker.kill()
-        await asyncio.gather(*(self._reap(w) for w in stubborn), *self._reaping)
+        stuck = await stop_in_two_stages(list(self._all), grace_s, "scan workers")
+        for proc in stuck:
+            abandon(proc, "scan worker")
+            if self._on_abandon is not None:
+                self._on_abandon()
+        await asyncio.gather(*self._reaping)
         self._all.clear()
 
     async def run(self, task: wire.DirectoryTask, on_reply: Callable[[wire.Reply], None]) -> None:
