@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -281,8 +280,3 @@ def decode_reply(payload: bytes) -> Reply:
     except (KeyError, TypeError, ValueError) as exc:
         raise BadFrame(f"a malformed {kind.__name__ if kind else 'reply'}: {exc}") from None
     raise BadFrame(f"unknown reply type {data.get('type')!r}")
-
-
-def frames(messages: Sequence[WorkerSettings | DirectoryTask | Reply]) -> bytes:
-    """Several frames, back to back."""
-    return b"".join(encode(m) for m in messages)

@@ -94,11 +94,6 @@ class ScanWorkers:
         self._closed = False
 
     @property
-    def size(self) -> int:
-        """How many workers there are (directories in flight at most)."""
-        return self._size
-
-    @property
     def background_tasks(self) -> int:
         """Replacement spawns, and waits for killed workers to exit, still under way (0 once
         idle or closed)."""

@@ -213,16 +213,6 @@ class LocalDirectories:
     async def run(self, task: wire.DirectoryTask, on_reply: Emit) -> None:
         await self._work.run(task, on_reply)  # a stuck listing: nothing to replace here
 
-    async def start(self) -> None:
-        return None
-
-    async def close(self, grace_s: float = 2.0) -> None:
-        return None
-
-    @property
-    def background_tasks(self) -> int:
-        return 0
-
 
 # -- the worker process --------------------------------------------------------------------
 
