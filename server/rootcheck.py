@@ -27,6 +27,7 @@ from .deadline import no_answer
 from .errors import IoTimeout, ScanJobsError, Unavailable
 from .reap import abandon, exited
 from .roots import Folder, RootPolicy
+from .spawn import Child, start
 
 __all__ = ["ROOT_CHECK_COMMAND", "RootChecks"]
 
@@ -46,8 +47,7 @@ _MAX_LINE = 64 * 1024
 class _Helper:
     """One helper process, the checks it owes, and those past their deadline."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
         self.stdin = proc.stdin
         self.stdout = proc.stdout
@@ -181,10 +181,8 @@ class RootChecks:
 
     async def _spawn(self) -> _Helper:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+            proc = await start(
+                self._command,
                 limit=_MAX_LINE,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
             )

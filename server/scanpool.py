@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from . import scan_wire as wire
 from .errors import DatabaseUnavailable, StorageFault, StorageFull, StorageIOError
 from .reap import abandon, exited, stop_in_two_stages
+from .spawn import Child, start
 
 __all__ = ["ScanWorkers", "WorkerDied"]
 
@@ -39,9 +40,8 @@ class WorkerDied(Exception):
 
 
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
         self.stdin = proc.stdin
         self.stdout = proc.stdout
 
@@ -57,6 +57,8 @@ class _Worker:
 
     def kill(self) -> None:
         """Kill the worker and its probe processes (its process group)."""
+        if self.proc.returncode is not None:
+            return  # reaped: its pid may be another process's now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -207,10 +209,8 @@ class ScanWorkers:
                 await asyncio.sleep(1.0)
 
     async def _spawn(self) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        proc = await start(
+            self._command,
             start_new_session=True,  # its own group: killed with its probe processes
             limit=wire.MAX_FRAME,
         )
