@@ -7,8 +7,9 @@ for a probe or a commit: an open transaction rolls back, and a cancel's latency 
 with the directory. The worker is replaced in the background once it exited, when a directory
 waits for a worker or a moment later (so that the replacement's start-up does not compete with
 the cancel being published); a killed worker stuck in the kernel (on a share that does not
-answer) is not waited for: past ``reap.KILL_WAIT_S`` it is abandoned, logged and counted. A worker that dies on its own (the OS killed it) costs its
-directory one error; what it committed is kept and counted.
+answer) is not waited for: past ``reap.KILL_WAIT_S`` it is abandoned, logged and counted. A
+worker that dies on its own (the OS killed it) costs its directory one error; what it
+committed is kept and counted.
 """
 
 from __future__ import annotations
