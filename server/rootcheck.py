@@ -31,6 +31,7 @@ from .roots import Folder, RootPolicy
 __all__ = ["ROOT_CHECK_COMMAND", "RootChecks"]
 
 ROOT_CHECK_COMMAND = (sys.executable, "-m", "scanjobs.server.rootcheck")
+_READY = {"ready": True}  # the helper's first line: it can check from now on
 _ERRORS: dict[str, type[ScanJobsError]] = {
     c.__name__: c
     for c in (
@@ -54,12 +55,16 @@ class _Helper:
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.late: set[int] = set()
         self.reader: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def read(self) -> None:
         """Hand each answer to its check until the helper's output ends."""
         try:
             while line := await self.stdout.readline():
                 answer = json.loads(line)
+                if answer == _READY:
+                    self.ready.set_result(None)
+                    continue
                 self.late.discard(answer["id"])
                 future = self.pending.pop(answer["id"], None)
                 if future is not None and not future.done():
@@ -70,6 +75,8 @@ class _Helper:
 
     def fail(self, error: ScanJobsError) -> None:
         """End every check owed: with ``error``, or quietly when nobody waits any more."""
+        if not self.ready.done():
+            self.ready.set_result(None)  # whoever waits for it finds their check ended
         for number, future in self.pending.items():
             if number in self.late:
                 future.cancel()
@@ -140,13 +147,20 @@ class RootChecks:
             Unavailable: the helper cannot be started, or ended mid-check.
         """
         deadline = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        loop = asyncio.get_running_loop()
+        called = loop.time()
         helper = await self._current()
         number = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
         helper.pending[number] = future
         helper.stdin.write(json.dumps({"id": number, "path": path}).encode() + b"\n")
         try:
-            answer = await asyncio.wait_for(asyncio.shield(future), deadline)
+            # The deadline counts from when the helper can check: its start-up (a Python
+            # process importing modules, a second on a busy machine) is not the filesystem's
+            # time. The caller's own deadline counts from the call.
+            await asyncio.wait_for(asyncio.shield(helper.ready), timeout_s)
+            left = deadline if timeout_s is None else called + timeout_s - loop.time()
+            answer = await asyncio.wait_for(asyncio.shield(future), min(deadline, left))
         except TimeoutError:
             helper.late.add(number)
             if len(helper.late) >= self._max_stuck:
@@ -255,4 +269,6 @@ def _serve(roots: RootPolicy) -> None:
 
 
 if __name__ == "__main__":
+    # Ready once imported: the roots' own resolution below already touches the filesystem.
+    print(json.dumps(_READY), flush=True)
     _serve(RootPolicy(sys.argv[1:]))
