@@ -29,7 +29,7 @@ from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
 from .probe import PROBE_COMMAND
 from .queue import AsyncioJobQueue
-from .rootcheck import RootChecks, resolve_roots
+from .rootcheck import RootChecks
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .scan_wire import WorkerSettings
@@ -150,12 +150,9 @@ async def start(
     """
     metrics = Metrics()
     # The server never touches a requested path itself: a thread stuck in the kernel on a dead
-    # share would keep the process from exiting. Roots are resolved, and root checks run, in
-    # helper processes, with --io-timeout.
-    roots = await resolve_roots(
-        config.roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process
-    )
-    checks = RootChecks(roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process)
+    # share would keep the process from exiting. Roots are resolved, and root checks run, in a
+    # helper process, with --io-timeout.
+    checks = RootChecks(config.roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process)
     metrics.watch_stuck_calls(lambda: checks.stuck)
     calls = ServiceInterceptor(
         config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
@@ -174,6 +171,8 @@ async def start(
         http_socket = _bind_http(config)
         if http_socket is not None:
             undo.callback(http_socket.close)
+        undo.push_async_callback(checks.close)
+        roots = await checks.start()
         db, catalog = await _open_storage(config)
         undo.push_async_callback(db.close)
         undo.push_async_callback(catalog.close)
@@ -187,8 +186,6 @@ async def start(
         )
         await workers.start()
         undo.push_async_callback(workers.close)
-        await checks.start()
-        undo.push_async_callback(checks.close)
         scanner = Scanner(
             roots, workers, catalog, scan_config, clock_ns=clock_ns, locate=checks.locate
         )

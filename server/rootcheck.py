@@ -9,8 +9,9 @@ deadline (``--io-timeout``) with :class:`~server.errors.IoTimeout`. Once ``max_s
 are stuck in a helper, it is killed and replaced; one that does not exit is abandoned (logged
 and counted), and the server still exits on SIGTERM.
 
-The roots themselves are resolved the same way when the server starts (:func:`resolve_roots`):
-a root on a share that is down then does not keep the server from starting.
+The roots themselves are resolved in the helper when the server starts
+(:meth:`RootChecks.start`): a root on a share that is down does not keep the server from
+starting; it is logged, and kept as given.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from .reap import abandon, exited
 from .roots import Folder, RootPolicy
 from .spawn import Child, start
 
-__all__ = ["ROOT_CHECK_COMMAND", "RootChecks", "resolve_roots"]
+__all__ = ["ROOT_CHECK_COMMAND", "RootChecks"]
 
 log = logging.getLogger(__name__)
 
 ROOT_CHECK_COMMAND = (sys.executable, "-m", "scanjobs.server.rootcheck")
+_READY = {"ready": True}  # the helper's first line: it can check from now on
 _ERRORS: dict[str, type[ScanJobsError]] = {
     c.__name__: c
     for c in (
@@ -60,12 +62,16 @@ class _Helper:
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self.late: set[int] = set()
         self.reader: asyncio.Task[None] | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     async def read(self) -> None:
         """Hand each answer to its check until the helper's output ends."""
         try:
             while line := await self.stdout.readline():
                 answer = json.loads(line)
+                if answer == _READY:
+                    self.ready.set_result(None)
+                    continue
                 self.late.discard(answer["id"])
                 future = self.pending.pop(answer["id"], None)
                 if future is not None and not future.done():
@@ -76,6 +82,8 @@ class _Helper:
 
     def fail(self, error: ScanJobsError) -> None:
         """End every check owed: with ``error``, or quietly when nobody waits any more."""
+        if not self.ready.done():
+            self.ready.set_result(None)  # whoever waits for it finds their check ended
         for number, future in self.pending.items():
             if number in self.late:
                 future.cancel()
@@ -88,7 +96,8 @@ class RootChecks:
     """Checks requested scan paths with a deadline, in a helper process.
 
     Args:
-        roots: the allowed roots (as ``--root`` gives them).
+        roots: the allowed roots (as ``--root`` gives them); resolved in the helper by
+            :meth:`start`.
         timeout_s: the deadline of each check (``--io-timeout``).
         max_stuck: checks that may be stuck past their deadline in one helper; past that it
             is replaced.
@@ -98,7 +107,7 @@ class RootChecks:
 
     def __init__(
         self,
-        roots: RootPolicy,
+        roots: Sequence[str],
         timeout_s: float,
         *,
         max_stuck: int = 8,
@@ -106,8 +115,9 @@ class RootChecks:
         on_abandon: Callable[[], None] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
-        policy = {"roots": roots.given, "resolutions": roots.resolutions}
-        self._command = (*command, "--policy", json.dumps(policy))
+        self._roots = tuple(roots)
+        self._command = (*command, *roots)
+        self.policy: RootPolicy | None = None  # known once started
         self._max_stuck = max_stuck
         self._on_abandon = on_abandon
         self._ids = itertools.count()
@@ -121,13 +131,17 @@ class RootChecks:
         """Checks past their deadline whose answer has not come yet (in the current helper)."""
         return len(self._helper.late) if self._helper is not None else 0
 
-    async def start(self) -> None:
-        """Start the helper now, so that the first check does not wait for it.
+    async def start(self) -> RootPolicy:
+        """Start the helper, and resolve the roots in it: each root that does not answer
+        within ``timeout_s`` (a share that is down) is logged, and kept as given until the next
+        start. Returns the roots' policy, as the helper checks paths with it.
 
         Raises:
             Unavailable: the helper cannot be started.
         """
         await self._current()
+        assert self.policy is not None  # noqa: S101
+        return self.policy
 
     async def check(self, path: str, timeout_s: float | None = None) -> str:
         """``RootPolicy.check(path)`` in the helper: the path normalised.
@@ -146,19 +160,15 @@ class RootChecks:
                 the constructor).
             Unavailable: the helper cannot be started, or ended mid-check.
         """
-        deadline = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
-        helper = await self._current()
-        number = next(self._ids)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        helper.pending[number] = future
-        helper.stdin.write(json.dumps({"id": number, "path": path}).encode() + b"\n")
+        called = asyncio.get_running_loop().time()
+        current = asyncio.ensure_future(self._current())
         try:
-            answer = await asyncio.wait_for(asyncio.shield(future), deadline)
+            # The caller's deadline counts a start of the helper too; the start goes on.
+            helper = await asyncio.wait_for(asyncio.shield(current), timeout_s)
         except TimeoutError:
-            helper.late.add(number)
-            if len(helper.late) >= self._max_stuck:
-                self._retire(helper, IoTimeout(f"{no_answer(deadline)} (earlier checks are stuck)"))
-            raise IoTimeout(no_answer(deadline)) from None
+            current.add_done_callback(_seen)  # a failed start is the next check's to report
+            raise IoTimeout(no_answer(min(timeout_s or self.timeout_s, self.timeout_s))) from None
+        answer = await self._ask(helper, {"path": path}, called, timeout_s)
         if "path" in answer:
             return Folder(*(os.fsencode(answer[k]) for k in ("path", "root", "relative")))
         kind = _ERRORS.get(answer.get("error", ""), errors.FailedPrecondition)
@@ -167,6 +177,34 @@ class RootChecks:
                 answer["message"], field=answer.get("field", ""), reason=answer.get("reason")
             )
         raise kind(answer["message"], reason=answer.get("reason"))
+
+    async def _ask(
+        self, helper: _Helper, request: dict[str, Any], called: float, timeout_s: float | None
+    ) -> dict[str, Any]:
+        """Send ``request`` to ``helper``, and wait for its answer.
+
+        Raises:
+            IoTimeout: no answer within the deadline (see :meth:`locate`).
+        """
+        deadline = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        loop = asyncio.get_running_loop()
+        number = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = loop.create_future()
+        helper.pending[number] = future
+        helper.stdin.write(json.dumps({"id": number, **request}).encode() + b"\n")
+        try:
+            # The deadline counts from when the helper can check: its start-up (a Python
+            # process importing modules, a second on a busy machine) is not the filesystem's
+            # time. The caller's own deadline counts from the call.
+            await asyncio.wait_for(asyncio.shield(helper.ready), timeout_s)
+            left = deadline if timeout_s is None else called + timeout_s - loop.time()
+            answer = await asyncio.wait_for(asyncio.shield(future), min(deadline, left))
+        except TimeoutError:
+            helper.late.add(number)
+            if len(helper.late) >= self._max_stuck:
+                self._retire(helper, IoTimeout(f"{no_answer(deadline)} (earlier checks are stuck)"))
+            raise IoTimeout(no_answer(deadline)) from None
+        return answer
 
     async def close(self) -> None:
         """Stop the helper (abandoned if a dead share holds it); idempotent."""
@@ -197,7 +235,34 @@ class RootChecks:
             raise Unavailable(f"cannot start the filesystem check process: {exc}") from None
         helper = _Helper(proc)
         helper.reader = asyncio.create_task(helper.read(), name="root-check-reader")
+        if self.policy is None:
+            self.policy = await self._resolve(helper)
+        helper.stdin.write(json.dumps({"policy": self.policy.resolutions}).encode() + b"\n")
         return helper
+
+    async def _resolve(self, helper: _Helper) -> RootPolicy:
+        """The roots with their symlinks resolved by ``helper``; a root that does not answer
+        in time is logged and kept as given."""
+        called = asyncio.get_running_loop().time()
+        answers = await asyncio.gather(
+            *(self._ask(helper, {"resolve": root}, called, None) for root in self._roots),
+            return_exceptions=True,
+        )
+        resolutions = []
+        for root, answer in zip(self._roots, answers, strict=True):
+            if isinstance(answer, IoTimeout):
+                log.warning(
+                    "a root did not answer in %s s; it is used as given until the next start "
+                    "(is its share down?)",
+                    self.timeout_s,
+                    extra={"root": root},
+                )
+                resolutions.append(root)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                resolutions.append(answer["resolved"])
+        return RootPolicy(self._roots, resolutions)
 
     def _retire(self, helper: _Helper, why: ScanJobsError) -> None:
         """Replace ``helper`` from the next check on (its checks in flight fail with ``why``);
@@ -225,8 +290,17 @@ class RootChecks:
 # -- the helper process ------------------------------------------------------------------
 
 
-def _answer(roots: RootPolicy, request: dict[str, Any]) -> dict[str, Any]:
+def _seen(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _answer(roots: RootPolicy | None, request: dict[str, Any]) -> dict[str, Any]:
+    if "resolve" in request:
+        return {"id": request["id"], "resolved": os.path.realpath(request["resolve"])}
     try:
+        if roots is None:
+            raise Unavailable("the roots are not resolved yet")
         folder = roots.locate(request["path"])
         return {
             "id": request["id"],
@@ -245,77 +319,27 @@ def _answer(roots: RootPolicy, request: dict[str, Any]) -> dict[str, Any]:
         }
 
 
-def _serve(roots: RootPolicy) -> None:
-    """Answer each request line on a thread of its own: a stuck path holds up only itself."""
+def _serve(roots: Sequence[str]) -> None:
+    """Answer each request line on a thread of its own: a stuck path holds up only itself.
+    The roots' resolutions come first (``{"policy": [...]}``), once the server has them."""
     lock = threading.Lock()
+    policy: RootPolicy | None = None
 
-    def handle(request: dict[str, Any]) -> None:
-        line = json.dumps(_answer(roots, request)) + "\n"
+    def handle(request: dict[str, Any], policy: RootPolicy | None) -> None:
+        line = json.dumps(_answer(policy, request)) + "\n"
         with lock:
             sys.stdout.write(line)
             sys.stdout.flush()
 
     for line in sys.stdin:
-        threading.Thread(target=handle, args=(json.loads(line),), daemon=True).start()
-
-
-async def resolve_roots(
-    roots: Sequence[str],
-    timeout_s: float,
-    *,
-    command: Sequence[str] = ROOT_CHECK_COMMAND,
-    on_abandon: Callable[[], None] | None = None,
-) -> RootPolicy:
-    """The roots with their symlinks resolved by a helper process, within ``timeout_s``.
-
-    A root that does not answer in time (a share that is down) is logged and kept as given.
-    """
-    proc = await start([*command, "--resolve", *roots], limit=_MAX_LINE)
-    found: dict[str, str] = {}
-
-    async def read() -> None:
-        while len(found) < len(roots) and (line := await proc.stdout.readline()):
-            answer = json.loads(line)
-            found[answer["root"]] = answer["resolved"]
-
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(read(), timeout_s)
-    proc.kill()
-    if not await exited(proc):
-        abandon(proc, "root resolution process")
-        if on_abandon is not None:
-            on_abandon()
-    for root in roots:
-        if root not in found:
-            log.warning(
-                "a root did not answer in %s s; it is used as given until the next start "
-                "(is its share down?)",
-                timeout_s,
-                extra={"root": root},
-            )
-    return RootPolicy(roots, [found.get(root, root) for root in roots])
-
-
-def _resolve(roots: Sequence[str]) -> None:
-    """Print each root with its symlinks resolved, as each answers."""
-    lock = threading.Lock()
-
-    def resolve(root: str) -> None:
-        line = json.dumps({"root": root, "resolved": os.path.realpath(root)}) + "\n"
-        with lock:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-
-    threads = [threading.Thread(target=resolve, args=(r,), daemon=True) for r in roots]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+        request = json.loads(line)
+        if "policy" in request:
+            policy = RootPolicy(roots, request["policy"])
+            continue
+        threading.Thread(target=handle, args=(request, policy), daemon=True).start()
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--resolve":
-        _resolve(sys.argv[2:])
-    else:
-        policy = json.loads(sys.argv[2])  # --policy JSON
-        _serve(RootPolicy(policy["roots"], policy["resolutions"]))
+    # Ready once imported: the checks' deadlines count from here.
+    print(json.dumps(_READY), flush=True)
+    _serve(sys.argv[1:])

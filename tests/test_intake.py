@@ -3,6 +3,8 @@ came in by, with no transport involved."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from scanjobs.server import intake
 from scanjobs.server.errors import (
     FailedPrecondition,
     InvalidArgument,
+    IoTimeout,
     NotFound,
     PermissionDenied,
 )
@@ -35,7 +38,7 @@ async def test_submit_scan_checks_the_path_against_the_roots_then_queues_it(
 ) -> None:
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
-    checks = RootChecks(RootPolicy([str(root)]), timeout_s=10.0)
+    checks = RootChecks([str(root)], timeout_s=10.0)
     spec = intake.job_spec(f"{root}/sub/../sub/", recursive=False, request_id="r-1")
 
     job = await intake.submit_scan(queue, checks, spec)
@@ -84,7 +87,7 @@ async def test_the_root_check_helper_finds_a_folder_as_the_root_policy_does(
     root = tmp_path / "root"
     (root / "sub \udcff").mkdir(parents=True)
     (root / "file").write_bytes(b"")
-    checks = RootChecks(RootPolicy([str(root)]), timeout_s=10.0)
+    checks = RootChecks([str(root)], timeout_s=10.0)
     try:
         found = await checks.locate(f"{root}/sub \udcff/")
         with pytest.raises(FailedPrecondition) as not_a_folder:
@@ -94,3 +97,36 @@ async def test_the_root_check_helper_finds_a_folder_as_the_root_policy_does(
 
     assert found == RootPolicy([str(root)]).locate(f"{root}/sub \udcff/")
     assert not_a_folder.value.reason == "NOT_A_DIRECTORY"
+
+
+# A root check helper that waits, before it starts, until the file named first exists.
+_LATE_HELPER = """
+import os, runpy, sys, time
+gate = sys.argv.pop(1)
+while not os.path.exists(gate):
+    time.sleep(0.01)
+runpy.run_module("scanjobs.server.rootcheck", run_name="__main__")
+"""
+
+
+async def test_the_io_timeout_counts_from_when_the_helper_can_check_not_from_its_start(
+    tmp_path: Path,
+) -> None:
+    root, gate = tmp_path / "root", tmp_path / "open-gate"
+    root.mkdir()
+    command = (sys.executable, "-c", _LATE_HELPER, str(gate))
+    checks = RootChecks([str(root)], timeout_s=0.2, command=command)
+    try:
+        # The caller's own deadline counts everything, start-up included (the helper starts
+        # with the first check, and resolves the roots before it checks anything).
+        with pytest.raises(IoTimeout):
+            await checks.check(str(root), timeout_s=0.2)
+        check = asyncio.create_task(checks.check(str(root)))
+        done, _ = await asyncio.wait([check], timeout=1.0)  # 5 times --io-timeout
+        assert not done, check.result()
+        gate.touch()
+        found = await check
+    finally:
+        await checks.close()
+
+    assert found == str(root)
