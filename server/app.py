@@ -342,7 +342,9 @@ def _worker_settings(
         extensions=tuple(sorted(scan.extensions)),
         seen_resolution_ns=scan.seen_resolution_ns,
         chunk=scan.batch_size,
-        probe_batch=max(scan.probe_batch, config.io_concurrency),
+        # One probe process per worker: a chunk goes to it in one round trip (its threads
+        # share the files out), not in several that would queue for it one after another.
+        probe_batch=max(scan.batch_size, config.io_concurrency),
         probe_command=tuple(probe_command),
         probe_processes=1,
         probe_timeout_s=config.probe_timeout_s,

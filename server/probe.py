@@ -11,6 +11,7 @@ for it, so cancel latency does not grow with file size.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -429,6 +430,30 @@ def worker_account(user: str) -> tuple[int, int]:
 # -- the worker process --------------------------------------------------------------------
 
 
+def _probe_on(
+    pool: ThreadPoolExecutor,
+    probe: Callable[[ProbeTarget], ProbeOutcome],
+    targets: Sequence[ProbeTarget],
+    out: BinaryIO,
+) -> None:
+    """Probe ``targets`` on ``pool``, writing their outcomes to ``out`` in order: each as
+    soon as it and those before it are done, those that are ready together in one write."""
+    pending = collections.deque(pool.submit(probe, target) for target in targets)
+    ready: list[bytes] = []
+    while pending:
+        if ready and not pending[0].done():
+            _write(out, ready)  # what is done goes out before the worker waits
+        ready.append(wire.encode_outcome(pending.popleft().result()))
+    _write(out, ready)
+
+
+def _write(out: BinaryIO, frames: list[bytes]) -> None:
+    if frames:
+        out.write(b"".join(frames))
+        out.flush()
+        frames.clear()
+
+
 def _serve(
     stdin: BinaryIO,
     stdout: BinaryIO,
@@ -456,12 +481,11 @@ def _serve(
             return  # the server closed our stdin or died
         (size,) = wire.FRAME.unpack(header)
         targets = wire.decode_targets(stdin.read(size))
-        outcomes = (
-            map(probe, targets) if pool is None or len(targets) < 2 else pool.map(probe, targets)
-        )
-        for outcome in outcomes:  # in order, each as soon as it and those before it are done
-            stdout.write(wire.encode_outcome(outcome))
-            stdout.flush()
+        if pool is not None and len(targets) > 1:
+            _probe_on(pool, probe, targets, stdout)
+            continue
+        for target in targets:  # in order, each as soon as it is done
+            _write(stdout, [wire.encode_outcome(probe(target))])
 
 
 if __name__ == "__main__":
