@@ -82,6 +82,8 @@ class WalkError:
     message: str
 
 
+_new = tuple.__new__
+_FORMAT, _REGULAR = 0o170000, stat.S_IFREG  # stat.S_ISREG, without a call per file
 WalkItem = Candidate | WalkError
 _Items = list[WalkItem]
 _InFlight = list[Future[WalkItem | None]] | None  # stats on a pool, once storage is slow
@@ -202,6 +204,7 @@ class Tree:
         under = beneath + b"/" if beneath != b"." else b""
         count = 0
         in_flight: _InFlight = None
+        here = self._candidate if self._stats is None else None  # local storage: no pool
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
                 count += 1
@@ -214,14 +217,22 @@ class Tree:
                     name = entry.name.encode(_ENCODING, _ERRORS)
                     items.append(WalkError(prefix + name, f"cannot read: {exc.strerror}"))
                     continue
-                if entry.name.lower().endswith(suffixes):
+                if not entry.name.lower().endswith(suffixes):
+                    continue
+                if here is None:
                     in_flight = self._video(entry, fd, prefix, under, items, in_flight)
+                elif (item := here(entry, fd, prefix, under)) is not None:
+                    items.append(item)
+        self._settle(in_flight, items)
+        listing.entries = count
+
+    def _settle(self, in_flight: _InFlight, items: _Items) -> None:
+        """Collect the stats still in flight on the pool, in listing order."""
         for future in in_flight or ():
             item = future.result()
             self.ops += 1
             if item is not None:
                 items.append(item)
-        listing.entries = count
 
     def _video(
         self,
@@ -260,10 +271,10 @@ class Tree:
             st = entry.stat(follow_symlinks=False)
         except OSError as exc:
             return WalkError(path, f"cannot read: {exc.strerror}")
-        if not stat.S_ISREG(st.st_mode):
+        if st.st_mode & _FORMAT != _REGULAR:
             return None
-        root = self._folder.root
-        return Candidate(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, root, under + name)
+        fields = (path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, self._folder.root)
+        return _new(Candidate, (*fields, under + name))  # a tuple's own constructor: cheaper
 
     def _followed(self, path: bytes, target: bytes, under: bytes) -> WalkItem | None:
         """A file symlink, followed only if no step of its resolution leaves the roots.
