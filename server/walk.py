@@ -44,6 +44,9 @@ OUTSIDE_ROOTS = "symlink points outside the allowed roots"
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SLOW_STAT_S = 0.0005  # a local stat takes microseconds; a network share's, milliseconds
+# Slow stats in a row that make a folder's stats go in flight: on a busy machine one stat now
+# and then waits for the CPU; on a network share every one is slow.
+_SLOW_STATS = 2
 
 
 class Candidate(NamedTuple):
@@ -148,9 +151,9 @@ class Tree:
         folder: the scan folder, as :meth:`RootPolicy.locate` found it.
         extensions: lower-case extensions, with the dot, that mark a video.
         roots: where a file symlink may lead.
-        stats: a thread pool: a folder whose first ``stat`` is slow (network storage) has
-            the rest of its files stated in flight on it; on a local disk every ``stat``
-            stays on the calling thread, where it is cheapest.
+        stats: a thread pool: a folder whose first ``stat`` calls are slow (network
+            storage) has the rest of its files stated in flight on it; on a local disk every
+            ``stat`` stays on the calling thread, where it is cheapest.
     """
 
     def __init__(
@@ -167,6 +170,7 @@ class Tree:
         self._root_fd = -1
         self._stats = stats
         self.ops = 0  # filesystem calls answered so far: how a watchdog tells slow from stuck
+        self._slow = 0  # slow stats in a row in the folder being listed
 
     def __enter__(self) -> Tree:
         self._root_fd = os.open(self._folder.root, _ROOT_FLAGS)
@@ -205,6 +209,7 @@ class Tree:
         count = 0
         in_flight: _InFlight = None
         here = self._candidate if self._stats is None else None  # local storage: no pool
+        self._slow = 0
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
                 count += 1
@@ -253,7 +258,9 @@ class Tree:
         else:
             started = time.perf_counter()
             item = self._candidate(entry, fd, prefix, under)
-            if time.perf_counter() - started > _SLOW_STAT_S:
+            slow = time.perf_counter() - started > _SLOW_STAT_S
+            self._slow = self._slow + 1 if slow else 0
+            if self._slow >= _SLOW_STATS:
                 in_flight = []
         if item is not None:
             items.append(item)
