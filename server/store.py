@@ -49,9 +49,7 @@ from .catalog_sql import (
 )
 from .changes import ChangeFeed
 from .errors import StorageFault, StorageFull, StorageIOError
-from .jobs import (
-    JobEvent,
-)
+from .jobs import JobEvent
 from .jobstore import StoredJob, decode_job, encode_job, event_from_row, time_ns
 from .store_changes import CHANGES_SCHEMA, SqliteChanges
 
@@ -362,11 +360,15 @@ class SqliteCatalog(SqliteChanges):
     ) -> DirectoryRows:
         def query(conn: sqlite3.Connection) -> DirectoryRows:
             state_sql, videos_sql, failures_sql, subdirs_sql = DIRECTORY_READS
-            state = conn.execute(state_sql, (directory,)).fetchone()
-            is_settled = settled(state, digest, fresh_after_ns)
-            videos = [] if is_settled else conn.execute(videos_sql, (directory,)).fetchall()
-            failures = conn.execute(failures_sql, (directory,)).fetchall()
-            subdirs = conn.execute(subdirs_sql, (directory,)).fetchall()
+            conn.execute("BEGIN")  # one snapshot (and one look at the WAL) for the four reads
+            try:
+                state = conn.execute(state_sql, (directory,)).fetchone()
+                is_settled = settled(state, digest, fresh_after_ns)
+                videos = [] if is_settled else conn.execute(videos_sql, (directory,)).fetchall()
+                failures = conn.execute(failures_sql, (directory,)).fetchall()
+                subdirs = conn.execute(subdirs_sql, (directory,)).fetchall()
+            finally:
+                conn.execute("COMMIT")
             return directory_rows(state, is_settled, videos, failures, subdirs)
 
         return await self._db.run(query)
