@@ -29,7 +29,7 @@ from .pgqueue import ClusterConfig, PgJobQueue
 from .pgstore import PgCatalog, PgDatabase
 from .probe import PROBE_COMMAND
 from .queue import AsyncioJobQueue
-from .rootcheck import RootChecks
+from .rootcheck import RootChecks, resolve_roots
 from .roots import RootPolicy
 from .scan import ScanConfig, Scanner
 from .scan_wire import WorkerSettings
@@ -148,12 +148,14 @@ async def start(
         DatabaseCorrupt: the database under ``config.data_dir`` is unusable.
         ListenError: the listen address could not be bound.
     """
-    roots = RootPolicy(config.roots)
     metrics = Metrics()
     # The server never touches a requested path itself: a thread stuck in the kernel on a dead
-    # share would keep the process from exiting. Root checks run in a helper process, with
-    # --io-timeout.
-    checks = RootChecks(config.roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process)
+    # share would keep the process from exiting. Roots are resolved, and root checks run, in
+    # helper processes, with --io-timeout.
+    roots = await resolve_roots(
+        config.roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process
+    )
+    checks = RootChecks(roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process)
     metrics.watch_stuck_calls(lambda: checks.stuck)
     calls = ServiceInterceptor(
         config.tokens, on_call=metrics.on_rpc, max_health_watchers=config.max_health_watchers
@@ -179,7 +181,7 @@ async def start(
         scan_config = _scan_config(config)
         workers = ScanWorkers(
             config.probe_processes,
-            _worker_settings(config, db, scan_config, probe_command),
+            _worker_settings(config, roots, db, scan_config, probe_command),
             on_probe=metrics.on_probe,
             on_abandon=metrics.on_abandoned_process,
         )
@@ -329,12 +331,17 @@ def _scan_config(config: Config) -> ScanConfig:
 
 
 def _worker_settings(
-    config: Config, db: Database | PgDatabase, scan: ScanConfig, probe_command: Sequence[str]
+    config: Config,
+    roots: RootPolicy,
+    db: Database | PgDatabase,
+    scan: ScanConfig,
+    probe_command: Sequence[str],
 ) -> WorkerSettings:
     """What each scan worker is told: where the catalog is, and how to probe."""
     return WorkerSettings(
         database=db.url if isinstance(db, PgDatabase) else str(db.path),
-        roots=config.roots,
+        roots=roots.given,
+        resolutions=roots.resolutions,
         extensions=tuple(sorted(scan.extensions)),
         seen_resolution_ns=scan.seen_resolution_ns,
         chunk=scan.batch_size,

@@ -29,6 +29,7 @@ from . import probe_wire as wire
 from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
 from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
 from .reap import abandon, exited, stop_in_two_stages
+from .spawn import Child, start
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
@@ -200,9 +201,8 @@ def _short(exc: BaseException) -> str:
 class _Worker:
     """One worker process and its pipes."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
         self.stdin = proc.stdin
         self.stdout = proc.stdout
 
@@ -393,10 +393,8 @@ class ProbePool:
         self._all.discard(dead)
 
     async def _spawn(self) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        proc = await start(
+            self._command,
             env={
                 **worker_environment(),
                 _MEMORY_VARIABLE: str(self._memory_mib),

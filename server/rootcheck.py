@@ -3,11 +3,14 @@
 A ``stat`` on a share that stopped answering blocks its thread in the kernel, and with some
 file systems (FUSE, NFS mounted ``hard``) no signal gets it out: not even the process can exit
 until the share answers. So the server itself never touches a requested path. It asks a helper
-process (``python -m scanjobs.server.rootcheck ROOT...``), which checks each path on a thread
-of its own (``RootPolicy.check``) and answers by line; :class:`RootChecks` gives up on a check at
-its deadline (``--io-timeout``) with :class:`~server.errors.IoTimeout`. Once ``max_stuck``
-checks are stuck in a helper, it is killed and replaced; one that does not exit is abandoned
-(logged and counted), and the server still exits on SIGTERM.
+process (``python -m scanjobs.server.rootcheck``), which checks each path on a thread of its
+own (``RootPolicy.check``) and answers by line; :class:`RootChecks` gives up on a check at its
+deadline (``--io-timeout``) with :class:`~server.errors.IoTimeout`. Once ``max_stuck`` checks
+are stuck in a helper, it is killed and replaced; one that does not exit is abandoned (logged
+and counted), and the server still exits on SIGTERM.
+
+The roots themselves are resolved the same way when the server starts (:func:`resolve_roots`):
+a root on a share that is down then does not keep the server from starting.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import sys
 import threading
@@ -27,8 +31,11 @@ from .deadline import no_answer
 from .errors import IoTimeout, ScanJobsError, Unavailable
 from .reap import abandon, exited
 from .roots import Folder, RootPolicy
+from .spawn import Child, start
 
-__all__ = ["ROOT_CHECK_COMMAND", "RootChecks"]
+__all__ = ["ROOT_CHECK_COMMAND", "RootChecks", "resolve_roots"]
+
+log = logging.getLogger(__name__)
 
 ROOT_CHECK_COMMAND = (sys.executable, "-m", "scanjobs.server.rootcheck")
 _ERRORS: dict[str, type[ScanJobsError]] = {
@@ -46,8 +53,7 @@ _MAX_LINE = 64 * 1024
 class _Helper:
     """One helper process, the checks it owes, and those past their deadline."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
         self.stdin = proc.stdin
         self.stdout = proc.stdout
@@ -92,7 +98,7 @@ class RootChecks:
 
     def __init__(
         self,
-        roots: Sequence[str],
+        roots: RootPolicy,
         timeout_s: float,
         *,
         max_stuck: int = 8,
@@ -100,7 +106,8 @@ class RootChecks:
         on_abandon: Callable[[], None] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
-        self._command = (*command, *roots)
+        policy = {"roots": roots.given, "resolutions": roots.resolutions}
+        self._command = (*command, "--policy", json.dumps(policy))
         self._max_stuck = max_stuck
         self._on_abandon = on_abandon
         self._ids = itertools.count()
@@ -181,10 +188,8 @@ class RootChecks:
 
     async def _spawn(self) -> _Helper:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+            proc = await start(
+                self._command,
                 limit=_MAX_LINE,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
             )
@@ -254,5 +259,63 @@ def _serve(roots: RootPolicy) -> None:
         threading.Thread(target=handle, args=(json.loads(line),), daemon=True).start()
 
 
+async def resolve_roots(
+    roots: Sequence[str],
+    timeout_s: float,
+    *,
+    command: Sequence[str] = ROOT_CHECK_COMMAND,
+    on_abandon: Callable[[], None] | None = None,
+) -> RootPolicy:
+    """The roots with their symlinks resolved by a helper process, within ``timeout_s``.
+
+    A root that does not answer in time (a share that is down) is logged and kept as given.
+    """
+    proc = await start([*command, "--resolve", *roots], limit=_MAX_LINE)
+    found: dict[str, str] = {}
+
+    async def read() -> None:
+        while len(found) < len(roots) and (line := await proc.stdout.readline()):
+            answer = json.loads(line)
+            found[answer["root"]] = answer["resolved"]
+
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(read(), timeout_s)
+    proc.kill()
+    if not await exited(proc):
+        abandon(proc, "root resolution process")
+        if on_abandon is not None:
+            on_abandon()
+    for root in roots:
+        if root not in found:
+            log.warning(
+                "a root did not answer in %s s; it is used as given until the next start "
+                "(is its share down?)",
+                timeout_s,
+                extra={"root": root},
+            )
+    return RootPolicy(roots, [found.get(root, root) for root in roots])
+
+
+def _resolve(roots: Sequence[str]) -> None:
+    """Print each root with its symlinks resolved, as each answers."""
+    lock = threading.Lock()
+
+    def resolve(root: str) -> None:
+        line = json.dumps({"root": root, "resolved": os.path.realpath(root)}) + "\n"
+        with lock:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    threads = [threading.Thread(target=resolve, args=(r,), daemon=True) for r in roots]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 if __name__ == "__main__":
-    _serve(RootPolicy(sys.argv[1:]))
+    if sys.argv[1] == "--resolve":
+        _resolve(sys.argv[2:])
+    else:
+        policy = json.loads(sys.argv[2])  # --policy JSON
+        _serve(RootPolicy(policy["roots"], policy["resolutions"]))

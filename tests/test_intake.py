@@ -35,7 +35,7 @@ async def test_submit_scan_checks_the_path_against_the_roots_then_queues_it(
 ) -> None:
     root = tmp_path / "root"
     (root / "sub").mkdir(parents=True)
-    checks = RootChecks([str(root)], timeout_s=10.0)
+    checks = RootChecks(RootPolicy([str(root)]), timeout_s=10.0)
     spec = intake.job_spec(f"{root}/sub/../sub/", recursive=False, request_id="r-1")
 
     job = await intake.submit_scan(queue, checks, spec)
@@ -84,7 +84,7 @@ async def test_the_root_check_helper_finds_a_folder_as_the_root_policy_does(
     root = tmp_path / "root"
     (root / "sub \udcff").mkdir(parents=True)
     (root / "file").write_bytes(b"")
-    checks = RootChecks([str(root)], timeout_s=10.0)
+    checks = RootChecks(RootPolicy([str(root)]), timeout_s=10.0)
     try:
         found = await checks.locate(f"{root}/sub \udcff/")
         with pytest.raises(FailedPrecondition) as not_a_folder:
