@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from .catalog import (
     DirectoryChanges,
+    DirectoryRows,
     Failure,
     FileStamp,
     Known,
@@ -21,6 +22,7 @@ from .catalog import (
     Video,
     ancestors,
     below,
+    new_generation,
     parent_dir,
 )
 from .changes import ChangeKind, VideoChange
@@ -29,13 +31,17 @@ from .probe import MediaInfo
 __all__ = [
     "CHANGE_COLUMNS",
     "COUNTS_UPSERT",
+    "DIRECTORY_READS",
     "FAILURE_COLUMNS",
     "KNOWN_COLUMNS",
+    "SUMMARY_SCHEMA",
+    "UNSETTLE_ALL",
     "VIDEO_UPSERT",
     "Step",
     "changes_query",
     "commit_steps",
     "counts_row",
+    "directory_rows",
     "listing",
     "logs_changes",
     "pg",
@@ -44,6 +50,7 @@ __all__ = [
     "row_failure",
     "row_known",
     "row_video",
+    "settled",
     "video_row",
 ]
 
@@ -74,6 +81,29 @@ ON CONFLICT (job_id) DO UPDATE SET
     removed = job_counts.removed + excluded.removed,
     time_ns = excluded.time_ns
 """
+# A directory's summary (``server.catalog.Summary``); both backends take these types (BYTEA
+# has SQLite's numeric affinity, which keeps a blob as it is).
+SUMMARY_SCHEMA = """
+ALTER TABLE catalog_dirs ADD COLUMN digest BYTEA;
+ALTER TABLE catalog_dirs ADD COLUMN seen_ns BIGINT;
+ALTER TABLE catalog_dirs ADD COLUMN gen BIGINT NOT NULL DEFAULT 0;
+"""
+UNSETTLE_ALL = "UPDATE catalog_dirs SET digest = NULL, seen_ns = NULL, gen = gen + 1"
+# A directory read: its summary first (a write after it moves the generation on), then its
+# videos (unless settled), failures and catalogued sub-directories.
+DIRECTORY_READS = (
+    "SELECT gen, digest, seen_ns FROM catalog_dirs WHERE path = ?",
+    f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = ?",  # noqa: S608 - constant
+    f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?",  # noqa: S608 - constant
+    "SELECT path FROM catalog_dirs WHERE parent = ?",
+)
+# Each directory's summary is stored if its generation is the one expected, else cleared;
+# either way the generation moves on. Run for every commit's directory and the directories
+# it unsettles (expecting no generation: -1), in path order.
+_SETTLE = (
+    "UPDATE catalog_dirs SET digest = CASE WHEN gen = ? THEN ? END,"
+    " seen_ns = CASE WHEN gen = ? THEN ? END, gen = gen + 1 WHERE path = ?"
+)
 _FAILURE_UPSERT = """
 INSERT INTO file_errors VALUES (?,?,?,?,?,?,?)
 ON CONFLICT (path) DO UPDATE SET
@@ -204,14 +234,63 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
             "DELETE FROM file_errors WHERE path >= ? AND path < ?", [below(d) for d in c.gone_dirs]
         ),
     ]
+    fresh = new_generation() if c.writes_rows() else -1
     if c.writes_rows():
         steps.append(
             Step(
-                "INSERT INTO catalog_dirs VALUES (?, ?) ON CONFLICT (path) DO NOTHING",
-                list(ancestors(c.directory)),
+                "INSERT INTO catalog_dirs (path, parent, gen) VALUES (?, ?, ?)"
+                " ON CONFLICT (path) DO NOTHING",
+                [(d, parent, fresh) for d, parent in ancestors(c.directory)],
             )
         )
+    steps += _settle_steps(c, fresh)
     return [s for s in steps if s.rows]
+
+
+def _settle_steps(c: DirectoryChanges, fresh: int) -> list[Step]:
+    """Clear the summaries of the directories ``c`` unsettles (and of those below its
+    ``gone_dirs``), and store its own if its directory was not written since it was read
+    (``fresh``: the generation of directories ``c`` catalogues)."""
+    s = c.summary
+    # Typed parameters even where they are not stored (PostgreSQL infers the CASE's type).
+    mine: tuple[object, ...] = (-1, b"", -1, 0, c.directory)
+    if s is not None:
+        expected = fresh if s.gen is None else s.gen
+        mine = (expected, s.digest, expected, s.seen_ns, c.directory)
+    rows: dict[bytes, tuple[object, ...]] = {d: (-1, b"", -1, 0, d) for d in c.unsettled()}
+    rows[c.directory] = mine
+    return [
+        Step(
+            "UPDATE catalog_dirs SET digest = NULL, seen_ns = NULL, gen = gen + 1"
+            " WHERE path >= ? AND path < ?",
+            [below(d) for d in c.gone_dirs],
+        ),
+        Step(_SETTLE, [rows[d] for d in sorted(rows)]),
+    ]
+
+
+def settled(state: Sequence[Any] | None, digest: bytes, fresh_after_ns: int) -> bool:
+    """True if a directory's summary row (``DIRECTORY_READS[0]``) has ``digest``, fresh."""
+    if state is None or not digest or state[1] is None:
+        return False
+    return bytes(state[1]) == digest and state[2] >= fresh_after_ns
+
+
+def directory_rows(
+    state: Sequence[Any] | None,
+    is_settled: bool,
+    videos: Sequence[Sequence[Any]],
+    failures: Sequence[Sequence[Any]],
+    subdirs: Sequence[Sequence[Any]],
+) -> DirectoryRows:
+    """A :class:`DirectoryRows` from the rows of ``DIRECTORY_READS``."""
+    return DirectoryRows(
+        {bytes(r[0]): row_known(r) for r in videos},
+        {bytes(r[0]): row_failure(r) for r in failures},
+        frozenset(bytes(r[0]) for r in subdirs),
+        None if state is None else state[0],
+        is_settled,
+    )
 
 
 def _probed_log_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:

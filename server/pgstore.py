@@ -34,11 +34,15 @@ from .catalog import (
 )
 from .catalog_sql import (
     COUNTS_UPSERT,
+    DIRECTORY_READS,
     FAILURE_COLUMNS,
     KNOWN_COLUMNS,
+    SUMMARY_SCHEMA,
+    UNSETTLE_ALL,
     changes_query,
     commit_steps,
     counts_row,
+    directory_rows,
     listing,
     logs_changes,
     pg,
@@ -47,6 +51,7 @@ from .catalog_sql import (
     row_failure,
     row_known,
     row_video,
+    settled,
 )
 from .changes import ChangeFeed, VideoChange, check_history
 from .errors import DatabaseUnavailable
@@ -183,6 +188,8 @@ _MIGRATIONS: tuple[str, ...] = (
         last_reconcile_ns BIGINT
     );
     """,
+    # 7: each catalogued directory's summary (server.catalog.Summary).
+    SUMMARY_SCHEMA,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -406,16 +413,18 @@ class PgCatalog:
         async with self._pool.connection() as conn:
             return await (await conn.execute(pg(sql), args)).fetchall()
 
-    async def read_directory(self, directory: bytes) -> DirectoryRows:
+    async def read_directory(
+        self, directory: bytes, digest: bytes = b"", fresh_after_ns: int = 0
+    ) -> DirectoryRows:
         async with self._pool.connection() as conn:
-            videos = await (await conn.execute(_VIDEOS_OF_DIR, (directory,))).fetchall()
-            failures = await (await conn.execute(_FAILURES_OF_DIR, (directory,))).fetchall()
-            subdirs = await (await conn.execute(_SUBDIRS, (directory,))).fetchall()
-        return DirectoryRows(
-            {bytes(r[0]): row_known(r) for r in videos},
-            {bytes(r[0]): row_failure(r) for r in failures},
-            frozenset(bytes(r[0]) for r in subdirs),
-        )
+            state = await (await conn.execute(_DIRECTORY_READS[0], (directory,))).fetchone()
+            is_settled = settled(state, digest, fresh_after_ns)
+            found = [
+                await (await conn.execute(sql, (directory,))).fetchall()
+                for sql in _DIRECTORY_READS[2 if is_settled else 1 :]
+            ]
+        videos = [] if is_settled else found.pop(0)
+        return directory_rows(state, is_settled, videos, *found)
 
     async def find_identities(self, identities: Sequence[tuple[int, int]]) -> list[Known]:
         if not identities:
@@ -568,6 +577,7 @@ class PgCatalog:
                 sql = f"DELETE FROM {table} WHERE NOT ({keep})"  # noqa: S608 - names are ours
                 count += (await conn.execute(sql, args)).rowcount
             await conn.execute(_PRUNE_DIRS)
+            await conn.execute(UNSETTLE_ALL)
         return count
 
     async def close(self) -> None:
@@ -577,9 +587,7 @@ class PgCatalog:
             await asyncio.gather(self._listening, return_exceptions=True)
 
 
-_VIDEOS_OF_DIR = f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = %s"  # noqa: S608 - constant
-_FAILURES_OF_DIR = f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = %s"  # noqa: S608 - constant
-_SUBDIRS = "SELECT path FROM catalog_dirs WHERE parent = %s"
+_DIRECTORY_READS = tuple(pg(sql) for sql in DIRECTORY_READS)
 # Directories with nothing catalogued below them any more.
 _PRUNE_DIRS = """
 DELETE FROM catalog_dirs d WHERE NOT EXISTS (

@@ -17,11 +17,16 @@ The rules that keep a library safe live here:
   is gone: in the same directory by the listing, elsewhere because the row is already
   missing or the old path no longer holds that file.
 - A file that failed to probe is not opened again while its size and mtime are unchanged.
+- A directory's commit stores a digest of its listing (``server.catalog.Summary``); a
+  listing with the same digest, while no other write to the directory's rows cleared it and
+  no row would be stale, is reconciled without reading its videos: the rows agree with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import marshal
 import os
 import stat
 from collections.abc import Callable, Sequence
@@ -36,6 +41,7 @@ from .catalog import (
     Move,
     ScanCounts,
     Sighting,
+    Summary,
     Video,
     under_roots,
 )
@@ -66,6 +72,10 @@ class _Plan:
     # nothing is missing, which a rescan learns without building the set of listed paths.
     matched_videos: int = 0
     matched_failures: int = 0
+    # The oldest last-seen time of the rows left as they were, for the summary; and whether
+    # the rows will agree with the listing (not so for an empty mount point's).
+    oldest_seen_ns: int = 0
+    settles: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +114,16 @@ class DirectoryScan:
 
     async def __call__(self, listing: Listing) -> None:
         """Reconcile one directory."""
-        rows = await self.catalog.read_directory(listing.path)
         files, unreadable = listing.files, listing.errors
+        digest = _digest(files, unreadable) if listing.complete else b""
+        fresh_after = self.clock_ns() - self.seen_resolution_ns
+        trusted = b"" if self.reprobe else digest
+        rows = await self.catalog.read_directory(listing.path, trusted, fresh_after)
+        if rows.settled and not self._gone_dirs(listing, rows):
+            self._report_settled(listing.path, files, unreadable, rows)
+            return
+        if rows.settled:  # a catalogued sub-directory is gone: reconcile it all
+            rows = await self.catalog.read_directory(listing.path)
         plan = self._compare(listing.path, files, unreadable, rows)
         if plan.maybe_moved:
             await self._find_moves(plan, listing, files, unreadable)
@@ -119,11 +137,33 @@ class DirectoryScan:
                 plan.errors += errors
             else:  # a large directory: commit what is probed as it goes (never a removal)
                 await self._commit(probed, errors, part[-1].path)
+        c = plan.changes
         if listing.complete:
             await self._reconcile(plan, listing, rows, files, unreadable)
-        c = plan.changes
+            if plan.settles and len(todo) <= self.chunk:  # chunks moved the generation on
+                c.summary = Summary(digest, plan.oldest_seen_ns, rows.gen)
+        if c.summary is not None and not c.writes_rows() and rows.gen is None:
+            c.summary = None  # not catalogued: nowhere to keep it
         c.counts = c.counts + ScanCounts(unchanged=plan.unchanged, failed=plan.failed)
         await self._commit(c, plan.errors, listing.path)
+
+    def _gone_dirs(self, listing: Listing, rows: DirectoryRows) -> list[bytes]:
+        """Catalogued sub-directories that the listing does not hold (if the job descends)."""
+        return sorted(rows.subdirs - set(listing.subdirs)) if self.recursive else []
+
+    def _report_settled(
+        self, directory: bytes, files: list[Candidate], errors: list[WalkError],
+        rows: DirectoryRows,
+    ) -> None:  # fmt: skip
+        """Report a directory whose rows agree with its listing: what a comparison would
+        count, with nothing to write."""
+        found = [(e.path, e.message) for e in errors]
+        failures = rows.failures
+        if failures:  # remembered failures of files still there are failed again
+            found += [(f.path, failures[f.path].message) for f in files if f.path in failures]
+        remembered = len(found) - len(errors)
+        counts = ScanCounts(unchanged=len(files) - remembered, failed=len(found))
+        self.report(counts, found, directory, False)
 
     def _changes(self, directory: bytes) -> DirectoryChanges:
         return DirectoryChanges(self.job_id, directory, self.clock_ns(), self.since_ns)
@@ -133,12 +173,13 @@ class DirectoryScan:
         rows: DirectoryRows,
     ) -> _Plan:  # fmt: skip
         plan = _Plan(self._changes(directory))
+        plan.oldest_seen_ns = plan.changes.now_ns
         for error in errors:
             plan.failed += 1
             plan.errors.append((error.path, error.message))
         videos, failures = rows.videos, rows.failures
         stale_before = plan.changes.now_ns - self.seen_resolution_ns
-        unchanged = 0
+        unchanged, oldest = 0, plan.oldest_seen_ns
         for file in files:
             row = videos.get(file.path)
             if (  # the common case of a rescan, tested first and cheaply: nothing to do
@@ -153,10 +194,13 @@ class DirectoryScan:
                 and file.path not in failures
             ):
                 unchanged += 1
+                if row.last_seen_ns < oldest:
+                    oldest = row.last_seen_ns
                 continue
             self._sort(plan, file, row, failures.get(file.path), stale_before)
         plan.unchanged += unchanged
         plan.matched_videos += unchanged
+        plan.oldest_seen_ns = min(oldest, plan.oldest_seen_ns)
         return plan
 
     def _sort(
@@ -268,11 +312,11 @@ class DirectoryScan:
                 if row.missing_ns is None and p not in present and p not in moved_away
             ]
             c.missing += [p for p in rows.failures if p not in present]
-        if self.recursive:
-            c.gone_dirs = sorted(rows.subdirs - set(listing.subdirs))
+        c.gone_dirs = self._gone_dirs(listing, rows)
         if listing.entries == 0 and (c.missing or c.gone_dirs):
             total, on_device = await self.catalog.live_below(listing.path, listing.device)
             if total and not on_device:
+                plan.settles = False
                 c.missing, c.gone_dirs = [], []
                 message = f"empty mount point, is the share mounted? {total} videos kept"
                 plan.errors.append((listing.path, message))
@@ -303,6 +347,16 @@ def _unchanged(plan: _Plan, file: Candidate, row: Known, stale_before: int) -> N
     plan.unchanged += 1
     if row.last_seen_ns < stale_before or (row.device, row.inode) != (file.device, file.inode):
         plan.changes.seen.append(sighting)
+    else:
+        plan.oldest_seen_ns = min(plan.oldest_seen_ns, row.last_seen_ns)
+
+
+def _digest(files: list[Candidate], errors: list[WalkError]) -> bytes:
+    """A digest of a listing: each file's path, size, mtime and identity, and the paths of
+    the entries that could not be read, in path order."""
+    entries = [f[:5] for f in sorted(files)], sorted(e.path for e in errors)
+    # marshal's version 2 writes no back-references: equal values, equal bytes
+    return hashlib.sha256(marshal.dumps(entries, 2)).digest()
 
 
 def _merge(changes: DirectoryChanges, probed: DirectoryChanges) -> DirectoryChanges:

@@ -42,7 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_EXTENSIONS = frozenset({".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v"})
-_MAX_BATCH = 32  # directories per round trip to a worker, at most
+# Directories per round trip to a worker, at most: on a busy machine each round trip waits for
+# the server to be scheduled, so a rescan of unchanged folders takes few of them.
+_MAX_BATCH = 256
 _REPORT_EVERY_S = 0.02  # progress from one job's replies, at most this often
 
 

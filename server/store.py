@@ -34,19 +34,22 @@ from .catalog import (
 )
 from .catalog_sql import (
     COUNTS_UPSERT,
+    DIRECTORY_READS,
     FAILURE_COLUMNS,
     KNOWN_COLUMNS,
+    SUMMARY_SCHEMA,
+    UNSETTLE_ALL,
     commit_steps,
     counts_row,
+    directory_rows,
     listing,
     removal_log,
     row_failure,
+    settled,
 )
 from .changes import ChangeFeed
 from .errors import StorageFault, StorageFull, StorageIOError
-from .jobs import (
-    JobEvent,
-)
+from .jobs import JobEvent
 from .jobstore import StoredJob, decode_job, encode_job, event_from_row, time_ns
 from .store_changes import CHANGES_SCHEMA, SqliteChanges
 
@@ -160,6 +163,8 @@ _MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     """,
     CHANGES_SCHEMA,
+    # 6: each catalogued directory's summary (server.catalog.Summary).
+    SUMMARY_SCHEMA,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -350,24 +355,21 @@ class SqliteCatalog(SqliteChanges):
         self._db = db
         self._feed = ChangeFeed()
 
-    async def read_directory(self, directory: bytes) -> DirectoryRows:
+    async def read_directory(
+        self, directory: bytes, digest: bytes = b"", fresh_after_ns: int = 0
+    ) -> DirectoryRows:
         def query(conn: sqlite3.Connection) -> DirectoryRows:
-            videos = conn.execute(
-                f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = ?",  # noqa: S608 - constant
-                (directory,),
-            ).fetchall()
-            failures = conn.execute(
-                f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?",  # noqa: S608 - constant
-                (directory,),
-            ).fetchall()
-            subdirs = conn.execute(
-                "SELECT path FROM catalog_dirs WHERE parent = ?", (directory,)
-            ).fetchall()
-            return DirectoryRows(
-                {r[0]: Known._make(r) for r in videos},
-                {r[0]: row_failure(r) for r in failures},
-                frozenset(r[0] for r in subdirs),
-            )
+            state_sql, videos_sql, failures_sql, subdirs_sql = DIRECTORY_READS
+            conn.execute("BEGIN")  # one snapshot (and one look at the WAL) for the four reads
+            try:
+                state = conn.execute(state_sql, (directory,)).fetchone()
+                is_settled = settled(state, digest, fresh_after_ns)
+                videos = [] if is_settled else conn.execute(videos_sql, (directory,)).fetchall()
+                failures = conn.execute(failures_sql, (directory,)).fetchall()
+                subdirs = conn.execute(subdirs_sql, (directory,)).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return directory_rows(state, is_settled, videos, failures, subdirs)
 
         return await self._db.run(query)
 
@@ -479,6 +481,7 @@ class SqliteCatalog(SqliteChanges):
                     sql = f"DELETE FROM {table} WHERE NOT ({keep})"  # noqa: S608 - names are ours
                     count += conn.execute(sql, args).rowcount
                 conn.execute(_PRUNE_DIRS)
+                conn.execute(UNSETTLE_ALL)
             return count
 
         count = await self._db.run(write)

@@ -44,6 +44,9 @@ OUTSIDE_ROOTS = "symlink points outside the allowed roots"
 _ENCODING, _ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 _ROOT_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _SLOW_STAT_S = 0.0005  # a local stat takes microseconds; a network share's, milliseconds
+# Slow stats in a row that make a folder's stats go in flight: on a busy machine one stat now
+# and then waits for the CPU; on a network share every one is slow.
+_SLOW_STATS = 2
 
 
 class Candidate(NamedTuple):
@@ -82,6 +85,8 @@ class WalkError:
     message: str
 
 
+_new = tuple.__new__
+_FORMAT, _REGULAR = 0o170000, stat.S_IFREG  # stat.S_ISREG, without a call per file
 WalkItem = Candidate | WalkError
 _Items = list[WalkItem]
 _InFlight = list[Future[WalkItem | None]] | None  # stats on a pool, once storage is slow
@@ -146,9 +151,9 @@ class Tree:
         folder: the scan folder, as :meth:`RootPolicy.locate` found it.
         extensions: lower-case extensions, with the dot, that mark a video.
         roots: where a file symlink may lead.
-        stats: a thread pool: a folder whose first ``stat`` is slow (network storage) has
-            the rest of its files stated in flight on it; on a local disk every ``stat``
-            stays on the calling thread, where it is cheapest.
+        stats: a thread pool: a folder whose first ``stat`` calls are slow (network
+            storage) has the rest of its files stated in flight on it; on a local disk every
+            ``stat`` stays on the calling thread, where it is cheapest.
     """
 
     def __init__(
@@ -165,6 +170,7 @@ class Tree:
         self._root_fd = -1
         self._stats = stats
         self.ops = 0  # filesystem calls answered so far: how a watchdog tells slow from stuck
+        self._slow = 0  # slow stats in a row in the folder being listed
 
     def __enter__(self) -> Tree:
         self._root_fd = os.open(self._folder.root, _ROOT_FLAGS)
@@ -202,6 +208,8 @@ class Tree:
         under = beneath + b"/" if beneath != b"." else b""
         count = 0
         in_flight: _InFlight = None
+        here = self._candidate if self._stats is None else None  # local storage: no pool
+        self._slow = 0
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
                 count += 1
@@ -214,14 +222,22 @@ class Tree:
                     name = entry.name.encode(_ENCODING, _ERRORS)
                     items.append(WalkError(prefix + name, f"cannot read: {exc.strerror}"))
                     continue
-                if entry.name.lower().endswith(suffixes):
+                if not entry.name.lower().endswith(suffixes):
+                    continue
+                if here is None:
                     in_flight = self._video(entry, fd, prefix, under, items, in_flight)
+                elif (item := here(entry, fd, prefix, under)) is not None:
+                    items.append(item)
+        self._settle(in_flight, items)
+        listing.entries = count
+
+    def _settle(self, in_flight: _InFlight, items: _Items) -> None:
+        """Collect the stats still in flight on the pool, in listing order."""
         for future in in_flight or ():
             item = future.result()
             self.ops += 1
             if item is not None:
                 items.append(item)
-        listing.entries = count
 
     def _video(
         self,
@@ -242,7 +258,9 @@ class Tree:
         else:
             started = time.perf_counter()
             item = self._candidate(entry, fd, prefix, under)
-            if time.perf_counter() - started > _SLOW_STAT_S:
+            slow = time.perf_counter() - started > _SLOW_STAT_S
+            self._slow = self._slow + 1 if slow else 0
+            if self._slow >= _SLOW_STATS:
                 in_flight = []
         if item is not None:
             items.append(item)
@@ -260,10 +278,10 @@ class Tree:
             st = entry.stat(follow_symlinks=False)
         except OSError as exc:
             return WalkError(path, f"cannot read: {exc.strerror}")
-        if not stat.S_ISREG(st.st_mode):
+        if st.st_mode & _FORMAT != _REGULAR:
             return None
-        root = self._folder.root
-        return Candidate(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, root, under + name)
+        fields = (path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, self._folder.root)
+        return _new(Candidate, (*fields, under + name))  # a tuple's own constructor: cheaper
 
     def _followed(self, path: bytes, target: bytes, under: bytes) -> WalkItem | None:
         """A file symlink, followed only if no step of its resolution leaves the roots.

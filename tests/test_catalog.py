@@ -15,12 +15,13 @@ from scanjobs.server.catalog import (
     DirectoryChanges,
     Failure,
     FileStamp,
-    InMemoryCatalog,
     Move,
     ScanCounts,
     Sighting,
+    Summary,
     Video,
 )
+from scanjobs.server.catalog_memory import InMemoryCatalog
 from scanjobs.server.errors import InvalidArgument
 from scanjobs.server.pgstore import PgCatalog, PgDatabase
 from scanjobs.server.probe import MediaInfo
@@ -340,3 +341,100 @@ async def test_a_catalog_from_before_reconciliation_is_migrated(tmp_path: Path) 
 def video_row_columns() -> tuple[object, ...]:
     """The 15 columns after path, size and mtime in schema version 3."""
     return ("mov", 1.0, 1000, "h264", 64, 48, 25, 1, "", 0, 0, 0, 100, 100, "j0")
+
+
+# -- directory summaries: a digest of a listing, trusted only while nothing else wrote --------
+
+DIGEST = b"d" * 32
+
+
+async def settle(catalog: Catalog, directory: bytes, now: int = 100, **kw: object) -> None:
+    """Commit a summary for ``directory``, as a scan that read its rows first."""
+    read = await catalog.read_directory(directory)
+    await catalog.commit(changes(directory, now, summary=Summary(DIGEST, now, read.gen), **kw))
+
+
+async def is_settled(catalog: Catalog, directory: bytes, fresh_after: int = 0) -> bool:
+    return (await catalog.read_directory(directory, DIGEST, fresh_after)).settled
+
+
+async def test_a_stored_summary_settles_its_directory_while_its_rows_are_fresh(
+    catalog: Catalog,
+) -> None:
+    await add(catalog, video(b"/m/a.mp4"), video(b"/m/sub/b.mp4"))
+    assert not await is_settled(catalog, b"/m")
+    await settle(catalog, b"/m", now=200)
+    rows = await catalog.read_directory(b"/m", DIGEST, 200)
+    assert (rows.settled, rows.videos, rows.subdirs) == (True, {}, {b"/m/sub"})
+    assert not (await catalog.read_directory(b"/m", b"e" * 32, 200)).settled
+    assert not await is_settled(catalog, b"/m", fresh_after=201)  # a row would be stale
+    assert list((await catalog.read_directory(b"/m")).videos) == [b"/m/a.mp4"]
+
+
+async def test_a_summary_is_stored_with_the_commit_that_catalogues_its_directory(
+    catalog: Catalog,
+) -> None:
+    assert (await catalog.read_directory(b"/m")).gen is None
+    summary = Summary(DIGEST, 100, None)
+    await catalog.commit(changes(b"/m", probed=[video(b"/m/a.mp4")], summary=summary))
+    assert await is_settled(catalog, b"/m")
+
+
+@pytest.mark.parametrize("write", ["probed", "missing", "seen", "restored", "failures"])
+async def test_another_write_in_a_settled_directory_clears_its_summary(
+    catalog: Catalog, write: str
+) -> None:
+    await add(catalog, video(b"/m/a.mp4"))
+    await catalog.commit(changes(b"/m", missing=[b"/m/gone.mp4"]))
+    await settle(catalog, b"/m")
+    other = {
+        "probed": {"probed": [video(b"/m/b.mp4")]},
+        "missing": {"missing": [b"/m/a.mp4"]},
+        "seen": {"seen": [Sighting(b"/m/a.mp4", 7, 3)]},
+        "restored": {"restored": [Sighting(b"/m/gone.mp4", 7, 0)]},
+        "failures": {"failures": [Failure(b"/m/c.mp4", FileStamp(1, 1), "bad")]},
+    }[write]
+    await catalog.commit(changes(b"/m", 300, "j2", **other))
+    assert not await is_settled(catalog, b"/m")
+
+
+async def test_a_summary_is_not_stored_over_a_write_made_since_the_rows_were_read(
+    catalog: Catalog,
+) -> None:
+    await add(catalog, video(b"/m/a.mp4"))
+    read = await catalog.read_directory(b"/m")
+    await catalog.commit(changes(b"/m", 200, "j2", probed=[video(b"/m/a.mp4", 11)]))
+    await catalog.commit(changes(b"/m", 300, summary=Summary(DIGEST, 300, read.gen)))
+    assert not await is_settled(catalog, b"/m")
+    # Not catalogued when read, catalogued by another job since.
+    unread = await catalog.read_directory(b"/n")
+    await add(catalog, video(b"/n/a.mp4"), job="j2")
+    summary = Summary(DIGEST, 100, unread.gen)
+    await catalog.commit(changes(b"/n", probed=[video(b"/n/b.mp4")], summary=summary))
+    assert not await is_settled(catalog, b"/n")
+
+
+async def test_a_move_out_of_a_settled_directory_clears_its_summary(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4", inode=5), video(b"/n/b.mp4"))
+    await settle(catalog, b"/m")
+    await settle(catalog, b"/n")
+    move = Move(b"/m/a.mp4", b"/n/a.mp4", 7, 5)
+    await catalog.commit(changes(b"/n", 200, "j2", moved=[move]))
+    assert not await is_settled(catalog, b"/m")
+    assert not await is_settled(catalog, b"/n")  # its own summary was not asked for
+
+
+async def test_a_gone_directory_clears_the_summaries_at_and_below_it(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/s/a.mp4"), video(b"/m/s/t/b.mp4"), video(b"/m/sx/c.mp4"))
+    for directory in (b"/m/s", b"/m/s/t", b"/m/sx"):
+        await settle(catalog, directory)
+    await catalog.commit(changes(b"/m", 200, "j2", gone_dirs=[b"/m/s"]))
+    settled = [await is_settled(catalog, d) for d in (b"/m/s", b"/m/s/t", b"/m/sx")]
+    assert settled == [False, False, True]
+
+
+async def test_purging_outside_the_roots_clears_every_summary(catalog: Catalog) -> None:
+    await add(catalog, video(b"/m/a.mp4"), video(b"/n/b.mp4"))
+    await settle(catalog, b"/m")
+    await catalog.purge_outside([b"/m"])
+    assert not await is_settled(catalog, b"/m")

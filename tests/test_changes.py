@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scanjobs.server.catalog import Catalog, InMemoryCatalog, Move, Sighting
+from scanjobs.server.catalog import Catalog, Move, Sighting
+from scanjobs.server.catalog_memory import InMemoryCatalog
 from scanjobs.server.changes import ChangeKind, VideoChange, follow
 from scanjobs.server.errors import OutOfRange
 from scanjobs.server.pgstore import PgCatalog, PgDatabase

@@ -302,6 +302,46 @@ async def test_a_non_recursive_scan_reconciles_only_direct_children(
     assert counts(deep) == {"unchanged": 1, "removed": 1}
 
 
+async def test_a_file_moved_out_of_a_settled_folder_and_back_is_catalogued_where_it_is(
+    serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
+) -> None:
+    lib = tmp_path / "lib"
+    for name in ("a/x.mp4", "a/y.mp4"):
+        _copy(sample, lib / name)
+    (lib / "b").mkdir()
+    s = await serve(lib, **backend)
+    await scan(s, lib)
+    assert counts(await scan(s, lib)) == {"unchanged": 2}  # folder "a" is settled
+    (lib / "a" / "x.mp4").rename(lib / "b" / "x.mp4")
+    assert counts(await scan(s, lib / "b")) == {"moved": 1}
+    (lib / "b" / "x.mp4").rename(lib / "a" / "x.mp4")  # "a" lists as it did when settled
+    back = await scan(s, lib)
+    assert counts(back) == {"unchanged": 1, "moved": 1}
+    assert sorted(os.path.relpath(p, lib) for p in await listed(s)) == ["a/x.mp4", "a/y.mp4"]
+
+
+async def test_a_file_changed_in_place_and_back_is_probed_each_time(
+    serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
+) -> None:
+    lib = tmp_path / "lib"
+    video = _copy(sample, lib / "a" / "x.mp4")
+    original, before = video.read_bytes(), video.stat()
+    s = await serve(lib, **backend)
+    await scan(s, lib)
+    assert counts(await scan(s, lib)) == {"unchanged": 1}
+    with video.open("r+b") as f:  # the same size, the same inode, other bytes
+        f.seek(len(original) // 2)
+        f.write(b"\0" * 16)
+    os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns + SECOND_NS))
+    assert counts(await scan(s, lib / "a")) == {"updated": 1}  # another job's write
+    with video.open("r+b") as f:
+        f.write(original)
+    os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))  # as the first scan saw it
+    again = await scan(s, lib)
+    assert counts(again) == {"updated": 1}
+    assert (await listed(s))[str(video)].job_id == again.id
+
+
 async def test_a_broken_file_is_remembered_and_not_read_again(
     serve: ServeFactory, tmp_path: Path, sample: Path, backend: dict[str, Any]
 ) -> None:

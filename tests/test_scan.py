@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from scanjobs.server import fsopen
-from scanjobs.server.catalog import DirectoryChanges, FileStamp, InMemoryCatalog, ScanCounts
+from scanjobs.server.catalog import DirectoryChanges, DirectoryRows, FileStamp, ScanCounts
+from scanjobs.server.catalog_memory import InMemoryCatalog
 from scanjobs.server.jobs import JobSpec, JobState, Phase
 from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
 from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
@@ -283,6 +284,39 @@ async def test_rescan_counts_unchanged_and_probes_only_changes(tmp_path: Path) -
     r = second.result
     assert (r.added, r.updated, r.unchanged, r.failed) == (1, 1, 9, 0)
     assert sorted(os.path.basename(p) for p in prober.probed) == [b"new.mp4", b"v000.mp4"]
+
+
+class ReadCountingCatalog(InMemoryCatalog):
+    """Records, for each directory read, whether the catalog found it settled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settled: list[bool] = []
+
+    async def read_directory(
+        self, directory: bytes, digest: bytes = b"", fresh_after_ns: int = 0
+    ) -> DirectoryRows:
+        rows = await super().read_directory(directory, digest, fresh_after_ns)
+        self.settled.append(rows.settled)
+        return rows
+
+
+async def test_a_rescan_of_an_unchanged_tree_reads_no_videos(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "lib", 3)
+    _tree(root / "sub", 2)
+    (root / "sub" / "broken.mp4").write_bytes(b"")
+    catalog, prober = ReadCountingCatalog(), FakeProber()
+    queue = await _run(root, catalog, prober)
+    try:
+        await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+        catalog.settled.clear()
+        prober.probed.clear()
+        again = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+    finally:
+        await queue.close()
+
+    assert catalog.settled == [True, True]
+    assert (again.result.unchanged, again.result.failed, prober.probed) == (6, 0, [])
 
 
 async def test_cancel_during_a_commit_reports_exactly_what_the_catalog_holds(
