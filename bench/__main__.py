@@ -245,16 +245,20 @@ def cancel_latency(sizes: Sizes, small: Path, large: Path) -> list[Row]:
 
 
 async def _fan_out_run(target: str, blocker: Path, measured: Path, watchers: int, pid: int):  # type: ignore[no-untyped-def]
+    """The measured job waits behind the blocker until ``watchers`` watch it (none: the
+    baseline, the same steps without them); the blocker is then cancelled."""
     async with ScanClient(target) as client:
         first = await client.submit(str(blocker))
         job = await client.submit(str(measured))  # waits behind the blocker (--workers 1)
         rss_before = rss_mib(pid)
-        load = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.load", "--watch", target, job.id, str(watchers),
-            stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        assert load.stdout is not None
-        await load.stdout.readline()  # every watcher is connected
+        load = None
+        if watchers:
+            load = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.load", "--watch", target, job.id, str(watchers),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            assert load.stdout is not None
+            await load.stdout.readline()  # every watcher is connected
         rss_peak = rss_mib(pid)
         with contextlib.suppress(InvalidRequest):  # it may have ended on its own
             await client.cancel(first.id)
@@ -262,15 +266,19 @@ async def _fan_out_run(target: str, blocker: Path, measured: Path, watchers: int
         async for event in client.watch(job.id):
             rss_peak = max(rss_peak, rss_mib(pid))
             final = event.job
-        out, _ = await load.communicate()
-        delays = json.loads(out)["delays"]
+        delays = []
+        if load is not None:
+            out, _ = await load.communicate()
+            delays = json.loads(out)["delays"]
     return final, delays, rss_before, rss_peak
 
 
 def fan_out(sizes: Sizes, blocker: Path, measured: Path) -> list[Row]:
     """The measured job waits behind a slow blocker (large files) until every watcher is on."""
+    # The baseline takes the same steps without watchers: the blocker's cancel replaces the
+    # scan workers, and their start-up is part of both job times.
     with server(CACHE, "--workers", "1", "--probe-processes", str(sizes.processes)) as s:
-        alone = asyncio.run(scan_once(s.target, measured))
+        alone, _, _, _ = asyncio.run(_fan_out_run(s.target, blocker, measured, 0, s.proc.pid))
     with server(CACHE, "--workers", "1", "--probe-processes", str(sizes.processes)) as s:
         final, delays, before, peak = asyncio.run(
             _fan_out_run(s.target, blocker, measured, sizes.watchers, s.proc.pid)
@@ -283,7 +291,7 @@ def fan_out(sizes: Sizes, blocker: Path, measured: Path) -> list[Row]:
         Row("fan-out extra RSS", peak - before, 50.0, "target", "MiB", (peak - before) / 50,
             f"<= 50 MiB (before {before:.0f} MiB)", peak - before <= 50),
         Row(f"job time with {sizes.watchers} watchers vs none", _seconds(final), _seconds(alone),
-            "same job, no watchers", "s", slowdown, "<= 1.25x", slowdown <= 1.25),
+            "same steps, no watchers", "s", slowdown, "<= 1.25x", slowdown <= 1.25),
     ]  # fmt: skip
 
 

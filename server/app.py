@@ -148,11 +148,10 @@ async def start(
         DatabaseCorrupt: the database under ``config.data_dir`` is unusable.
         ListenError: the listen address could not be bound.
     """
-    roots = RootPolicy(config.roots)
     metrics = Metrics()
     # The server never touches a requested path itself: a thread stuck in the kernel on a dead
-    # share would keep the process from exiting. Root checks run in a helper process, with
-    # --io-timeout.
+    # share would keep the process from exiting. Roots are resolved, and root checks run, in a
+    # helper process, with --io-timeout.
     checks = RootChecks(config.roots, config.io_timeout_s, on_abandon=metrics.on_abandoned_process)
     metrics.watch_stuck_calls(lambda: checks.stuck)
     calls = ServiceInterceptor(
@@ -172,6 +171,8 @@ async def start(
         http_socket = _bind_http(config)
         if http_socket is not None:
             undo.callback(http_socket.close)
+        undo.push_async_callback(checks.close)
+        roots = await checks.start()
         db, catalog = await _open_storage(config)
         undo.push_async_callback(db.close)
         undo.push_async_callback(catalog.close)
@@ -179,14 +180,12 @@ async def start(
         scan_config = _scan_config(config)
         workers = ScanWorkers(
             config.probe_processes,
-            _worker_settings(config, db, scan_config, probe_command),
+            _worker_settings(config, roots, db, scan_config, probe_command),
             on_probe=metrics.on_probe,
             on_abandon=metrics.on_abandoned_process,
         )
         await workers.start()
         undo.push_async_callback(workers.close)
-        await checks.start()
-        undo.push_async_callback(checks.close)
         scanner = Scanner(
             roots, workers, catalog, scan_config, clock_ns=clock_ns, locate=checks.locate
         )
@@ -329,16 +328,23 @@ def _scan_config(config: Config) -> ScanConfig:
 
 
 def _worker_settings(
-    config: Config, db: Database | PgDatabase, scan: ScanConfig, probe_command: Sequence[str]
+    config: Config,
+    roots: RootPolicy,
+    db: Database | PgDatabase,
+    scan: ScanConfig,
+    probe_command: Sequence[str],
 ) -> WorkerSettings:
     """What each scan worker is told: where the catalog is, and how to probe."""
     return WorkerSettings(
         database=db.url if isinstance(db, PgDatabase) else str(db.path),
-        roots=config.roots,
+        roots=roots.given,
+        resolutions=roots.resolutions,
         extensions=tuple(sorted(scan.extensions)),
         seen_resolution_ns=scan.seen_resolution_ns,
         chunk=scan.batch_size,
-        probe_batch=max(scan.probe_batch, config.io_concurrency),
+        # One probe process per worker: a chunk goes to it in one round trip (its threads
+        # share the files out), not in several that would queue for it one after another.
+        probe_batch=max(scan.batch_size, config.io_concurrency),
         probe_command=tuple(probe_command),
         probe_processes=1,
         probe_timeout_s=config.probe_timeout_s,

@@ -11,6 +11,7 @@ for it, so cancel latency does not grow with file size.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -29,6 +30,7 @@ from . import probe_wire as wire
 from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
 from .media import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
 from .reap import abandon, exited, stop_in_two_stages
+from .spawn import Child, start
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
@@ -200,9 +202,8 @@ def _short(exc: BaseException) -> str:
 class _Worker:
     """One worker process and its pipes."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
         self.stdin = proc.stdin
         self.stdout = proc.stdout
 
@@ -393,10 +394,8 @@ class ProbePool:
         self._all.discard(dead)
 
     async def _spawn(self) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        proc = await start(
+            self._command,
             env={
                 **worker_environment(),
                 _MEMORY_VARIABLE: str(self._memory_mib),
@@ -431,6 +430,30 @@ def worker_account(user: str) -> tuple[int, int]:
 # -- the worker process --------------------------------------------------------------------
 
 
+def _probe_on(
+    pool: ThreadPoolExecutor,
+    probe: Callable[[ProbeTarget], ProbeOutcome],
+    targets: Sequence[ProbeTarget],
+    out: BinaryIO,
+) -> None:
+    """Probe ``targets`` on ``pool``, writing their outcomes to ``out`` in order: each as
+    soon as it and those before it are done, those that are ready together in one write."""
+    pending = collections.deque(pool.submit(probe, target) for target in targets)
+    ready: list[bytes] = []
+    while pending:
+        if ready and not pending[0].done():
+            _write(out, ready)  # what is done goes out before the worker waits
+        ready.append(wire.encode_outcome(pending.popleft().result()))
+    _write(out, ready)
+
+
+def _write(out: BinaryIO, frames: list[bytes]) -> None:
+    if frames:
+        out.write(b"".join(frames))
+        out.flush()
+        frames.clear()
+
+
 def _serve(
     stdin: BinaryIO,
     stdout: BinaryIO,
@@ -458,12 +481,11 @@ def _serve(
             return  # the server closed our stdin or died
         (size,) = wire.FRAME.unpack(header)
         targets = wire.decode_targets(stdin.read(size))
-        outcomes = (
-            map(probe, targets) if pool is None or len(targets) < 2 else pool.map(probe, targets)
-        )
-        for outcome in outcomes:  # in order, each as soon as it and those before it are done
-            stdout.write(wire.encode_outcome(outcome))
-            stdout.flush()
+        if pool is not None and len(targets) > 1:
+            _probe_on(pool, probe, targets, stdout)
+            continue
+        for target in targets:  # in order, each as soon as it is done
+            _write(stdout, [wire.encode_outcome(probe(target))])
 
 
 if __name__ == "__main__":

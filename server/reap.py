@@ -15,6 +15,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
+from .spawn import Child
+
 __all__ = ["KILL_WAIT_S", "abandon", "exited", "stop_in_two_stages"]
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class Stoppable(Protocol):
     """A worker process with its input pipe."""
 
     @property
-    def proc(self) -> asyncio.subprocess.Process: ...
+    def proc(self) -> Child: ...
 
     @property
     def stdin(self) -> asyncio.StreamWriter: ...
@@ -36,7 +38,7 @@ class Stoppable(Protocol):
 
 async def stop_in_two_stages(
     workers: Sequence[Stoppable], grace_s: float, what: str
-) -> list[asyncio.subprocess.Process]:
+) -> list[Child]:
     """Close each worker's input, so that an idle one exits at once; after ``grace_s``
     seconds kill (and log) the ones still running, and wait (bounded) for them to exit.
 
@@ -62,21 +64,17 @@ async def stop_in_two_stages(
     return [w.proc for w, out in zip(stubborn, gone, strict=True) if not out]
 
 
-async def exited(proc: asyncio.subprocess.Process, wait_s: float = KILL_WAIT_S) -> bool:
+async def exited(proc: Child, wait_s: float = KILL_WAIT_S) -> bool:
     """Wait up to ``wait_s`` seconds for ``proc`` to exit; True if it did."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(proc.wait(), wait_s)
     return proc.returncode is not None
 
 
-def abandon(proc: asyncio.subprocess.Process, what: str) -> None:
+def abandon(proc: Child, what: str) -> None:
     """Log that ``proc`` (a ``what``), killed, did not exit: it is left behind, its pipes
-    closed (the child watcher still reaps it whenever it exits)."""
-    # asyncio has no public way to let go of a child it has not reaped: without this, its
-    # transport complains of being unclosed when collected, after the loop may be gone.
-    transport = getattr(proc, "_transport", None)
-    if transport is not None:
-        transport.close()
+    closed (it is still reaped whenever it exits)."""
+    proc.abandon()
     log.warning(
         "abandoned a %s that does not exit after being killed (stuck in the kernel, on a "
         "share that does not answer?)",

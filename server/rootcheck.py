@@ -3,11 +3,15 @@
 A ``stat`` on a share that stopped answering blocks its thread in the kernel, and with some
 file systems (FUSE, NFS mounted ``hard``) no signal gets it out: not even the process can exit
 until the share answers. So the server itself never touches a requested path. It asks a helper
-process (``python -m scanjobs.server.rootcheck ROOT...``), which checks each path on a thread
-of its own (``RootPolicy.check``) and answers by line; :class:`RootChecks` gives up on a check at
-its deadline (``--io-timeout``) with :class:`~server.errors.IoTimeout`. Once ``max_stuck``
-checks are stuck in a helper, it is killed and replaced; one that does not exit is abandoned
-(logged and counted), and the server still exits on SIGTERM.
+process (``python -m scanjobs.server.rootcheck``), which checks each path on a thread of its
+own (``RootPolicy.check``) and answers by line; :class:`RootChecks` gives up on a check at its
+deadline (``--io-timeout``) with :class:`~server.errors.IoTimeout`. Once ``max_stuck`` checks
+are stuck in a helper, it is killed and replaced; one that does not exit is abandoned (logged
+and counted), and the server still exits on SIGTERM.
+
+The roots themselves are resolved in the helper when the server starts
+(:meth:`RootChecks.start`): a root on a share that is down does not keep the server from
+starting; it is logged, and kept as given.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import sys
 import threading
@@ -27,8 +32,11 @@ from .deadline import no_answer
 from .errors import IoTimeout, ScanJobsError, Unavailable
 from .reap import abandon, exited
 from .roots import Folder, RootPolicy
+from .spawn import Child, start
 
 __all__ = ["ROOT_CHECK_COMMAND", "RootChecks"]
+
+log = logging.getLogger(__name__)
 
 ROOT_CHECK_COMMAND = (sys.executable, "-m", "scanjobs.server.rootcheck")
 _READY = {"ready": True}  # the helper's first line: it can check from now on
@@ -47,8 +55,7 @@ _MAX_LINE = 64 * 1024
 class _Helper:
     """One helper process, the checks it owes, and those past their deadline."""
 
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
         self.stdin = proc.stdin
         self.stdout = proc.stdout
@@ -89,7 +96,8 @@ class RootChecks:
     """Checks requested scan paths with a deadline, in a helper process.
 
     Args:
-        roots: the allowed roots (as ``--root`` gives them).
+        roots: the allowed roots (as ``--root`` gives them); resolved in the helper by
+            :meth:`start`.
         timeout_s: the deadline of each check (``--io-timeout``).
         max_stuck: checks that may be stuck past their deadline in one helper; past that it
             is replaced.
@@ -107,7 +115,9 @@ class RootChecks:
         on_abandon: Callable[[], None] | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        self._roots = tuple(roots)
         self._command = (*command, *roots)
+        self.policy: RootPolicy | None = None  # known once started
         self._max_stuck = max_stuck
         self._on_abandon = on_abandon
         self._ids = itertools.count()
@@ -121,13 +131,17 @@ class RootChecks:
         """Checks past their deadline whose answer has not come yet (in the current helper)."""
         return len(self._helper.late) if self._helper is not None else 0
 
-    async def start(self) -> None:
-        """Start the helper now, so that the first check does not wait for it.
+    async def start(self) -> RootPolicy:
+        """Start the helper, and resolve the roots in it: each root that does not answer
+        within ``timeout_s`` (a share that is down) is logged, and kept as given until the next
+        start. Returns the roots' policy, as the helper checks paths with it.
 
         Raises:
             Unavailable: the helper cannot be started.
         """
         await self._current()
+        assert self.policy is not None  # noqa: S101
+        return self.policy
 
     async def check(self, path: str, timeout_s: float | None = None) -> str:
         """``RootPolicy.check(path)`` in the helper: the path normalised.
@@ -146,14 +160,38 @@ class RootChecks:
                 the constructor).
             Unavailable: the helper cannot be started, or ended mid-check.
         """
+        called = asyncio.get_running_loop().time()
+        current = asyncio.ensure_future(self._current())
+        try:
+            # The caller's deadline counts a start of the helper too; the start goes on.
+            helper = await asyncio.wait_for(asyncio.shield(current), timeout_s)
+        except TimeoutError:
+            current.add_done_callback(_seen)  # a failed start is the next check's to report
+            raise IoTimeout(no_answer(min(timeout_s or self.timeout_s, self.timeout_s))) from None
+        answer = await self._ask(helper, {"path": path}, called, timeout_s)
+        if "path" in answer:
+            return Folder(*(os.fsencode(answer[k]) for k in ("path", "root", "relative")))
+        kind = _ERRORS.get(answer.get("error", ""), errors.FailedPrecondition)
+        if kind is errors.InvalidArgument:
+            raise errors.InvalidArgument(
+                answer["message"], field=answer.get("field", ""), reason=answer.get("reason")
+            )
+        raise kind(answer["message"], reason=answer.get("reason"))
+
+    async def _ask(
+        self, helper: _Helper, request: dict[str, Any], called: float, timeout_s: float | None
+    ) -> dict[str, Any]:
+        """Send ``request`` to ``helper``, and wait for its answer.
+
+        Raises:
+            IoTimeout: no answer within the deadline (see :meth:`locate`).
+        """
         deadline = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
         loop = asyncio.get_running_loop()
-        called = loop.time()
-        helper = await self._current()
         number = next(self._ids)
         future: asyncio.Future[dict[str, Any]] = loop.create_future()
         helper.pending[number] = future
-        helper.stdin.write(json.dumps({"id": number, "path": path}).encode() + b"\n")
+        helper.stdin.write(json.dumps({"id": number, **request}).encode() + b"\n")
         try:
             # The deadline counts from when the helper can check: its start-up (a Python
             # process importing modules, a second on a busy machine) is not the filesystem's
@@ -166,14 +204,7 @@ class RootChecks:
             if len(helper.late) >= self._max_stuck:
                 self._retire(helper, IoTimeout(f"{no_answer(deadline)} (earlier checks are stuck)"))
             raise IoTimeout(no_answer(deadline)) from None
-        if "path" in answer:
-            return Folder(*(os.fsencode(answer[k]) for k in ("path", "root", "relative")))
-        kind = _ERRORS.get(answer.get("error", ""), errors.FailedPrecondition)
-        if kind is errors.InvalidArgument:
-            raise errors.InvalidArgument(
-                answer["message"], field=answer.get("field", ""), reason=answer.get("reason")
-            )
-        raise kind(answer["message"], reason=answer.get("reason"))
+        return answer
 
     async def close(self) -> None:
         """Stop the helper (abandoned if a dead share holds it); idempotent."""
@@ -195,10 +226,8 @@ class RootChecks:
 
     async def _spawn(self) -> _Helper:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._command,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
+            proc = await start(
+                self._command,
                 limit=_MAX_LINE,
                 start_new_session=True,  # a terminal's Ctrl-C is the server's to handle
             )
@@ -206,7 +235,34 @@ class RootChecks:
             raise Unavailable(f"cannot start the filesystem check process: {exc}") from None
         helper = _Helper(proc)
         helper.reader = asyncio.create_task(helper.read(), name="root-check-reader")
+        if self.policy is None:
+            self.policy = await self._resolve(helper)
+        helper.stdin.write(json.dumps({"policy": self.policy.resolutions}).encode() + b"\n")
         return helper
+
+    async def _resolve(self, helper: _Helper) -> RootPolicy:
+        """The roots with their symlinks resolved by ``helper``; a root that does not answer
+        in time is logged and kept as given."""
+        called = asyncio.get_running_loop().time()
+        answers = await asyncio.gather(
+            *(self._ask(helper, {"resolve": root}, called, None) for root in self._roots),
+            return_exceptions=True,
+        )
+        resolutions = []
+        for root, answer in zip(self._roots, answers, strict=True):
+            if isinstance(answer, IoTimeout):
+                log.warning(
+                    "a root did not answer in %s s; it is used as given until the next start "
+                    "(is its share down?)",
+                    self.timeout_s,
+                    extra={"root": root},
+                )
+                resolutions.append(root)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                resolutions.append(answer["resolved"])
+        return RootPolicy(self._roots, resolutions)
 
     def _retire(self, helper: _Helper, why: ScanJobsError) -> None:
         """Replace ``helper`` from the next check on (its checks in flight fail with ``why``);
@@ -234,8 +290,17 @@ class RootChecks:
 # -- the helper process ------------------------------------------------------------------
 
 
-def _answer(roots: RootPolicy, request: dict[str, Any]) -> dict[str, Any]:
+def _seen(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _answer(roots: RootPolicy | None, request: dict[str, Any]) -> dict[str, Any]:
+    if "resolve" in request:
+        return {"id": request["id"], "resolved": os.path.realpath(request["resolve"])}
     try:
+        if roots is None:
+            raise Unavailable("the roots are not resolved yet")
         folder = roots.locate(request["path"])
         return {
             "id": request["id"],
@@ -254,21 +319,27 @@ def _answer(roots: RootPolicy, request: dict[str, Any]) -> dict[str, Any]:
         }
 
 
-def _serve(roots: RootPolicy) -> None:
-    """Answer each request line on a thread of its own: a stuck path holds up only itself."""
+def _serve(roots: Sequence[str]) -> None:
+    """Answer each request line on a thread of its own: a stuck path holds up only itself.
+    The roots' resolutions come first (``{"policy": [...]}``), once the server has them."""
     lock = threading.Lock()
+    policy: RootPolicy | None = None
 
-    def handle(request: dict[str, Any]) -> None:
-        line = json.dumps(_answer(roots, request)) + "\n"
+    def handle(request: dict[str, Any], policy: RootPolicy | None) -> None:
+        line = json.dumps(_answer(policy, request)) + "\n"
         with lock:
             sys.stdout.write(line)
             sys.stdout.flush()
 
     for line in sys.stdin:
-        threading.Thread(target=handle, args=(json.loads(line),), daemon=True).start()
+        request = json.loads(line)
+        if "policy" in request:
+            policy = RootPolicy(roots, request["policy"])
+            continue
+        threading.Thread(target=handle, args=(request, policy), daemon=True).start()
 
 
 if __name__ == "__main__":
-    # Ready once imported: the roots' own resolution below already touches the filesystem.
+    # Ready once imported: the checks' deadlines count from here.
     print(json.dumps(_READY), flush=True)
-    _serve(RootPolicy(sys.argv[1:]))
+    _serve(sys.argv[1:])

@@ -43,24 +43,35 @@ class RootPolicy:
     Args:
         roots: allowed root directories; each must be an absolute path. They are kept both
             as given (normalised) and with symlinks resolved.
+        resolutions: each root (in the order of ``roots``) with its symlinks resolved, as
+            found by someone else; by default resolved here. A root on a share that did not
+            answer is its own resolution: paths through a symlink to it are then refused.
 
     Raises:
-        ValueError: a root is not absolute, or no root is given.
+        ValueError: a root is not absolute, no root is given, or the resolutions do not
+            match the roots.
     """
 
-    def __init__(self, roots: Iterable[str]) -> None:
+    def __init__(self, roots: Iterable[str], resolutions: Sequence[str] | None = None) -> None:
         given = [os.path.normpath(r) for r in roots]
         if not given:
             raise ValueError("at least one allowed root is required")
         for root in given:
             if not os.path.isabs(root):
                 raise ValueError(f"allowed root must be absolute: {root!r}")
-        self.resolved: tuple[str, ...] = tuple(dict.fromkeys(os.path.realpath(r) for r in given))
+        if resolutions is None:
+            resolutions = [os.path.realpath(r) for r in given]
+        elif len(resolutions) != len(given):
+            raise ValueError("one resolution per root is required")
+        self.given = tuple(given)
+        self.resolutions = tuple(os.path.normpath(r) for r in resolutions)
+        self.resolved: tuple[str, ...] = tuple(dict.fromkeys(self.resolutions))
         self._lexical = tuple(dict.fromkeys([*given, *self.resolved]))
         self.resolved_bytes: tuple[bytes, ...] = tuple(os.fsencode(r) for r in self.resolved)
         # Each root as a symlink target may name it (as given, or resolved), and where it is.
+        real = {**{r: r for r in self.resolved}, **dict(zip(given, self.resolutions, strict=True))}
         self._link_forms: tuple[tuple[bytes, bytes], ...] = tuple(
-            (os.fsencode(form), os.fsencode(os.path.realpath(form))) for form in self._lexical
+            (os.fsencode(form), os.fsencode(real[form])) for form in self._lexical
         )
 
     def check(self, raw: str) -> str:

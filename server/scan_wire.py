@@ -54,6 +54,8 @@ class WorkerSettings:
         database: a ``postgresql://`` URL, or the path of the SQLite file. It travels on the
             pipe, never on the command line or in the environment.
         roots: the allowed roots, as configured.
+        resolutions: each root with its symlinks resolved, as the server found them at its
+            start (a worker never waits on a root whose share is down).
         extensions: the video extensions (lower case, with the dot).
         seen_resolution_ns, chunk, probe_batch: see ``server.scan.ScanConfig``.
         probe_command: the probe worker's command line.
@@ -65,6 +67,7 @@ class WorkerSettings:
 
     database: str
     roots: tuple[str, ...]
+    resolutions: tuple[str, ...]
     extensions: tuple[str, ...]
     seen_resolution_ns: int
     chunk: int
@@ -228,6 +231,7 @@ def decode_settings(payload: bytes) -> WorkerSettings:
     data = _load(payload, "WorkerSettings")
     del data["type"]
     data["roots"], data["extensions"] = tuple(data["roots"]), tuple(data["extensions"])
+    data["resolutions"] = tuple(data["resolutions"])
     data["probe_command"] = tuple(data["probe_command"])
     return WorkerSettings(**data)
 

@@ -4,10 +4,12 @@ Each worker is a fresh interpreter (``python -m scanjobs.server.scanworker``) in
 process group, with its probe processes below it. A directory whose caller is cancelled
 (a cancel, a timeout, a shutdown) kills the worker's whole group at once, instead of waiting
 for a probe or a commit: an open transaction rolls back, and a cancel's latency does not grow
-with the directory. The worker is replaced in the background, at once: a killed worker stuck
-in the kernel (on a share that does not answer) is not waited for; past ``reap.KILL_WAIT_S`` it
-is abandoned, logged and counted. A worker that dies on its own (the OS killed it) costs its
-directory one error; what it committed is kept and counted.
+with the directory. The worker is replaced in the background once it exited, when a directory
+waits for a worker or a moment later (so that the replacement's start-up does not compete with
+the cancel being published); a killed worker stuck in the kernel (on a share that does not
+answer) is not waited for: past ``reap.KILL_WAIT_S`` it is abandoned, logged and counted. A
+worker that dies on its own (the OS killed it) costs its directory one error; what it
+committed is kept and counted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from . import scan_wire as wire
 from .errors import DatabaseUnavailable, StorageFault, StorageFull, StorageIOError
 from .reap import abandon, exited, stop_in_two_stages
+from .spawn import Child, start
 
 __all__ = ["ScanWorkers", "WorkerDied"]
 
@@ -32,6 +35,10 @@ _FAULTS: dict[str, type[StorageFault]] = {
     c.__name__: c for c in (StorageFull, StorageIOError, DatabaseUnavailable)
 }
 _START_TIMEOUT_S = 60.0
+# A killed worker's replacement waits this long, unless a directory waits for a worker: the
+# cancel that killed it is still being published, and a new interpreter's start-up (its probe
+# processes importing FFmpeg) would take the cores from it.
+_RESPAWN_DELAY_S = 0.25
 
 
 class WorkerDied(Exception):
@@ -39,9 +46,8 @@ class WorkerDied(Exception):
 
 
 class _Worker:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: Child) -> None:
         self.proc = proc
-        assert proc.stdin is not None and proc.stdout is not None  # noqa: S101
         self.stdin = proc.stdin
         self.stdout = proc.stdout
 
@@ -57,6 +63,8 @@ class _Worker:
 
     def kill(self) -> None:
         """Kill the worker and its probe processes (its process group)."""
+        if self.proc.returncode is not None:
+            return  # reaped: its pid may be another process's now
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
 
@@ -89,6 +97,7 @@ class ScanWorkers:
         self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
         self._spawning: set[asyncio.Task[None]] = set()
         self._reaping: set[asyncio.Task[None]] = set()
+        self._wanted = asyncio.Event()  # a directory waits for a worker
         self._on_abandon = on_abandon
         self._all: set[_Worker] = set()
         self._closed = False
@@ -135,6 +144,8 @@ class ScanWorkers:
             WorkerDied: the worker died before it was done; what it committed is kept.
             RuntimeError: the worker failed unexpectedly (logged by the worker).
         """
+        if self._idle.empty():
+            self._wanted.set()
         worker = await self._idle.get()
         try:
             reply = await self._exchange(worker, task, on_reply)
@@ -195,9 +206,13 @@ class ScanWorkers:
 
     async def _respawn(self, reaping: asyncio.Task[None]) -> None:
         """Start a replacement once the killed worker exited, or was abandoned (within a
-        second): a new interpreter's start-up must not compete with the cancel that killed
-        it, and nothing waits on a worker the kernel holds."""
+        second), and then only once a directory waits for it or after ``_RESPAWN_DELAY_S``: a
+        new interpreter's start-up must not compete with the cancel that killed its
+        predecessor, and nothing waits on a worker the kernel holds."""
         await asyncio.shield(reaping)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wanted.wait(), _RESPAWN_DELAY_S)
+        self._wanted.clear()
         while True:
             try:
                 await self._spawn()
@@ -207,10 +222,8 @@ class ScanWorkers:
                 await asyncio.sleep(1.0)
 
     async def _spawn(self) -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *self._command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
+        proc = await start(
+            self._command,
             start_new_session=True,  # its own group: killed with its probe processes
             limit=wire.MAX_FRAME,
         )

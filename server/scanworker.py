@@ -288,7 +288,7 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
         threads=settings.io_concurrency,
     )
     await probes.start()
-    roots = RootPolicy(settings.roots)
+    roots = RootPolicy(settings.roots, settings.resolutions)
     work = DirectoryWork(catalog, _Flushing(probes, replies), roots, settings, times)
     replies.emit(wire.Ready())
     replies.flush()

@@ -117,8 +117,8 @@ async def test_the_io_timeout_counts_from_when_the_helper_can_check_not_from_its
     command = (sys.executable, "-c", _LATE_HELPER, str(gate))
     checks = RootChecks([str(root)], timeout_s=0.2, command=command)
     try:
-        await checks.start()
-        # The caller's own deadline counts everything, start-up included.
+        # The caller's own deadline counts everything, start-up included (the helper starts
+        # with the first check, and resolves the roots before it checks anything).
         with pytest.raises(IoTimeout):
             await checks.check(str(root), timeout_s=0.2)
         check = asyncio.create_task(checks.check(str(root)))

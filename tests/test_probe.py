@@ -6,14 +6,24 @@ import asyncio
 import os
 import pickle
 import struct
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
+from scanjobs.server import probe as probe_module
 from scanjobs.server import probe_wire as wire
-from scanjobs.server.probe import MediaInfo, ProbeFailure, ProbePool, ProbeTarget, probe_file
+from scanjobs.server.probe import (
+    MediaInfo,
+    ProbeFailure,
+    ProbeOutcome,
+    ProbePool,
+    ProbeTarget,
+    probe_file,
+)
 from tests.conftest import MISBEHAVING_WORKER, eventually
 from tests.conftest import probing as is_probing
 from tests.media import write_video
@@ -222,6 +232,79 @@ async def test_cancel_kills_the_worker_instead_of_waiting(pool: ProbePool, tmp_p
     pids_after = {w.proc.pid for w in pool._all}
     assert len(pids_after) == 2
     assert len(pids_before - pids_after) == 1
+
+
+async def test_a_worker_with_threads_answers_a_batch_in_order(tmp_path: Path) -> None:
+    good = write_video(tmp_path / "a.mp4")
+    (tmp_path / "junk.mp4").write_bytes(b"junk")
+    batch = [target(good), target(tmp_path / "junk.mp4")] * 6
+    threaded = ProbePool(1, probe_timeout_s=60.0, command=MISBEHAVING_WORKER, threads=4)
+    await threaded.start()
+    try:
+        outcomes = await threaded.probe(batch)
+    finally:
+        await threaded.close()
+    assert [type(o) for o in outcomes] == [MediaInfo, ProbeFailure] * 6, outcomes
+
+
+async def test_outcomes_done_before_a_hanging_file_are_sent_before_it_times_out(
+    tmp_path: Path,
+) -> None:
+    good = write_video(tmp_path / "a.mp4")
+    hang = tmp_path / "hang.mp4"
+    hang.write_bytes(b"x")
+    batch = [target(good), target(good), target(hang), target(good)]
+    threaded = ProbePool(2, probe_timeout_s=1.0, command=MISBEHAVING_WORKER, threads=4)
+    await threaded.start()
+    try:
+        outcomes = await threaded.probe(batch)
+    finally:
+        await threaded.close()
+    # The hanging file is the one that fails: what was done before it was not held back.
+    assert [type(o) for o in outcomes] == [MediaInfo, MediaInfo, ProbeFailure, MediaInfo]
+    assert outcomes[2] == ProbeFailure("probe took longer than 1 s")
+
+
+def test_outcomes_that_are_ready_go_out_in_one_write() -> None:
+    first_may_finish, all_submitted = threading.Event(), threading.Event()
+    submitted: list[Future[ProbeOutcome]] = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def, override]
+            submitted.append(super().submit(fn, *args, **kwargs))
+            if len(submitted) == 3:
+                all_submitted.set()
+            return submitted[-1]
+
+    def fake_probe(t: ProbeTarget) -> ProbeFailure:
+        if t.relative == b"0":
+            first_may_finish.wait(timeout=30)
+        return ProbeFailure(t.relative.decode())
+
+    def release_the_first_once_the_others_are_done() -> None:
+        all_submitted.wait(timeout=30)
+        wait(submitted[1:])
+        first_may_finish.set()
+
+    class Out:
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def write(self, data: bytes) -> int:
+            self.writes.append(bytes(data))
+            return len(data)
+
+        def flush(self) -> None:
+            pass
+
+    out = Out()
+    targets = [ProbeTarget(b"/", str(i).encode(), 0, 0) for i in range(3)]
+    releaser = threading.Thread(target=release_the_first_once_the_others_are_done)
+    releaser.start()
+    with Recording(4) as pool:
+        probe_module._probe_on(pool, fake_probe, targets, out)  # type: ignore[arg-type]
+    releaser.join()
+    assert out.writes == [b"".join(wire.encode_outcome(ProbeFailure(m)) for m in "012")]
 
 
 def test_a_file_whose_name_lies_is_still_described(tmp_path: Path) -> None:

@@ -249,7 +249,8 @@ async def _run(root: Path, catalog: InMemoryCatalog, prober: FakeProber, **cfg: 
     config = ScanConfig(**cfg)  # type: ignore[arg-type]
     roots = RootPolicy([str(root)])
     settings = WorkerSettings(
-        database="", roots=(str(root),), extensions=tuple(config.extensions),
+        database="", roots=(str(root),), resolutions=(str(root),),
+        extensions=tuple(config.extensions),
         seen_resolution_ns=config.seen_resolution_ns, chunk=config.batch_size,
         probe_batch=config.probe_batch, probe_command=(),
     )  # fmt: skip
