@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -36,6 +37,11 @@ async def _serve(config: Config) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, on_signal, signum)
     app = await start(config)
+    # What the start-up built lives as long as the server (about 50,000 objects): frozen, it
+    # is not walked again by every full garbage collection, a pause of some milliseconds that
+    # would hold up whatever the event loop has to do (a cancel's terminal event).
+    gc.collect()
+    gc.freeze()
     await stop.wait()
     await app.stop()
 

@@ -121,6 +121,10 @@ class PgJobQueue:
         self._clock = clock
         self._listeners = tuple(listeners)
         self._wakeups: dict[str, set[asyncio.Event]] = {}
+        # Reads of a job's events in flight, shared by the watchers that wake for the same
+        # notification; keyed by what is read, and by the notifications seen when it began.
+        self._reads: dict[tuple[str, int, bool, int], asyncio.Future[list[JobEvent]]] = {}
+        self._notified = 0  # event notifications received
         self._work = asyncio.Event()
         self._subscriptions: set[Subscription] = set()
         self._pace = ProgressPace(config.progress_budget_per_s, config.progress_interval_s)
@@ -373,7 +377,22 @@ class PgJobQueue:
     async def _events(
         self, job_id: str, after: int, *, latest_only: bool = False
     ) -> list[JobEvent]:
-        """Events after ``after`` in order, or only the latest one."""
+        """Events after ``after`` in order, or only the latest one.
+
+        Watchers of a job wake together: one read serves all that ask for the same events
+        after the same notifications, so that the database's work grows with events, not
+        with watchers. A read that began before a notification its caller was woken by is
+        not shared with it."""
+        key = (job_id, after, latest_only, self._notified)
+        reading = self._reads.get(key)
+        if reading is None:
+            reading = self._reads[key] = asyncio.ensure_future(
+                self._read_events(job_id, after, latest_only=latest_only)
+            )
+            reading.add_done_callback(lambda _: self._reads.pop(key, None))
+        return await asyncio.shield(reading)
+
+    async def _read_events(self, job_id: str, after: int, *, latest_only: bool) -> list[JobEvent]:
         async with self._db.pool.connection() as conn:
             if latest_only:
                 cursor = await conn.execute(_LATEST_EVENT, (job_id,))
@@ -393,6 +412,7 @@ class PgJobQueue:
             await conn.close()
             conn = self._listener = await self._listen_again()
             self._work.set()
+            self._notified += 1  # what was notified meanwhile: no read before it is shared
             for wakeups in self._wakeups.values():
                 for wake in wakeups:
                     wake.set()
@@ -417,6 +437,7 @@ class PgJobQueue:
         if payload == _NEW_WORK:
             self._work.set()
         elif payload.startswith(_NEW_EVENT):
+            self._notified += 1
             for wake in self._wakeups.get(payload.removeprefix(_NEW_EVENT), ()):
                 wake.set()
         elif payload.startswith(_CANCEL):

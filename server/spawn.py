@@ -144,14 +144,23 @@ def _popen(
 async def _connect(popen: subprocess.Popen[bytes], limit: int) -> Child:
     loop = asyncio.get_running_loop()
     assert popen.stdin is not None and popen.stdout is not None  # noqa: S101
-    reader = asyncio.StreamReader(limit=limit)
-    stdout, _ = await loop.connect_read_pipe(
-        lambda: asyncio.StreamReaderProtocol(reader), popen.stdout
-    )
-    # A StreamReaderProtocol gives the writer its flow control (drain); it reads nothing.
-    transport, protocol = await loop.connect_write_pipe(
-        lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
-    )
+    opened: list[asyncio.BaseTransport] = []
+    try:
+        reader = asyncio.StreamReader(limit=limit)
+        stdout, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), popen.stdout
+        )
+        opened.append(stdout)
+        # A StreamReaderProtocol gives the writer its flow control (drain); it reads nothing.
+        transport, protocol = await loop.connect_write_pipe(
+            lambda: asyncio.StreamReaderProtocol(asyncio.StreamReader()), popen.stdin
+        )
+    except BaseException:
+        for each in opened:
+            each.close()
+        popen.stdin.close()  # closing a pipe a transport already closed does nothing
+        popen.stdout.close()
+        raise
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
     return Child(popen, writer, reader, stdout)
 

@@ -228,3 +228,27 @@ async def test_a_lone_watcher_is_sent_every_progress_the_job_publishes(
     sent = [e.sequence for e in events[1:] if not e.state_change]
     # Up to the cancel; after it a state change may carry progress that came with it.
     assert sent[:20] == published.sequences[:20]
+
+
+@pytest.mark.parametrize("make_queue", ["postgres"], indirect=True)
+async def test_a_hundred_watchers_over_postgresql_share_each_read_of_the_events(
+    make_queue: QueueFactory,
+) -> None:
+    watchers = 100  # far more than the connection pool holds
+    job, published = SteadyJob(), Published(enough=30)
+    queue = await make_queue(job, listeners=[published], progress_interval_s=0.02)
+    submitted = await queue.submit(JobSpec("/steady"))
+    await job.started.wait()
+    job.go.set()
+    pool = make_queue._db.pool.pool
+    before = pool.get_stats().get("requests_num", 0)
+
+    streams, _ = await _watch_until_cancelled(queue, submitted.id, watchers, published)
+
+    for events in streams:
+        assert events[-1].job.state is JobState.CANCELLED
+    # Each watch costs a few reads of its own; each event one read for all the watchers
+    # that wake for it, never one per watcher.
+    reads = pool.get_stats().get("requests_num", 0) - before
+    events = len(published.sequences) + len(published.changes)
+    assert reads < 4 * watchers + 10 * events, (reads, events)  # unshared: 100 per event
