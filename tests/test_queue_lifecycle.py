@@ -38,14 +38,9 @@ async def test_watchers_of_one_job_are_limited_per_job(make_queue: QueueFactory)
 
 
 async def test_an_ended_job_keeps_only_its_state_changes(make_queue: QueueFactory) -> None:
-    handler = ScriptedHandler()
-    queue = await make_queue(handler, progress_interval_s=0.0, workers=1)
-    blocker = await queue.submit(JobSpec("/block"))
-    await handler.started_event(blocker.id).wait()
-    job = await queue.submit(JobSpec("/chatty"))  # waits for the one worker
-    watching = await queue.watch(job.id)  # in before the job starts: it sees the progress
-    handler.release.set()
-    live = await collect(watching)
+    queue = await make_queue(ScriptedHandler(), progress_interval_s=0.0)
+    job = await queue.submit(JobSpec("/chatty"))
+    live = await collect(await queue.watch(job.id))
 
     replay = await collect(await queue.watch(job.id, after_sequence=1))
 
