@@ -38,8 +38,14 @@ run: setup
 demo: setup
 	$(PY) -m bench.demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist), a test module at a time each: a
+# module's tests share its fixtures (a built wheel, npm packages) and never race each other.
+# Coverage combines every worker's data and that of the processes they start.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadscope
+
 test: setup
-	$(PY) -m pytest --cov --cov-report=term $(ARGS)
+	$(PY) -m pytest $(XDIST) --cov --cov-report=term $(ARGS)
 
 # The suite on a busy machine: two busy-loop neighbours keep both cores busy while it runs.
 # They are started and stopped here, also when the suite fails or is interrupted.
@@ -49,7 +55,7 @@ test-busy: setup
 	$(PYTHON) -c "$(BUSY_LOOP)" & two=$$!; \
 	trap 'kill $$one $$two 2>/dev/null; wait $$one $$two 2>/dev/null' EXIT INT TERM; \
 	echo "busy neighbours: pids $$one $$two"; \
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest $(XDIST) $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -4,8 +4,10 @@ processes against real servers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.harness import free_port
@@ -14,6 +16,19 @@ from tests.conftest import ServeFactory
 from tests.media import write_video
 from tests.test_cli import CLI, run_cli
 from tests.test_reconcile import scan
+
+
+@contextlib.contextmanager
+def _sigint_at_its_default() -> Iterator[None]:
+    """Processes started inside get SIGINT at its default, as from a terminal (Ctrl-C), also
+    when this test run was itself started with SIGINT ignored (as a script's background job
+    is, and everything it starts): Python, and so ``scanjobs follow``, keep an inherited
+    "ignore"."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 async def test_follow_prints_changes_and_resumes_across_a_server_restart(
@@ -27,10 +42,12 @@ async def test_follow_prints_changes_and_resumes_across_a_server_restart(
     first = await serve(lib, listen=listen, data_dir=data)
     await scan(first, lib)
     after = (await first.stub.ListVideos(pb.ListVideosRequest())).catalog_sequence
-    follow = await asyncio.create_subprocess_exec(
-        *CLI, "--target", listen, "follow", str(lib), "--after", str(after),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    errors = tmp_path / "follow.err"
+    with _sigint_at_its_default(), errors.open("wb") as stderr:
+        follow = await asyncio.create_subprocess_exec(
+            *CLI, "--target", listen, "follow", str(lib), "--after", str(after),
+            stdout=asyncio.subprocess.PIPE, stderr=stderr,
+        )  # fmt: skip
     assert follow.stdout is not None
     try:
         shutil.copyfile(sample, lib / "b.mp4")
@@ -48,8 +65,13 @@ async def test_follow_prints_changes_and_resumes_across_a_server_restart(
         assert line == f"{after + 2}\tmoved\t{lib / 'c.mp4'}\t(was {lib / 'b.mp4'})\n"
     finally:
         follow.send_signal(signal.SIGINT)
-        await follow.wait()
-    assert follow.returncode == 130
+        try:
+            await asyncio.wait_for(follow.wait(), 30)
+        finally:
+            if follow.returncode is None:
+                follow.kill()
+                await follow.wait()
+    assert follow.returncode == 130, errors.read_text()
 
 
 async def test_roots_shows_how_each_root_is_watched(serve: ServeFactory, tmp_path: Path) -> None:

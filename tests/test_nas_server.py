@@ -287,9 +287,11 @@ async def test_connect_and_rest_submits_into_a_dead_folder_answer_unavailable_in
         response = await http.post(f"{base}/api/v1/scans", json={"path": inside})
     rest_s = time.monotonic() - started
 
+    # UNAVAILABLE, not DEADLINE_EXCEEDED: the server answered before the client's own 1 s
+    # deadline; the time measured here also holds the client's own work on a busy machine.
     assert caught.value.code == Code.UNAVAILABLE, caught.value
     assert "is the share down?" in caught.value.message
-    assert connect_s < 1.0
+    assert connect_s < 1.0 + MARGIN_S
     assert response.status_code == 503
     assert response.json()["reason"] == "IO_TIMEOUT"
     assert 2.0 * 0.9 <= rest_s < 2.0 + MARGIN_S
