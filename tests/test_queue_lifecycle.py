@@ -38,9 +38,15 @@ async def test_watchers_of_one_job_are_limited_per_job(make_queue: QueueFactory)
 
 
 async def test_an_ended_job_keeps_only_its_state_changes(make_queue: QueueFactory) -> None:
-    queue = await make_queue(ScriptedHandler(), progress_interval_s=0.0)
-    job = await queue.submit(JobSpec("/chatty"))
-    live = await collect(await queue.watch(job.id))
+    handler = ScriptedHandler()
+    queue = await make_queue(handler, progress_interval_s=0.0)
+    job = await queue.submit(JobSpec("/chatty-then-block"))
+    live: list[JobEvent] = []
+    async with await queue.watch(job.id) as events:
+        async for event in events:
+            live.append(event)
+            if not event.state_change:
+                handler.resume_chatty.set()  # it ends once its progress was seen
 
     replay = await collect(await queue.watch(job.id, after_sequence=1))
 
