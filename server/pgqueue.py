@@ -386,8 +386,8 @@ class PgJobQueue:
         key = (job_id, after, latest_only, self._notified)
         reading = self._reads.get(key)
         if reading is None:
-            reading = self._reads[key] = asyncio.ensure_future(
-                self._read_events(job_id, after, latest_only=latest_only)
+            reading = self._reads[key] = self._tasks.spawn(
+                self._read_events(job_id, after, latest_only=latest_only), "events"
             )
             reading.add_done_callback(lambda _: self._reads.pop(key, None))
         return await asyncio.shield(reading)
