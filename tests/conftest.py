@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from scanjobs.server import fsopen
 from scanjobs.server.app import App, start
@@ -126,6 +128,18 @@ def gated_library(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "gate.mp4").write_bytes(b"x")
     return root
+
+
+def error_reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call's rich status ("" if it has none)."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return ""
 
 
 async def eventually(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:

@@ -16,9 +16,7 @@ import httpx
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
@@ -27,6 +25,7 @@ from tests.conftest import (
     Running,
     ServeFactory,
     ServerProcess,
+    error_reason,
     eventually,
     until_running,
     wait_terminal,
@@ -65,17 +64,6 @@ async def _let_go(share: SlowShare) -> None:
     )
 
 
-def _reason(error: grpc.aio.AioRpcError | grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
-
-
 async def _submit_fails(
     stub: pb_grpc.ScanServiceAsyncStub, path: Path, timeout_s: float
 ) -> tuple[grpc.aio.AioRpcError, float]:
@@ -93,7 +81,7 @@ async def test_a_submit_of_a_path_inside_a_dead_folder_is_unavailable_io_timeout
     error, elapsed = await _submit_fails(s.stub, dead_share.path / "dead" / "deeper", 30.0)
 
     assert error.code() == grpc.StatusCode.UNAVAILABLE
-    assert _reason(error) == "IO_TIMEOUT"
+    assert error_reason(error) == "IO_TIMEOUT"
     assert "is the share down?" in (error.details() or "")
     assert str(dead_share.path / "dead" / "deeper") in (error.details() or "")
     assert IO_TIMEOUT_S * 0.9 <= elapsed < IO_TIMEOUT_S + MARGIN_S
@@ -109,7 +97,7 @@ async def test_a_submit_whose_own_deadline_is_nearer_than_the_io_timeout_is_answ
     error, elapsed = await _submit_fails(s.stub, dead_share.path / "dead" / "deeper", 1.5)
 
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
-    assert _reason(error) == "IO_TIMEOUT"
+    assert error_reason(error) == "IO_TIMEOUT"
     assert elapsed < 1.5
     await _let_go(dead_share)
 
@@ -132,7 +120,7 @@ async def test_health_and_other_calls_answer_while_a_submit_and_a_scan_are_stuck
     error, _ = await stuck
     reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
 
-    assert _reason(error) == "IO_TIMEOUT"
+    assert error_reason(error) == "IO_TIMEOUT"
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     await _let_go(dead_share)
 
@@ -147,7 +135,7 @@ async def test_ten_submits_into_a_dead_folder_leave_no_thread_stuck_in_the_serve
         await _submit_fails(s.stub, dead_share.path / "dead" / f"x{i}", 30.0) for i in range(10)
     ]
 
-    assert [_reason(e) for e, _ in answers] == ["IO_TIMEOUT"] * 10
+    assert [error_reason(e) for e, _ in answers] == ["IO_TIMEOUT"] * 10
     assert all(elapsed < IO_TIMEOUT_S + MARGIN_S for _, elapsed in answers)
     # The checks are stuck in helper processes, never in the server: after 8 stuck checks
     # the helper is replaced (and, if unkillable, abandoned and counted). Left in the server:
@@ -253,7 +241,7 @@ def test_sigterm_stops_a_server_within_its_grace_period_while_it_is_stuck_in_a_d
             with pytest.raises(grpc.RpcError) as caught:  # and a root check's thread too
                 stub.SubmitScan(pb.SubmitScanRequest(path=str(dead_share.path / "dead" / "x")))
             dead_share.wait_blocked(2)
-            assert _reason(caught.value) == "IO_TIMEOUT"
+            assert error_reason(caught.value) == "IO_TIMEOUT"
             assert stub.GetJob(pb.GetJobRequest(job_id=job.id)).state == pb.JOB_STATE_RUNNING
 
         started = time.monotonic()

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
-from tests.conftest import ServerProcess
+from tests.conftest import ServerProcess, error_reason
 from tests.fusefs import SlowShare
 
 IO_TIMEOUT_S = 1.0
@@ -30,17 +28,6 @@ def dead_root(slow_share: SlowShare) -> Iterator[Path]:
         yield slow_share.path / "dead" / "library"
     finally:
         slow_share.release()
-
-
-def _reason(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return str(info.reason)
-    return ""
 
 
 def test_a_root_dead_at_start_costs_a_warning_and_the_other_roots_scan(
@@ -73,7 +60,7 @@ def test_a_root_dead_at_start_costs_a_warning_and_the_other_roots_scan(
             with pytest.raises(grpc.RpcError) as caught:
                 stub.SubmitScan(pb.SubmitScanRequest(path=str(dead_root)), timeout=30)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert _reason(caught.value) == "IO_TIMEOUT"
+            assert error_reason(caught.value) == "IO_TIMEOUT"
             assert time.monotonic() - asked < IO_TIMEOUT_S + MARGIN_S
         slow_share.release()  # the processes stuck in it exit, and the server stops at once
     finally:
