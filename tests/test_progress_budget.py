@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,7 +27,6 @@ from scanjobs.server.jobs import (
     ScanResult,
 )
 from scanjobs.server.runner import JobContext
-from scanjobs.server.store import Database
 from scanjobs.server.watch import ProgressPace, Subscription
 from tests.queues import QueueFactory, collect
 
@@ -192,29 +189,16 @@ async def test_many_watchers_share_the_budget_and_each_is_sent_every_state_chang
     assert queue.watcher_count() == 0
 
 
-@pytest.fixture(params=["memory", "sqlite"])
-async def in_process_queue(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[QueueFactory]:
-    """The in-process queue over each of its stores. Its watchers are pushed each event as it
-    is committed, so what a watcher is sent is exactly what the pace lets through; watchers
-    of the replicated queue read the events table, and a read that finds several events at
-    once rightly coalesces their progress, pace or not."""
-    db = await Database.open(tmp_path / "jobs.db") if request.param == "sqlite" else None
-    factory = QueueFactory(request.param, db, "", tmp_path / "jobs.db")
-    yield factory
-    for queue in factory.queues:
-        await queue.close(grace_s=1.0)
-        assert queue.running_tasks == 0
-    if db is not None:
-        await db.close()
-
-
+# The in-process queue over each of its stores. Its watchers are pushed each event as it is
+# committed, so what a watcher is sent is exactly what the pace lets through; watchers of the
+# replicated queue read the events table, and a read that finds several events at once rightly
+# coalesces their progress, pace or not.
+@pytest.mark.parametrize("make_queue", ["memory", "sqlite"], indirect=True)
 async def test_a_lone_watcher_is_sent_every_progress_the_job_publishes(
-    in_process_queue: QueueFactory,
+    make_queue: QueueFactory,
 ) -> None:
     job, published = SteadyJob(), Published(enough=20)
-    queue = await in_process_queue(
+    queue = await make_queue(
         job, listeners=[published], progress_interval_s=0.05, progress_budget_per_s=40.0
     )  # two watchers would still each be sent every progress
     submitted = await queue.submit(JobSpec("/steady"))
