@@ -295,13 +295,18 @@ async def test_connect_refuses_a_message_over_the_size_limit(
 async def test_connect_server_stream_of_watch_job_runs_to_the_terminal_event(
     serve: ServeFactory, media: Path
 ) -> None:
-    _, base = await _http(serve, media)
+    gated_library(media)  # the scan holds until the watch has its first event
+    _, base = await _http(serve, media, misbehaving=True)
     async with ScanServiceClient(base) as connect:
         job = await connect.submit_scan(pb.SubmitScanRequest(path=str(media)))
-        events = [e async for e in connect.watch_job(pb.WatchJobRequest(job_id=job.id))]
+        stream = aiter(connect.watch_job(pb.WatchJobRequest(job_id=job.id)))
+        events = [await anext(stream)]
+        (media / "open-gate").touch()
+        events += [e async for e in stream]
 
     sequences = [e.sequence for e in events]
     assert sequences == sorted(set(sequences)) and len(events) >= 2
+    assert events[0].job.state != pb.JOB_STATE_COMPLETED
     assert events[-1].job.state == pb.JOB_STATE_COMPLETED
     assert events[-1].job.result.added == 4
 
