@@ -7,6 +7,7 @@ import os
 import pickle
 import struct
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from fractions import Fraction
@@ -307,6 +308,85 @@ def test_outcomes_that_are_ready_go_out_in_one_write() -> None:
         probe_module._probe_on(pool, fake_probe, targets, out)  # type: ignore[arg-type]
     releaser.join()
     assert out.writes == [b"".join(wire.encode_outcome(ProbeFailure(m)) for m in "012")]
+
+
+def _serve_batches(
+    monkeypatch: pytest.MonkeyPatch,
+    batches: list[list[ProbeTarget]],
+    probe: object,
+    threads: int = 4,
+) -> list[ProbeOutcome]:
+    """Run a worker's main loop over ``batches`` in this process; its outcomes, in order."""
+    import io
+
+    monkeypatch.setenv(probe_module._THREADS_VARIABLE, str(threads))
+    monkeypatch.delenv(probe_module._MEMORY_VARIABLE, raising=False)
+    stdin = io.BytesIO(b"".join(wire.encode_targets(tuple(b)) for b in batches))
+    stdout = io.BytesIO()
+    probe_module._serve(stdin, stdout, probe)  # type: ignore[arg-type]
+    data, outcomes = stdout.getvalue(), []
+    while data:
+        (size,) = wire.FRAME.unpack_from(data)
+        outcomes.append(wire.decode_outcome(data[wire.FRAME.size : wire.FRAME.size + size]))
+        data = data[wire.FRAME.size + size :]
+    return outcomes
+
+
+def _spin(seconds: float) -> None:
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
+
+
+def test_files_that_do_not_wait_on_storage_are_probed_on_the_worker_s_own_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: set[str] = set()
+
+    def computes(t: ProbeTarget) -> ProbeOutcome:
+        threads.add(threading.current_thread().name)
+        _spin(0.002)  # busy, never blocked
+        return ProbeFailure(t.relative.decode())
+
+    targets = [ProbeTarget(b"/", str(i).encode(), 0, 0) for i in range(20)]
+    outcomes = _serve_batches(monkeypatch, [targets[:10], targets[10:]], computes)
+
+    assert outcomes == [ProbeFailure(str(i)) for i in range(20)]
+    assert threads == {threading.current_thread().name}
+
+
+def test_files_that_wait_on_storage_move_the_rest_of_the_batch_to_the_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    at_once, most = 0, 0
+    lock = threading.Lock()
+
+    def waits(t: ProbeTarget) -> ProbeOutcome:
+        nonlocal at_once, most
+        with lock:
+            at_once += 1
+            most = max(most, at_once)
+        time.sleep(0.02)  # blocked, as on a slow share
+        with lock:
+            at_once -= 1
+        return ProbeFailure(t.relative.decode())
+
+    targets = [ProbeTarget(b"/", str(i).encode(), 0, 0) for i in range(12)]
+    outcomes = _serve_batches(monkeypatch, [targets], waits)
+
+    assert outcomes == [ProbeFailure(str(i)) for i in range(12)]  # still in order
+    assert most == 4  # after the first file, the batch went to the four threads
+
+
+def test_a_worker_on_threads_tries_one_file_on_its_own_again_after_a_while() -> None:
+    storage = probe_module._Storage()
+    blocked = ProbeTarget(b"/", b"slow", 0, 0)
+    storage.probe(lambda t: (time.sleep(0.005), ProbeFailure(""))[1], blocked)
+    assert storage.slow and not storage.due()
+    storage._tested -= probe_module._Storage.RETEST_S  # a second later
+    assert storage.due()
+    storage.probe(lambda t: (_spin(0.005), ProbeFailure(""))[1], blocked)  # cached by now
+    assert not storage.slow and storage.due()
 
 
 def test_a_file_whose_name_lies_is_still_described(tmp_path: Path) -> None:
