@@ -75,13 +75,14 @@ def wait_serving(target: str, timeout_s: float = 30.0) -> None:
 
 @contextmanager
 def server(root: Path, *extra: str) -> Iterator[Server]:
-    """``python -m scanjobs.server`` on a free port and a fresh data directory, stopped after."""
+    """``python -m scanjobs.server`` on a free port and a fresh data directory, stopped after
+    (at once: no lame duck, since nothing calls it once a benchmark is done with it)."""
     with tempfile.TemporaryDirectory(prefix="scanjobs-bench-") as data:
         target = f"127.0.0.1:{free_port()}"
         log = (Path(data) / "server.log").open("wb")
         proc = subprocess.Popen(
             [sys.executable, "-m", "scanjobs.server", "--root", str(root), "--data-dir", data,
-             "--listen", target, "--log-level", "WARNING", *extra],
+             "--listen", target, "--log-level", "WARNING", "--lame-duck", "0", *extra],
             stderr=log,
         )  # fmt: skip
         try:

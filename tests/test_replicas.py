@@ -48,9 +48,11 @@ def replicas(library: Path, postgres_url: str, tmp_path: Path) -> Iterator[list[
     for server in servers:
         assert server.first.get("message") == "serving", server.first
     yield servers
-    for server in servers:
+    for server in servers:  # every replica drains at once: a lame duck each, not in turn
         if server.proc.poll() is None:
-            server.stop()
+            server.proc.send_signal(signal.SIGTERM)
+    for server in servers:
+        server.wait()
 
 
 def _owner(url: str, job_id: str) -> str:
