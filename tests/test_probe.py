@@ -208,6 +208,24 @@ async def test_a_file_that_crashes_its_worker_costs_one_failure(
     assert len(await pool.probe([target(good)] * 4)) == 4
 
 
+async def test_each_file_that_crashes_its_worker_is_the_one_failure_in_a_batch(
+    pool: ProbePool, tmp_path: Path
+) -> None:
+    # A worker writes outcomes a few milliseconds apart: those of the files just before a
+    # crash are lost with it, and must be probed again, not blamed.
+    good = target(write_video(tmp_path / "a.mp4"))
+    crash = tmp_path / "crash.mp4"
+    crash.write_bytes(b"x")
+    batch = [good] * 5 + [target(crash)] + [good] * 5 + [target(crash)] + [good]
+
+    outcomes = await pool.probe(batch)
+
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, ProbeFailure)]
+    assert failed == [5, 11], outcomes
+    assert outcomes[5] == outcomes[11] == ProbeFailure("the file crashed the probe worker")
+    assert len(outcomes) == len(batch)
+
+
 async def test_a_file_that_hangs_is_a_timeout_failure(
     impatient_pool: ProbePool, tmp_path: Path
 ) -> None:
@@ -301,13 +319,52 @@ def test_outcomes_that_are_ready_go_out_in_one_write() -> None:
             pass
 
     out = Out()
+    outbox = probe_module._Outbox(out, delay_s=3600)  # type: ignore[arg-type]
     targets = [ProbeTarget(b"/", str(i).encode(), 0, 0) for i in range(3)]
     releaser = threading.Thread(target=release_the_first_once_the_others_are_done)
     releaser.start()
     with Recording(4) as pool:
-        probe_module._probe_on(pool, fake_probe, targets, out)  # type: ignore[arg-type]
+        probe_module._probe_on(pool, fake_probe, targets, outbox)
     releaser.join()
+    outbox.flush()
+    outbox.close()
     assert out.writes == [b"".join(wire.encode_outcome(ProbeFailure(m)) for m in "012")]
+
+
+class _Pipe:
+    """A worker's stdout that records each write, and tells when one happened."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.written = threading.Event()
+
+    def write(self, data: bytes) -> int:
+        self.writes.append(bytes(data))
+        self.written.set()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_worker_writes_the_outcomes_it_has_together() -> None:
+    pipe = _Pipe()
+    outbox = probe_module._Outbox(pipe, delay_s=3600)  # type: ignore[arg-type]
+    for frame in (b"a", b"b", b"c"):
+        outbox.put(frame)
+    assert pipe.writes == []  # not one write per file
+    outbox.flush()
+    outbox.close()
+    assert pipe.writes == [b"abc"]
+
+
+def test_an_outcome_goes_out_shortly_even_while_the_next_file_takes_long() -> None:
+    pipe = _Pipe()
+    outbox = probe_module._Outbox(pipe, delay_s=0.01)  # type: ignore[arg-type]
+    outbox.put(b"done")  # ... and the worker is now stuck on its next file
+    assert pipe.written.wait(timeout=30)
+    outbox.close()
+    assert pipe.writes == [b"done"]
 
 
 def _serve_batches(
