@@ -223,11 +223,12 @@ class _Worker:
         self.stdin.write(wire.encode_targets(tuple(targets)))
         await self.stdin.drain()
 
-    async def receive(self) -> ProbeOutcome:
-        """The next outcome; raises wire.BadReply before reading an oversized payload."""
+    async def receive(self) -> tuple[ProbeOutcome, float]:
+        """The next outcome and its probe's seconds; raises wire.BadReply before reading an
+        oversized payload."""
         (size,) = wire.FRAME.unpack(await self.stdout.readexactly(wire.FRAME.size))
         wire.check_size(size)
-        return wire.decode_outcome(await self.stdout.readexactly(size))
+        return wire.decode_reply(await self.stdout.readexactly(size))
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -251,11 +252,9 @@ class _Watchdog:
         self._fired = False
         self._handle = self._loop.call_at(self._last + limit_s, self._check)
 
-    def progress(self) -> float:
-        """A file finished: its successor gets the full limit. Returns the file's seconds."""
-        now = self._loop.time()
-        elapsed, self._last = now - self._last, now
-        return elapsed
+    def progress(self) -> None:
+        """A file finished: its successor gets the full limit."""
+        self._last = self._loop.time()
 
     def timed_out(self) -> bool:
         """True if the cancel being handled is ours and no other cancel is pending."""
@@ -384,10 +383,11 @@ class ProbePool:
         try:
             await worker.send(targets)
             for _ in targets:
-                outcomes.append(await worker.receive())
-                elapsed = watchdog.progress()
+                outcome, seconds = await worker.receive()
+                outcomes.append(outcome)
+                watchdog.progress()
                 if self._on_probe is not None:
-                    self._on_probe(elapsed)
+                    self._on_probe(seconds)
         except asyncio.CancelledError:
             if not watchdog.timed_out():
                 # Abort the probe in flight rather than wait for it: latency must not grow
@@ -466,11 +466,18 @@ def _probe_on(
 ) -> None:
     """Probe ``targets`` on ``pool``, their outcomes to ``outbox`` in order: each as soon as
     it and those before it are done, those that are ready together in one write."""
-    pending = collections.deque(pool.submit(probe, target) for target in targets)
+    pending = collections.deque(pool.submit(_timed, probe, target) for target in targets)
     while pending:
         if not pending[0].done():
             outbox.flush()  # what is done goes out before the worker waits
-        outbox.put(wire.encode_outcome(pending.popleft().result()))
+        outbox.put(wire.encode_outcome(*pending.popleft().result()))
+
+
+def _timed(
+    probe: Callable[[ProbeTarget], ProbeOutcome], target: ProbeTarget
+) -> tuple[ProbeOutcome, float]:
+    started = time.monotonic()
+    return probe(target), time.monotonic() - started
 
 
 class _Outbox:
@@ -550,8 +557,9 @@ class _Storage:
 
     def probe(
         self, probe: Callable[[ProbeTarget], ProbeOutcome], target: ProbeTarget
-    ) -> ProbeOutcome:
-        """``probe(target)`` on this thread; records whether the file waited on storage."""
+    ) -> tuple[ProbeOutcome, float]:
+        """``probe(target)`` on this thread, and its seconds; records whether the file
+        waited on storage."""
         switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
         started, cpu = time.monotonic(), time.thread_time()
         outcome = probe(target)
@@ -560,7 +568,7 @@ class _Storage:
         blocked = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw > switches
         self.slow = blocked and waited >= max(self.BLOCKED_S, ended - started - waited)
         self._tested = ended
-        return outcome
+        return outcome, ended - started
 
 
 def _serve(
@@ -593,7 +601,7 @@ def _serve(
         targets = wire.decode_targets(stdin.read(size))
         done = 0
         while done < len(targets) and (pool is None or storage.due()):
-            outbox.put(wire.encode_outcome(storage.probe(probe, targets[done])))
+            outbox.put(wire.encode_outcome(*storage.probe(probe, targets[done])))
             done += 1
         if pool is not None and done < len(targets):
             _probe_on(pool, probe, targets[done:], outbox)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import pickle
 import struct
@@ -226,6 +227,20 @@ async def test_each_file_that_crashes_its_worker_is_the_one_failure_in_a_batch(
     assert len(outcomes) == len(batch)
 
 
+async def test_the_probe_time_of_each_file_is_measured_by_its_worker(tmp_path: Path) -> None:
+    # Outcomes arrive together: the time between two arrivals is not a file's probe time.
+    times: list[float] = []
+    good = target(write_video(tmp_path / "a.mp4"))
+    timed = ProbePool(1, probe_timeout_s=60.0, on_probe=times.append)
+    await timed.start()
+    try:
+        outcomes = await timed.probe([good] * 8)
+    finally:
+        await timed.close()
+    assert all(isinstance(o, MediaInfo) for o in outcomes)
+    assert len(times) == 8 and min(times) >= 1e-4, times  # a real probe takes that at least
+
+
 async def test_a_file_that_hangs_is_a_timeout_failure(
     impatient_pool: ProbePool, tmp_path: Path
 ) -> None:
@@ -328,7 +343,18 @@ def test_outcomes_that_are_ready_go_out_in_one_write() -> None:
     releaser.join()
     outbox.flush()
     outbox.close()
-    assert out.writes == [b"".join(wire.encode_outcome(ProbeFailure(m)) for m in "012")]
+    assert len(out.writes) == 1
+    assert _outcomes(out.writes[0]) == [ProbeFailure(m) for m in "012"]
+
+
+def _outcomes(data: bytes) -> list[ProbeOutcome]:
+    """The outcomes in what a worker wrote."""
+    outcomes = []
+    while data:
+        (size,) = wire.FRAME.unpack_from(data)
+        outcomes.append(wire.decode_outcome(data[wire.FRAME.size : wire.FRAME.size + size]))
+        data = data[wire.FRAME.size + size :]
+    return outcomes
 
 
 class _Pipe:
@@ -381,12 +407,7 @@ def _serve_batches(
     stdin = io.BytesIO(b"".join(wire.encode_targets(tuple(b)) for b in batches))
     stdout = io.BytesIO()
     probe_module._serve(stdin, stdout, probe)  # type: ignore[arg-type]
-    data, outcomes = stdout.getvalue(), []
-    while data:
-        (size,) = wire.FRAME.unpack_from(data)
-        outcomes.append(wire.decode_outcome(data[wire.FRAME.size : wire.FRAME.size + size]))
-        data = data[wire.FRAME.size + size :]
-    return outcomes
+    return _outcomes(stdout.getvalue())
 
 
 def _spin(seconds: float) -> None:
@@ -463,9 +484,9 @@ FAILURE = ProbeFailure("not a readable video: Invalid data")
 
 @pytest.mark.parametrize("outcome", [INFO_SAMPLE, NO_DURATION, FAILURE])
 def test_outcomes_cross_the_wire_unchanged(outcome: object) -> None:
-    frame = wire.encode_outcome(outcome)  # type: ignore[arg-type]
+    frame = wire.encode_outcome(outcome, 0.25)  # type: ignore[arg-type]
     (size,) = wire.FRAME.unpack_from(frame)
-    assert wire.decode_outcome(frame[wire.FRAME.size :]) == outcome
+    assert wire.decode_reply(frame[wire.FRAME.size :]) == (outcome, 0.25)
     assert size == len(frame) - wire.FRAME.size <= wire.MAX_REPLY_BYTES
 
 
@@ -480,22 +501,37 @@ def test_targets_cross_the_wire_unchanged() -> None:
 
 def _media_payload(width: int = 64) -> bytes:
     payload = wire.encode_outcome(INFO_SAMPLE)[wire.FRAME.size :]
-    # b"I", duration (8 bytes), bit rate (8), then the width (4)
-    return payload[:17] + struct.pack("!i", width) + payload[21:]
+    # the seconds (4 bytes), b"I", duration (8), bit rate (8), then the width (4)
+    return payload[:21] + struct.pack("!i", width) + payload[25:]
+
+
+SECONDS = struct.pack("!f", 0.5)
 
 
 @pytest.mark.parametrize(
     "payload",
     [
         b"",
-        b"X whatever",
+        SECONDS + b"X whatever",
         pickle.dumps(("failure", ("hello",))),
-        b"F\xff\xfe",
+        SECONDS + b"F\xff\xfe",
         _media_payload()[:-1],
         _media_payload() + b"\x00",
         _media_payload(width=-1),
+        struct.pack("!f", -1.0) + b"Fnegative time",
+        struct.pack("!f", math.nan) + b"Fno time",
     ],
-    ids=["empty", "unknown kind", "pickle", "bad UTF-8", "truncated", "trailing", "negative"],
+    ids=[
+        "empty",
+        "unknown kind",
+        "pickle",
+        "bad UTF-8",
+        "truncated",
+        "trailing",
+        "negative",
+        "negative seconds",
+        "NaN seconds",
+    ],
 )
 def test_a_reply_that_is_not_ours_is_refused(payload: bytes) -> None:
     with pytest.raises(wire.BadReply):
