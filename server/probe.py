@@ -1,6 +1,6 @@
 """Media metadata from PyAV, probed in long-lived worker processes.
 
-Each worker is a fresh interpreter (``python -m scanjobs.server.probe``), never a fork of the
+Each worker is a fresh interpreter (``python -m scanjobs.server.probe_worker``), never a fork of the
 server: gRPC does not survive a fork (grpc/grpc#17093). Workers read batches of paths on stdin and
 write one framed result per file on stdout, so a file that hangs or crashes FFmpeg costs one
 per-file error: the pool kills that worker, replaces it in the background and carries on with
@@ -11,21 +11,16 @@ for it, so cancel latency does not grow with file size.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import logging
 import os
 import pwd
-import resource
 import stat
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from . import probe_wire as wire
 from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
@@ -35,8 +30,10 @@ from .spawn import Child, start
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
+    "MEMORY_VARIABLE",
     "MIN_PROBE_MEMORY_MIB",
     "PROBE_COMMAND",
+    "THREADS_VARIABLE",
     "MediaInfo",
     "ProbeFailure",
     "ProbeOutcome",
@@ -62,12 +59,10 @@ _WORKER_ENVIRONMENT = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH",
     "COVERAGE_PROCESS_CONFIG", BY_COMPONENTS_VARIABLE,
 )  # fmt: skip
-_MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
-_THREADS_VARIABLE = "SCANJOBS_PROBE_THREADS"  # files of a batch a worker probes at once
-# Threads in a worker: each gets a small stack, and glibc two malloc arenas in all (not 64 MiB
-# of address space per thread), so that many files in flight fit the --probe-memory limit.
-_THREAD_STACK_BYTES = 2 * 2**20
-# glibc's malloc in a worker: two arenas in all, and FFmpeg's buffers kept between files.
+MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
+THREADS_VARIABLE = "SCANJOBS_PROBE_THREADS"  # files of a batch a worker probes at once
+# glibc's malloc in a worker: two arenas in all (see probe_worker), and FFmpeg's buffers kept
+# between files.
 # By default a buffer over 128 KiB is mapped and unmapped for every file, and the heap's top
 # is given back after each: about 110 page faults per file, 60% more CPU for a small file.
 _MALLOC = {
@@ -79,7 +74,7 @@ _FORMAT_WHITELIST = (
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,h264,hevc,m4v,mjpeg"
 )
 _OPTIONS = {"format_whitelist": _FORMAT_WHITELIST}
-PROBE_COMMAND = (sys.executable, "-m", "scanjobs.server.probe")  # a worker: this module
+PROBE_COMMAND = (sys.executable, "-m", "scanjobs.server.probe_worker")  # a worker
 # The demuxer a name suggests, as FFmpeg names it (the first alias is what av.open takes).
 _MOV, _MKV = "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"
 _FORMAT_BY_SUFFIX = {
@@ -426,8 +421,8 @@ class ProbePool:
             self._command,
             env={
                 **worker_environment(),
-                _MEMORY_VARIABLE: str(self._memory_mib),
-                _THREADS_VARIABLE: str(self._threads),
+                MEMORY_VARIABLE: str(self._memory_mib),
+                THREADS_VARIABLE: str(self._threads),
                 **_MALLOC,
             },
             **self._account,
@@ -453,161 +448,3 @@ def worker_account(user: str) -> tuple[int, int]:
     """
     entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
-
-
-# -- the worker process --------------------------------------------------------------------
-
-
-def _probe_on(
-    pool: ThreadPoolExecutor,
-    probe: Callable[[ProbeTarget], ProbeOutcome],
-    targets: Sequence[ProbeTarget],
-    outbox: _Outbox,
-) -> None:
-    """Probe ``targets`` on ``pool``, their outcomes to ``outbox`` in order: each as soon as
-    it and those before it are done, those that are ready together in one write."""
-    pending = collections.deque(pool.submit(_timed, probe, target) for target in targets)
-    while pending:
-        if not pending[0].done():
-            outbox.flush()  # what is done goes out before the worker waits
-        outbox.put(wire.encode_outcome(*pending.popleft().result()))
-
-
-def _timed(
-    probe: Callable[[ProbeTarget], ProbeOutcome], target: ProbeTarget
-) -> tuple[ProbeOutcome, float]:
-    started = time.monotonic()
-    return probe(target), time.monotonic() - started
-
-
-class _Outbox:
-    """Outcomes on their way to the pool, written together.
-
-    One write per file woke the scan worker for every file, which cost it a third of its
-    CPU on small files. A thread writes what is waiting ``DELAY_S`` after the first of it
-    was put: a file that then hangs does not hold back the outcomes before it (the pool
-    blames the first file without an outcome), and progress stays live.
-    """
-
-    DELAY_S = 0.005
-
-    def __init__(self, out: BinaryIO, delay_s: float = DELAY_S) -> None:
-        self._out = out
-        self._delay_s = delay_s
-        self._pending: list[bytes] = []
-        self._changed = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
-        self._thread.start()
-
-    def put(self, frame: bytes) -> None:
-        with self._changed:
-            self._pending.append(frame)
-            if len(self._pending) == 1:
-                self._changed.notify()
-
-    def flush(self) -> None:
-        with self._changed:
-            self._write()
-
-    def close(self) -> None:
-        with self._changed:
-            self._closed = True
-            self._changed.notify()
-        self._thread.join()
-
-    def _write(self) -> None:
-        if self._pending:
-            self._out.write(b"".join(self._pending))
-            self._out.flush()
-            self._pending.clear()
-
-    def _run(self) -> None:
-        with contextlib.suppress(BrokenPipeError), self._changed:  # gone: stdin ends too
-            while True:
-                self._changed.wait_for(lambda: self._pending or self._closed)
-                if not self._closed:
-                    self._changed.wait(self._delay_s)  # others join the first meanwhile
-                if self._closed:
-                    return
-                self._write()
-
-
-class _Storage:
-    """Whether a worker's files wait on storage, judged from the files it probes itself.
-
-    Threads pay only while probes wait on I/O: on files that are in memory, sixteen threads
-    contending for the GIL cost a worker more than twice the CPU per file that one thread
-    does. So a worker probes its files one at a time, on its own thread, and moves the rest of
-    the batch to its threads once a file spent most of its time blocked (a voluntary context
-    switch, not the scheduler's preemption). While on threads it tries one file on its own
-    again every ``RETEST_S`` seconds, so a library that is now cached goes back to one thread.
-    """
-
-    BLOCKED_S = 0.001  # a file that waited this long, and longer than it computed, is slow
-    RETEST_S = 1.0
-
-    def __init__(self) -> None:
-        self.slow = False
-        self._tested = 0.0
-
-    def due(self) -> bool:
-        """True if the next file should be probed on this thread (and measured)."""
-        return not self.slow or time.monotonic() - self._tested >= self.RETEST_S
-
-    def probe(
-        self, probe: Callable[[ProbeTarget], ProbeOutcome], target: ProbeTarget
-    ) -> tuple[ProbeOutcome, float]:
-        """``probe(target)`` on this thread, and its seconds; records whether the file
-        waited on storage."""
-        switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-        started, cpu = time.monotonic(), time.thread_time()
-        outcome = probe(target)
-        ended = time.monotonic()
-        waited = (ended - started) - (time.thread_time() - cpu)
-        blocked = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw > switches
-        self.slow = blocked and waited >= max(self.BLOCKED_S, ended - started - waited)
-        self._tested = ended
-        return outcome, ended - started
-
-
-def _serve(
-    stdin: BinaryIO,
-    stdout: BinaryIO,
-    probe: Callable[[ProbeTarget], ProbeOutcome] = probe_file,
-) -> None:
-    """Worker main loop: read batches, write one framed outcome per file.
-
-    The address-space limit the pool passed (``SCANJOBS_PROBE_MEMORY``, MiB) is set first,
-    before FFmpeg is loaded and before any file is read.
-    """
-    memory_bytes = int(os.environ.get(_MEMORY_VARIABLE) or 0) * 2**20
-    if memory_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    threads = max(1, int(os.environ.get(_THREADS_VARIABLE) or 1))
-    import av
-
-    av.logging.set_level(None)
-    pool, storage, outbox = None, _Storage(), _Outbox(stdout)
-    if threads > 1:
-        threading.stack_size(_THREAD_STACK_BYTES)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="probe")
-    while True:
-        header = stdin.read(wire.FRAME.size)
-        if len(header) < wire.FRAME.size:
-            outbox.close()
-            return  # the server closed our stdin or died
-        (size,) = wire.FRAME.unpack(header)
-        targets = wire.decode_targets(stdin.read(size))
-        done = 0
-        while done < len(targets) and (pool is None or storage.due()):
-            outbox.put(wire.encode_outcome(*storage.probe(probe, targets[done])))
-            done += 1
-        if pool is not None and done < len(targets):
-            _probe_on(pool, probe, targets[done:], outbox)
-        outbox.flush()  # the batch is done: the pool waits for nothing else
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        _serve(sys.stdin.buffer, sys.stdout.buffer)
