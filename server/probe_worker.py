@@ -61,9 +61,9 @@ class _Outbox:
 
     DELAY_S = 0.005
 
-    def __init__(self, out: BinaryIO, delay_s: float = DELAY_S) -> None:
+    def __init__(self, out: BinaryIO, delay_s: float | None = None) -> None:
         self._out = out
-        self._delay_s = delay_s
+        self._delay_s = self.DELAY_S if delay_s is None else delay_s
         self._pending: list[bytes] = []
         self._changed = threading.Condition()
         self._closed = False

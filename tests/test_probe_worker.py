@@ -139,6 +139,8 @@ def test_files_that_do_not_wait_on_storage_are_probed_on_the_worker_s_own_thread
         _spin(0.002)  # busy, never blocked
         return ProbeFailure(t.relative.decode())
 
+    # Nothing else in the process wants Python's lock meanwhile (no outbox thread woken).
+    monkeypatch.setattr(probe_worker._Outbox, "DELAY_S", 3600.0)
     targets = [ProbeTarget(b"/", str(i).encode(), 0, 0) for i in range(20)]
     outcomes = _serve_batches(monkeypatch, [targets[:10], targets[10:]], computes)
 
