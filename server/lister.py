@@ -5,8 +5,9 @@ A hand-off between the event loop and a thread costs about as much as listing a 
 (a wake-up each way, and the GIL changing hands), so a rescan of unchanged folders, which is
 mostly listing, used to spend a third of its time handing each folder to the thread and back.
 Here the thread takes a whole task at once and keeps a few thousand entries ahead; the loop
-takes each listing without waiting when it is already there, and waits (with a deadline) only
-when it is not.
+takes each listing without waiting when it is already there. A waiting loop is woken once a
+thousand entries are ready, or the thread has listed all it may, and looks for itself every
+few milliseconds meanwhile: a wake-up for a few folders, not for each.
 
 A filesystem call that never answers leaves the thread stuck: the directory waited for is
 given up on once the thread has made no progress for ``--io-timeout``, and the worker then
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 # Entries (files, errors, sub-folders) listed ahead of the one being reconciled, at most (one
 # listing more, however large, once this is reached): the memory of a few folders.
 AHEAD_ENTRIES = 4096
+# A loop waiting for a listing is woken once this many entries are ready (or the thread has
+# listed all it may): one wake-up for a few small folders, not one each.
+WAKE_ENTRIES = 1024
+_POLL_S = 0.005
 
 
 class FsThread:
@@ -106,6 +111,8 @@ class Listings:
     def _room(self) -> bool:
         """Wait until there is room ahead; False once stopped."""
         with self._lock:
+            if not self._stopped and self._ready and self._held >= AHEAD_ENTRIES:
+                self._wake_locked()
             while not self._stopped and self._ready and self._held >= AHEAD_ENTRIES:
                 self._lock.wait()
             return not self._stopped
@@ -116,11 +123,15 @@ class Listings:
                 return
             self._ready.append(listing)
             self._held += _entries(listing)
-        self._wake()
+            if self._held >= WAKE_ENTRIES:
+                self._wake_locked()
 
     def _wake(self) -> None:
         with self._lock:
-            waiter, self._waiter = self._waiter, None
+            self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        waiter, self._waiter = self._waiter, None
         if waiter is not None and self._loop is not None:
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
                 self._loop.call_soon_threadsafe(_settle, waiter)
@@ -147,21 +158,26 @@ class Listings:
             IoTimeout: the thread made no progress for ``timeout_s`` (a call that never
                 answers; a folder of many files on slow storage takes as long as it takes).
         """
-        seen = -1
+        loop = asyncio.get_running_loop()
+        seen, check_at = -1, loop.time() + timeout_s
         while True:
             with self._lock:
                 listing = self._take()
                 if listing is not None:
                     return listing
-                waiter = self._waiter = asyncio.get_running_loop().create_future()
-            done, _ = await asyncio.wait([waiter], timeout=timeout_s)
-            if done:
+                waiter = self._waiter = loop.create_future()
+            # Woken when enough is ready, else looked at every _POLL_S: a folder ready
+            # behind a long listing is not left waiting for it.
+            done, _ = await asyncio.wait([waiter], timeout=min(_POLL_S, timeout_s))
+            if done or self._ready:
                 continue
-            now = self._tree.ops
-            if now == seen:
+            now = loop.time()
+            if now < check_at:
+                continue
+            if self._tree.ops == seen:  # no call answered since the last look
                 log.warning("a filesystem call got no answer in %g s", timeout_s)
                 raise IoTimeout(no_answer(timeout_s))
-            seen = now
+            seen, check_at = self._tree.ops, now + timeout_s
 
 
 def _entries(listing: Listing) -> int:
