@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import platform
 import random
@@ -92,8 +93,8 @@ def _touch_all(root: Path) -> None:
 # -- 1 and 2: scan and rescan throughput ---------------------------------------------------------
 
 
-def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
-    files = baselines.video_files(corpus)
+def _scan_and_rescan(sizes: Sizes, corpus: Path, files: int) -> tuple[float, float]:
+    """Seconds of a first scan of ``corpus`` by a fresh server, and of a rescan after it."""
     with server(corpus, "--probe-processes", str(sizes.processes)) as s:
         started = time.perf_counter()
         cold = asyncio.run(scan_once(s.target, corpus))
@@ -101,9 +102,20 @@ def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
         started = time.perf_counter()
         asyncio.run(scan_once(s.target, corpus))
         warm_s = time.perf_counter() - started
-    assert cold.result.scanned == len(files), cold.result
-    ours = len(files) / cold_s
-    bare = baselines.bare_pyav_rate(files, sizes.processes)
+    assert cold.result.scanned == files, cold.result
+    return cold_s, warm_s
+
+
+def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
+    """Scans of small files against the bare PyAV loop; each twice, alternating, and the
+    best of each, with every file in the page cache (as for the realistic files)."""
+    files = baselines.video_files(corpus)
+    ours, bare, warm_s = 0.0, 0.0, math.inf
+    for _ in range(2):
+        baselines.read_all(files)  # the loop after it would find them cached: so does the scan
+        cold_s, warm = _scan_and_rescan(sizes, corpus, len(files))
+        ours, warm_s = max(ours, len(files) / cold_s), min(warm_s, warm)
+        bare = max(bare, baselines.bare_pyav_rate(files, sizes.processes))
     floor = baselines.io_floor_rate(corpus)
     stat_s = min(baselines.walk_stat_seconds(corpus) for _ in range(3))
     rows = [
@@ -290,22 +302,32 @@ def _fan_out_watched(sizes: Sizes, blocker: Path, measured: Path):  # type: igno
     raise RuntimeError("the blocker job kept ending before the watchers were connected")
 
 
+def _fan_out_alone(sizes: Sizes, blocker: Path, measured: Path) -> float:
+    """The measured job's seconds when nobody watches it."""
+    with server(CACHE, "--workers", "1", "--probe-processes", str(sizes.processes)) as s:
+        alone, *_ = asyncio.run(_fan_out_run(s.target, blocker, measured, 0, s.proc.pid))
+    return _seconds(alone)
+
+
 def fan_out(sizes: Sizes, blocker: Path, measured: Path) -> list[Row]:
     """The measured job waits behind a slow blocker (large files) until every watcher is on."""
     # The baseline takes the same steps without watchers: the blocker's cancel replaces the
-    # scan workers, and their start-up is part of both job times.
-    with server(CACHE, "--workers", "1", "--probe-processes", str(sizes.processes)) as s:
-        alone, *_ = asyncio.run(_fan_out_run(s.target, blocker, measured, 0, s.proc.pid))
+    # scan workers, and their start-up is part of both job times. The files are read into the
+    # page cache first (else the first run pays for the disk), and the baseline is measured
+    # before and after the watched run: the faster of the two counts.
+    baselines.read_all(baselines.video_files(measured))
+    first = _fan_out_alone(sizes, blocker, measured)
     final, delays, before, peak = _fan_out_watched(sizes, blocker, measured)
+    alone_s = min(first, _fan_out_alone(sizes, blocker, measured))
     p50, p99 = percentile(delays, 50) * 1000, percentile(delays, 99) * 1000
-    slowdown = _seconds(final) / _seconds(alone)
+    slowdown = _seconds(final) / alone_s
     return [
         Row(f"fan-out delay p99, {sizes.watchers} watchers", p99, 100.0, "target", "ms", p99 / 100,
             f"p99 <= 100 ms (p50 {p50:.1f} ms, {len(delays)} deliveries)", p99 <= 100),
         Row("fan-out extra RSS", peak - before, 50.0, "target", "MiB", (peak - before) / 50,
             f"<= 50 MiB (before {before:.0f} MiB)", peak - before <= 50),
-        Row(f"job time with {sizes.watchers} watchers vs none", _seconds(final), _seconds(alone),
-            "same steps, no watchers", "s", slowdown, "<= 1.25x", slowdown <= 1.25),
+        Row(f"job time with {sizes.watchers} watchers vs none", _seconds(final), alone_s,
+            "same steps, no watchers (best of 2)", "s", slowdown, "<= 1.25x", slowdown <= 1.25),
     ]  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Media metadata from PyAV, probed in long-lived worker processes.
 
-Each worker is a fresh interpreter (``python -m scanjobs.server.probe``), never a fork of the
+Each worker is a fresh interpreter (``python -m scanjobs.server.probe_worker``), never a fork of the
 server: gRPC does not survive a fork (grpc/grpc#17093). Workers read batches of paths on stdin and
 write one framed result per file on stdout, so a file that hangs or crashes FFmpeg costs one
 per-file error: the pool kills that worker, replaces it in the background and carries on with
@@ -11,21 +11,16 @@ for it, so cancel latency does not grow with file size.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import errno
 import logging
 import os
 import pwd
-import resource
 import stat
 import sys
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from . import probe_wire as wire
 from .fsopen import BY_COMPONENTS_VARIABLE, open_beneath
@@ -35,8 +30,10 @@ from .spawn import Child, start
 
 __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
+    "MEMORY_VARIABLE",
     "MIN_PROBE_MEMORY_MIB",
     "PROBE_COMMAND",
+    "THREADS_VARIABLE",
     "MediaInfo",
     "ProbeFailure",
     "ProbeOutcome",
@@ -62,12 +59,10 @@ _WORKER_ENVIRONMENT = (
     "PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "LD_LIBRARY_PATH",
     "COVERAGE_PROCESS_CONFIG", BY_COMPONENTS_VARIABLE,
 )  # fmt: skip
-_MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
-_THREADS_VARIABLE = "SCANJOBS_PROBE_THREADS"  # files of a batch a worker probes at once
-# Threads in a worker: each gets a small stack, and glibc two malloc arenas in all (not 64 MiB
-# of address space per thread), so that many files in flight fit the --probe-memory limit.
-_THREAD_STACK_BYTES = 2 * 2**20
-# glibc's malloc in a worker: two arenas in all, and FFmpeg's buffers kept between files.
+MEMORY_VARIABLE = "SCANJOBS_PROBE_MEMORY"  # MiB; a worker limits itself before any file
+THREADS_VARIABLE = "SCANJOBS_PROBE_THREADS"  # files of a batch a worker probes at once
+# glibc's malloc in a worker: two arenas in all (see probe_worker), and FFmpeg's buffers kept
+# between files.
 # By default a buffer over 128 KiB is mapped and unmapped for every file, and the heap's top
 # is given back after each: about 110 page faults per file, 60% more CPU for a small file.
 _MALLOC = {
@@ -79,7 +74,7 @@ _FORMAT_WHITELIST = (
     "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,asf,ogg,h264,hevc,m4v,mjpeg"
 )
 _OPTIONS = {"format_whitelist": _FORMAT_WHITELIST}
-PROBE_COMMAND = (sys.executable, "-m", "scanjobs.server.probe")  # a worker: this module
+PROBE_COMMAND = (sys.executable, "-m", "scanjobs.server.probe_worker")  # a worker
 # The demuxer a name suggests, as FFmpeg names it (the first alias is what av.open takes).
 _MOV, _MKV = "mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"
 _FORMAT_BY_SUFFIX = {
@@ -87,6 +82,9 @@ _FORMAT_BY_SUFFIX = {
     b".mkv": _MKV, b".webm": _MKV,
     b".avi": "avi", b".ts": "mpegts", b".flv": "flv", b".wmv": "asf", b".ogv": "ogg",
 }  # fmt: skip
+
+
+_CRASHED = ProbeFailure("the file crashed the probe worker")
 
 
 class Prober(Protocol):
@@ -220,11 +218,12 @@ class _Worker:
         self.stdin.write(wire.encode_targets(tuple(targets)))
         await self.stdin.drain()
 
-    async def receive(self) -> ProbeOutcome:
-        """The next outcome; raises wire.BadReply before reading an oversized payload."""
+    async def receive(self) -> tuple[ProbeOutcome, float]:
+        """The next outcome and its probe's seconds; raises wire.BadReply before reading an
+        oversized payload."""
         (size,) = wire.FRAME.unpack(await self.stdout.readexactly(wire.FRAME.size))
         wire.check_size(size)
-        return wire.decode_outcome(await self.stdout.readexactly(size))
+        return wire.decode_reply(await self.stdout.readexactly(size))
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -248,11 +247,9 @@ class _Watchdog:
         self._fired = False
         self._handle = self._loop.call_at(self._last + limit_s, self._check)
 
-    def progress(self) -> float:
-        """A file finished: its successor gets the full limit. Returns the file's seconds."""
-        now = self._loop.time()
-        elapsed, self._last = now - self._last, now
-        return elapsed
+    def progress(self) -> None:
+        """A file finished: its successor gets the full limit."""
+        self._last = self._loop.time()
 
     def timed_out(self) -> bool:
         """True if the cancel being handled is ours and no other cancel is pending."""
@@ -347,15 +344,30 @@ class ProbePool:
         return len(self._spawning)
 
     async def probe(self, targets: Sequence[ProbeTarget]) -> list[ProbeOutcome]:
-        """Probe ``targets`` on one worker; a file that hangs or crashes it is a per-file error."""
+        """Probe ``targets`` on one worker; a file that hangs or crashes it is a per-file error.
+
+        A worker writes its outcomes a few milliseconds apart, so one that crashed may have
+        probed files whose outcomes never came: the rest of that batch goes one file at a
+        time until the crash comes again, and only the file that crashed a worker alone is
+        a failure.
+        """
         outcomes: list[ProbeOutcome] = []
+        alone = 0  # files still to probe one at a time, after a crash
         while len(outcomes) < len(targets):
             worker = await self._idle.get()
-            ok = await self._run_batch(worker, targets[len(outcomes) :], outcomes)
+            rest = targets[len(outcomes) : len(outcomes) + 1] if alone else targets[len(outcomes) :]
+            before = len(outcomes)
+            ok = await self._run_batch(worker, rest, outcomes)
             if ok:
                 self._idle.put_nowait(worker)
+                alone = max(0, alone - 1)
+                continue
+            self._replace(worker)
+            if outcomes[-1] == _CRASHED and len(outcomes) - before < len(rest):
+                outcomes.pop()  # perhaps not this file: its outcome may have been lost
+                alone = len(rest) - (len(outcomes) - before)
             else:
-                self._replace(worker)
+                alone = max(0, alone - 1)
         return outcomes
 
     async def _run_batch(
@@ -366,10 +378,11 @@ class ProbePool:
         try:
             await worker.send(targets)
             for _ in targets:
-                outcomes.append(await worker.receive())
-                elapsed = watchdog.progress()
+                outcome, seconds = await worker.receive()
+                outcomes.append(outcome)
+                watchdog.progress()
                 if self._on_probe is not None:
-                    self._on_probe(elapsed)
+                    self._on_probe(seconds)
         except asyncio.CancelledError:
             if not watchdog.timed_out():
                 # Abort the probe in flight rather than wait for it: latency must not grow
@@ -382,7 +395,7 @@ class ProbePool:
             outcomes.append(ProbeFailure(str(exc)))
             return False
         except (asyncio.IncompleteReadError, ConnectionError):
-            outcomes.append(ProbeFailure("the file crashed the probe worker"))
+            outcomes.append(_CRASHED)
             return False
         finally:
             watchdog.stop()
@@ -408,8 +421,8 @@ class ProbePool:
             self._command,
             env={
                 **worker_environment(),
-                _MEMORY_VARIABLE: str(self._memory_mib),
-                _THREADS_VARIABLE: str(self._threads),
+                MEMORY_VARIABLE: str(self._memory_mib),
+                THREADS_VARIABLE: str(self._threads),
                 **_MALLOC,
             },
             **self._account,
@@ -435,111 +448,3 @@ def worker_account(user: str) -> tuple[int, int]:
     """
     entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     return entry.pw_uid, entry.pw_gid
-
-
-# -- the worker process --------------------------------------------------------------------
-
-
-def _probe_on(
-    pool: ThreadPoolExecutor,
-    probe: Callable[[ProbeTarget], ProbeOutcome],
-    targets: Sequence[ProbeTarget],
-    out: BinaryIO,
-) -> None:
-    """Probe ``targets`` on ``pool``, writing their outcomes to ``out`` in order: each as
-    soon as it and those before it are done, those that are ready together in one write."""
-    pending = collections.deque(pool.submit(probe, target) for target in targets)
-    ready: list[bytes] = []
-    while pending:
-        if ready and not pending[0].done():
-            _write(out, ready)  # what is done goes out before the worker waits
-        ready.append(wire.encode_outcome(pending.popleft().result()))
-    _write(out, ready)
-
-
-def _write(out: BinaryIO, frames: list[bytes]) -> None:
-    if frames:
-        out.write(b"".join(frames))
-        out.flush()
-        frames.clear()
-
-
-class _Storage:
-    """Whether a worker's files wait on storage, judged from the files it probes itself.
-
-    Threads pay only while probes wait on I/O: on files that are in memory, sixteen threads
-    contending for the GIL cost a worker more than twice the CPU per file that one thread
-    does. So a worker probes its files one at a time, on its own thread, and moves the rest of
-    the batch to its threads once a file spent most of its time blocked (a voluntary context
-    switch, not the scheduler's preemption). While on threads it tries one file on its own
-    again every ``RETEST_S`` seconds, so a library that is now cached goes back to one thread.
-    """
-
-    BLOCKED_S = 0.001  # a file that waited this long, and longer than it computed, is slow
-    RETEST_S = 1.0
-
-    def __init__(self) -> None:
-        self.slow = False
-        self._tested = 0.0
-
-    def due(self) -> bool:
-        """True if the next file should be probed on this thread (and measured)."""
-        return not self.slow or time.monotonic() - self._tested >= self.RETEST_S
-
-    def probe(
-        self, probe: Callable[[ProbeTarget], ProbeOutcome], target: ProbeTarget
-    ) -> ProbeOutcome:
-        """``probe(target)`` on this thread; records whether the file waited on storage."""
-        switches = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
-        started, cpu = time.monotonic(), time.thread_time()
-        outcome = probe(target)
-        ended = time.monotonic()
-        waited = (ended - started) - (time.thread_time() - cpu)
-        blocked = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw > switches
-        self.slow = blocked and waited >= max(self.BLOCKED_S, ended - started - waited)
-        self._tested = ended
-        return outcome
-
-
-def _serve(
-    stdin: BinaryIO,
-    stdout: BinaryIO,
-    probe: Callable[[ProbeTarget], ProbeOutcome] = probe_file,
-) -> None:
-    """Worker main loop: read batches, write one framed outcome per file.
-
-    The address-space limit the pool passed (``SCANJOBS_PROBE_MEMORY``, MiB) is set first,
-    before FFmpeg is loaded and before any file is read.
-    """
-    memory_bytes = int(os.environ.get(_MEMORY_VARIABLE) or 0) * 2**20
-    if memory_bytes:
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    threads = max(1, int(os.environ.get(_THREADS_VARIABLE) or 1))
-    import av
-
-    av.logging.set_level(None)
-    pool, storage = None, _Storage()
-    if threads > 1:
-        threading.stack_size(_THREAD_STACK_BYTES)
-        pool = ThreadPoolExecutor(threads, thread_name_prefix="probe")
-    while True:
-        header = stdin.read(wire.FRAME.size)
-        if len(header) < wire.FRAME.size:
-            return  # the server closed our stdin or died
-        (size,) = wire.FRAME.unpack(header)
-        targets = wire.decode_targets(stdin.read(size))
-        if pool is None:
-            for target in targets:  # in order, each as soon as it is done
-                _write(stdout, [wire.encode_outcome(probe(target))])
-            continue
-        done = 0
-        while done < len(targets) and storage.due():
-            _write(stdout, [wire.encode_outcome(storage.probe(probe, targets[done]))])
-            done += 1
-        if done < len(targets):
-            _probe_on(pool, probe, targets[done:], stdout)
-
-
-if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        _serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -8,7 +8,8 @@ checked. An oversized or malformed reply fails that file, and the worker is repl
 Frames are a 4-byte big-endian length, then the payload::
 
     request  count:u16, then per file  device:u64 inode:u64 len:u16 len:u16 root relative
-    reply    b"F" message (UTF-8)
+    reply    seconds:f32 (the file's probe took), then
+             b"F" message (UTF-8)
              b"I" duration:f64 (NaN: unknown) bit_rate:i64 width:i32 height:i32
                   rate:i64/i64 audio:i32 subtitle:i32 data:i32, then 3 x (len:u16 UTF-8):
                   container, video codec, audio codec
@@ -28,6 +29,7 @@ __all__ = [
     "BadReply",
     "check_size",
     "decode_outcome",
+    "decode_reply",
     "decode_targets",
     "encode_outcome",
     "encode_targets",
@@ -40,6 +42,7 @@ _COUNT = struct.Struct("!H")
 _TARGET = struct.Struct("!QQHH")
 _INFO = struct.Struct("!dqiiqqiii")
 _TEXT = struct.Struct("!H")
+_SECONDS = struct.Struct("!f")
 _FAILURE, _MEDIA = b"F", b"I"
 
 
@@ -69,8 +72,8 @@ def decode_targets(payload: bytes) -> list[ProbeTarget]:
     return targets
 
 
-def encode_outcome(outcome: ProbeOutcome) -> bytes:
-    """A reply frame for one file; text is cut to fit the limit."""
+def encode_outcome(outcome: ProbeOutcome, seconds: float = 0.0) -> bytes:
+    """A reply frame for one file, whose probe took ``seconds``; text is cut to fit."""
     if isinstance(outcome, ProbeFailure):
         payload = _FAILURE + _cut(outcome.message)
     else:
@@ -85,6 +88,7 @@ def encode_outcome(outcome: ProbeOutcome) -> bytes:
             ),
             *(_text(t) for t in (outcome.container, outcome.video_codec, outcome.audio_codec)),
         ))  # fmt: skip
+    payload = _SECONDS.pack(seconds) + payload
     return FRAME.pack(len(payload)) + payload
 
 
@@ -99,17 +103,25 @@ def check_size(size: int) -> None:
 
 
 def decode_outcome(payload: bytes) -> ProbeOutcome:
-    """One file's outcome from a worker's reply payload.
+    """One file's outcome from a worker's reply payload (see :func:`decode_reply`)."""
+    return decode_reply(payload)[0]
+
+
+def decode_reply(payload: bytes) -> tuple[ProbeOutcome, float]:
+    """One file's outcome, and the seconds its probe took, from a worker's reply payload.
 
     Raises:
         BadReply: anything but a well-formed reply of ours.
     """
     try:
-        kind, body = payload[:1], payload[1:]
+        (seconds,) = _SECONDS.unpack_from(payload)
+        kind, body = payload[_SECONDS.size : _SECONDS.size + 1], payload[_SECONDS.size + 1 :]
+        if not 0 <= seconds < math.inf:
+            raise ValueError("not a time")
         if kind == _FAILURE:
-            return ProbeFailure(body.decode())
+            return ProbeFailure(body.decode()), seconds
         if kind == _MEDIA:
-            return _media(body)
+            return _media(body), seconds
     except (struct.error, UnicodeDecodeError, ValueError, ZeroDivisionError):
         pass
     raise BadReply("the probe worker sent a reply that is not in our format")

@@ -20,7 +20,7 @@ import resource
 import sys
 import time
 
-from scanjobs.server import probe
+from scanjobs.server import probe, probe_worker
 from scanjobs.server.probe_wire import FRAME
 
 
@@ -100,4 +100,4 @@ def _probe(target: probe.ProbeTarget) -> probe.ProbeOutcome:
 
 
 if __name__ == "__main__":
-    probe._serve(sys.stdin.buffer, sys.stdout.buffer, _probe)
+    probe_worker.serve(sys.stdin.buffer, sys.stdout.buffer, _probe)
