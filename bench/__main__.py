@@ -31,7 +31,7 @@ from bench.corpus import (
     make_realistic_corpus,
     sample_video,
 )
-from bench.harness import children, percentile, rss_mib, scan_once, server
+from bench.harness import children, percentile, rss_mib, scan_once, server, timed_scan
 from scanjobs.client import InvalidRequest, ScanClient, is_terminal
 from scanjobs.v1 import scanjobs_pb2 as pb
 
@@ -96,12 +96,8 @@ def _touch_all(root: Path) -> None:
 def _scan_and_rescan(sizes: Sizes, corpus: Path, files: int) -> tuple[float, float]:
     """Seconds of a first scan of ``corpus`` by a fresh server, and of a rescan after it."""
     with server(corpus, "--probe-processes", str(sizes.processes)) as s:
-        started = time.perf_counter()
-        cold = asyncio.run(scan_once(s.target, corpus))
-        cold_s = time.perf_counter() - started
-        started = time.perf_counter()
-        asyncio.run(scan_once(s.target, corpus))
-        warm_s = time.perf_counter() - started
+        cold_s, cold = timed_scan(s.target, corpus)
+        warm_s, _ = timed_scan(s.target, corpus)
     assert cold.result.scanned == files, cold.result
     return cold_s, warm_s
 
@@ -140,9 +136,7 @@ def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
 def _cold_scan_rate(sizes: Sizes, corpus: Path, files: int) -> float:
     """Files per second of one scan of ``corpus`` by a fresh server (an empty catalog)."""
     with server(corpus, "--probe-processes", str(sizes.processes)) as s:
-        started = time.perf_counter()
-        cold = asyncio.run(scan_once(s.target, corpus))
-        cold_s = time.perf_counter() - started
+        cold_s, cold = timed_scan(s.target, corpus)
     assert cold.result.added == files and not cold.result.failed, cold.result
     return files / cold_s
 
@@ -176,9 +170,8 @@ def rescan(sizes: Sizes, corpus: Path) -> list[Row]:
         assert cold.result.scanned == files, cold.result
         timings = []
         for _ in range(3):
-            started = time.perf_counter()
-            warm = asyncio.run(scan_once(s.target, corpus))
-            timings.append(time.perf_counter() - started)
+            seconds, warm = timed_scan(s.target, corpus)
+            timings.append(seconds)
         assert warm.result.unchanged + warm.result.failed == files, warm.result
     warm_s = min(timings)
     stat_s = min(baselines.walk_stat_seconds(corpus) for _ in range(3))

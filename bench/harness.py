@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -96,12 +97,28 @@ def server(root: Path, *extra: str) -> Iterator[Server]:
 
 async def scan_once(target: str, path: Path) -> pb.Job:
     """Submit a scan and wait for its end; returns the final job."""
+    return (await _timed_scan(target, path))[1]
+
+
+def timed_scan(target: str, path: Path) -> tuple[float, pb.Job]:
+    """Seconds from the SubmitScan call to the terminal event on WatchJob, and the final job.
+
+    The client's connection is made first (a ListJobs call), as a client that keeps its
+    channel has it: the time is the scan's, not a TCP and HTTP/2 handshake's.
+    """
+    return asyncio.run(_timed_scan(target, path))
+
+
+async def _timed_scan(target: str, path: Path) -> tuple[float, pb.Job]:
     async with ScanClient(target, timeout_s=60) as client:
+        async for _ in client.list_jobs(limit=1):
+            break
+        started = time.perf_counter()
         job = await client.submit(str(path))
         final = job
         async for event in client.watch(job.id):
             final = event.job
-        return final
+        return time.perf_counter() - started, final
 
 
 def percentile(values: Sequence[float], pct: float) -> float:

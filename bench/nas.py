@@ -13,7 +13,6 @@ beforehand, so that the local disk under the share is equally warm for both.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import tempfile
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import baselines
-from bench.harness import scan_once, server
+from bench.harness import server, timed_scan
 from scanjobs.v1 import scanjobs_pb2 as pb
 
 IN_FLIGHT = 16  # files (or stats) in flight in both baselines
@@ -96,9 +95,7 @@ def walk_stat_threads_rate(root: Path, in_flight: int = IN_FLIGHT) -> float:
 
 def _timed_scan(target: str, root: Path) -> tuple[float, pb.Job]:
     """Seconds from the SubmitScan call to the terminal event, and the final job."""
-    started = time.perf_counter()
-    job = asyncio.run(scan_once(target, root))
-    return time.perf_counter() - started, job
+    return timed_scan(target, root)
 
 
 def _server_round(source: Path, processes: int) -> tuple[int, float, float, float]:

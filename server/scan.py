@@ -166,6 +166,11 @@ class _Tally:
             self.note(*reply.error)
         self.report()
 
+    @property
+    def errors_wanted(self) -> int:
+        """Per-file errors the job still keeps."""
+        return self.max_errors - len(self.errors)
+
     def note(self, path: bytes, message: str) -> None:
         """A per-file (or per-directory) error."""
         self.error_count += 1
@@ -179,6 +184,7 @@ class _Tally:
             self.unwritten = self.unwritten + reply.counts
         for path, message in reply.errors:
             self.note(path, message)
+        self.error_count += reply.errors_dropped
         self.current = display_path(reply.current)
         self.report()
 
@@ -288,7 +294,7 @@ class Scanner:
         self,
         frontier: _Frontier,
         tally: _Tally,
-        task: Callable[[tuple[bytes, ...], int], DirectoryTask],
+        task: Callable[[tuple[bytes, ...], int, int], DirectoryTask],
         ctx: JobContext,
         folder: bytes,
     ) -> None:
@@ -312,7 +318,8 @@ class Scanner:
             again: list[bytes] = []
             try:
                 offset = self._clock_ns() - time.time_ns()
-                await self._directories.run(task(tuple(directories), offset), on_reply)
+                work = task(tuple(directories), offset, tally.errors_wanted)
+                await self._directories.run(work, on_reply)
                 # A worker whose filesystem stopped answering left the rest undone.
                 again = directories[len(directories) - unlisted :] if unlisted else []
             except WorkerDied as exc:

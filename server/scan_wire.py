@@ -92,6 +92,8 @@ class DirectoryTask:
             itself).
         clock_offset_ns: the server's clock minus the worker's wall clock, so that the
             times a worker writes are the server's.
+        errors_wanted: per-file errors the job can still keep: the worker sends at most
+            this many with its commits, and only the count of the rest.
     """
 
     job_id: str
@@ -101,6 +103,7 @@ class DirectoryTask:
     folder: Folder
     directories: tuple[bytes, ...]
     clock_offset_ns: int = 0
+    errors_wanted: int = 2**31
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +138,8 @@ class Committed:
         written: the counts were committed with rows; False when there was nothing to
             write (unchanged files, remembered failures), so they live only in this reply.
         probe_s: seconds each file probed since the last report took.
+        errors_dropped: per-file errors behind it not sent (the job keeps no more of
+            them): only counted.
     """
 
     counts: ScanCounts
@@ -142,6 +147,7 @@ class Committed:
     current: bytes = b""
     written: bool = True
     probe_s: tuple[float, ...] = field(default=())
+    errors_dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +200,8 @@ def _plain(message: object) -> dict[str, Any]:
                 "reprobe": message.reprobe, "recursive": message.recursive,
                 "folder": [_b(folder.path), _b(folder.root), _b(folder.relative)],
                 "directories": [_b(d) for d in message.directories],
-                "clock_offset_ns": message.clock_offset_ns}  # fmt: skip
+                "clock_offset_ns": message.clock_offset_ns,
+                "errors_wanted": message.errors_wanted}  # fmt: skip
     elif isinstance(message, Listed):
         error = None if message.error is None else [_b(message.error[0]), message.error[1]]
         data = {"found": message.found, "folders": [_b(f) for f in message.folders],
@@ -203,7 +210,8 @@ def _plain(message: object) -> dict[str, Any]:
         data = {"counts": list(message.counts.as_tuple()),
                 "errors": [[_b(p), m] for p, m in message.errors],
                 "current": _b(message.current), "written": message.written,
-                "probe_s": list(message.probe_s)}  # fmt: skip
+                "probe_s": list(message.probe_s),
+                "errors_dropped": message.errors_dropped}  # fmt: skip
     elif isinstance(message, Fault):
         data = {"kind": message.kind, "message": message.message}
     elif isinstance(message, Done):
@@ -248,6 +256,7 @@ def decode_task(payload: bytes) -> DirectoryTask:
         folder=Folder(path, root, relative),
         directories=tuple(_raw(d) for d in data["directories"]),
         clock_offset_ns=int(data["clock_offset_ns"]),
+        errors_wanted=int(data["errors_wanted"]),
     )
 
 
@@ -274,6 +283,7 @@ def decode_reply(payload: bytes) -> Reply:
                 _raw(data["current"]),
                 bool(data["written"]),
                 tuple(float(s) for s in data["probe_s"]),
+                int(data["errors_dropped"]),
             )
         if kind is Fault:
             return Fault(str(data["kind"]), str(data["message"]))

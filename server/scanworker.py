@@ -25,9 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import queue
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +36,7 @@ from . import scan_wire as wire
 from .catalog import Catalog, ScanCounts
 from .deadline import no_answer
 from .errors import IoTimeout, StorageFault
+from .lister import FsThread, Listings
 from .probe import ProbeOutcome, ProbePool, Prober, ProbeTarget
 from .reconcile import DirectoryScan, Reported
 from .roots import RootPolicy
@@ -78,7 +77,7 @@ class DirectoryWork:
         self._settings = settings
         self._extensions = frozenset(os.fsencode(e.lower()) for e in settings.extensions)
         self._probe_times = probe_times if probe_times is not None else []
-        self._fs = _FsThread()
+        self._fs = FsThread()
         self._stats = (
             ThreadPoolExecutor(settings.io_concurrency, thread_name_prefix="stat")
             if settings.io_concurrency > 1
@@ -94,30 +93,26 @@ class DirectoryWork:
         is an error, the ones after it are left undone, and a thread of this process is
         stuck in the kernel (the process should be replaced).
         """
-        for directory in task.directories:
-            if not await self._directory(task, directory, emit):
-                return False
+        tree = Tree(task.folder, self._extensions, self._roots, stats=self._stats)
+        listings = Listings(tree, task.directories)
+        listings.start(self._fs)
+        wanted = _Wanted(task.errors_wanted)
+        try:
+            for directory in task.directories:
+                try:
+                    listing = await listings.next(self._settings.io_timeout_s)
+                except IoTimeout:
+                    path = task.folder.path + b"/" + directory if directory else task.folder.path
+                    emit(wire.Listed(0, (), (path, no_answer(self._settings.io_timeout_s))))
+                    return False
+                await self._directory(task, listing, emit, wanted)
+        finally:
+            listings.stop()
         return True
 
-    async def _list(self, task: wire.DirectoryTask, directory: bytes) -> Listing | None:
-        """The listing, on a thread with a deadline; None if the filesystem did not answer."""
-        tree = Tree(task.folder, self._extensions, self._roots, stats=self._stats)
-
-        def call() -> Listing:
-            with tree:
-                return tree.list(directory)
-
-        try:
-            return await self._fs.watched(call, lambda: tree.ops, self._settings.io_timeout_s)
-        except IoTimeout:
-            return None
-
-    async def _directory(self, task: wire.DirectoryTask, directory: bytes, emit: Emit) -> bool:
-        listing = await self._list(task, directory)
-        if listing is None:
-            path = task.folder.path + b"/" + directory if directory else task.folder.path
-            emit(wire.Listed(0, (), (path, no_answer(self._settings.io_timeout_s))))
-            return False
+    async def _directory(
+        self, task: wire.DirectoryTask, listing: Listing, emit: Emit, wanted: _Wanted
+    ) -> None:
         error = listing.error
         emit(
             wire.Listed(
@@ -130,13 +125,12 @@ class DirectoryWork:
         scan = DirectoryScan(
             self._catalog, self._prober, task.job_id, task.since_ns, task.reprobe,
             task.recursive, self._roots, lambda: time.time_ns() + offset,
-            s.seen_resolution_ns, s.chunk, s.probe_batch, self._reporter(emit),
+            s.seen_resolution_ns, s.chunk, s.probe_batch, self._reporter(emit, wanted),
             s.io_timeout_s,
         )  # fmt: skip
         await scan(listing)
-        return True
 
-    def _reporter(self, emit: Emit) -> Reported:
+    def _reporter(self, emit: Emit, wanted: _Wanted) -> Reported:
         times = self._probe_times
 
         def report(
@@ -144,62 +138,25 @@ class DirectoryWork:
         ) -> None:
             probed = tuple(times)
             times.clear()
-            emit(wire.Committed(counts, tuple(errors), current, written, probed))
+            sent = wanted.take(errors)
+            dropped = len(errors) - len(sent)
+            emit(wire.Committed(counts, sent, current, written, probed, dropped))
 
         return report
 
 
-class _FsThread:
-    """One long-lived daemon thread for a worker's filesystem calls (a thread per call cost
-    more than listing a small folder). A call that never answers leaves it stuck: the worker
-    then asks to be replaced, and no call is made after that."""
+class _Wanted:
+    """How many more per-file errors a task's job keeps: a rescan of a library with many
+    remembered failures sends their count, not every one of them every time."""
 
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+    def __init__(self, errors: int) -> None:
+        self._left = errors
 
-    def _serve(self) -> None:
-        while True:
-            self._calls.get()()
-
-    async def watched(
-        self, fn: Callable[[], _T], progress: Callable[[], int], timeout_s: float
-    ) -> _T:
-        """``fn()`` on the thread, given up on (``IoTimeout``) once ``progress()`` has not
-        moved for ``timeout_s``: a folder of many files on slow storage takes as long as it
-        takes, one call that never answers costs ``timeout_s``."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="fs-calls", daemon=True)
-            self._thread.start()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-
-        def settle(result: _T | None, error: BaseException | None) -> None:
-            if not future.done():
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)  # type: ignore[arg-type]
-
-        def call() -> None:
-            try:
-                result, error = fn(), None
-            except BaseException as exc:  # handed to the waiting task
-                result, error = None, exc
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                loop.call_soon_threadsafe(settle, result, error)
-
-        self._calls.put(call)
-        seen = -1
-        while True:
-            done, _ = await asyncio.wait([future], timeout=timeout_s)
-            if done:
-                return future.result()
-            now = progress()
-            if now == seen:
-                log.warning("a filesystem call got no answer in %g s", timeout_s)
-                raise IoTimeout(no_answer(timeout_s))
-            seen = now
+    def take(self, errors: Sequence[tuple[bytes, str]]) -> tuple[tuple[bytes, str], ...]:
+        """The first of ``errors`` that the job keeps."""
+        sent = tuple(errors[: max(self._left, 0)])
+        self._left -= len(sent)
+        return sent
 
 
 class LocalDirectories:

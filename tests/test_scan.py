@@ -8,7 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,11 +17,11 @@ from scanjobs.server import fsopen
 from scanjobs.server.catalog import DirectoryChanges, DirectoryRows, FileStamp, ScanCounts
 from scanjobs.server.catalog_memory import InMemoryCatalog
 from scanjobs.server.jobs import JobSpec, JobState, Phase
-from scanjobs.server.probe import MediaInfo, ProbeOutcome, ProbeTarget
+from scanjobs.server.probe import MediaInfo, ProbeFailure, ProbeOutcome, ProbeTarget
 from scanjobs.server.queue import AsyncioJobQueue, QueueConfig
 from scanjobs.server.roots import RootPolicy
 from scanjobs.server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
-from scanjobs.server.scan_wire import WorkerSettings
+from scanjobs.server.scan_wire import Committed, DirectoryTask, Reply, WorkerSettings
 from scanjobs.server.scanworker import DirectoryWork, LocalDirectories
 from scanjobs.server.walk import Tree
 
@@ -245,7 +245,31 @@ def _tree(root: Path, count: int) -> Path:
     return root
 
 
-async def _run(root: Path, catalog: InMemoryCatalog, prober: FakeProber, **cfg: int):
+class RecordingDirectories:
+    """Directories done in this process, each task recorded with the replies it made."""
+
+    def __init__(self, inner: LocalDirectories) -> None:
+        self._inner = inner
+        self.tasks: list[tuple[DirectoryTask, list[Reply]]] = []
+
+    async def run(self, task: DirectoryTask, on_reply: Callable[[Reply], None]) -> None:
+        replies: list[Reply] = []
+        self.tasks.append((task, replies))
+
+        def record(reply: Reply) -> None:
+            replies.append(reply)
+            on_reply(reply)
+
+        await self._inner.run(task, record)
+
+
+async def _run(
+    root: Path,
+    catalog: InMemoryCatalog,
+    prober: FakeProber,
+    recording: list[RecordingDirectories] | None = None,
+    **cfg: int,
+):
     """A queue whose scans do their directories in this process, on test doubles."""
     config = ScanConfig(**cfg)  # type: ignore[arg-type]
     roots = RootPolicy([str(root)])
@@ -255,7 +279,11 @@ async def _run(root: Path, catalog: InMemoryCatalog, prober: FakeProber, **cfg: 
         seen_resolution_ns=config.seen_resolution_ns, chunk=config.batch_size,
         probe_batch=config.probe_batch, probe_command=(),
     )  # fmt: skip
-    directories = LocalDirectories(DirectoryWork(catalog, prober, roots, settings))
+    directories = RecordingDirectories(
+        LocalDirectories(DirectoryWork(catalog, prober, roots, settings))
+    )
+    if recording is not None:
+        recording.append(directories)
     scanner = Scanner(roots, directories, catalog, config)
     queue = AsyncioJobQueue(scanner, QueueConfig())
     await queue.start()
@@ -317,6 +345,53 @@ async def test_a_rescan_of_an_unchanged_tree_reads_no_videos(tmp_path: Path) -> 
 
     assert catalog.settled == [True, True]
     assert (again.result.unchanged, again.result.failed, prober.probed) == (6, 0, [])
+
+
+class JunkFailingProber(FakeProber):
+    """Fails every file whose name starts with ``junk``."""
+
+    async def probe(self, targets: Sequence[ProbeTarget]) -> list[ProbeOutcome]:
+        infos = await super().probe(targets)
+        return [
+            ProbeFailure("not a video") if os.path.basename(t.path).startswith(b"junk") else i
+            for t, i in zip(targets, infos, strict=True)
+        ]
+
+
+async def test_a_rescan_sends_only_the_failures_its_job_keeps_and_counts_the_rest(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "lib"
+    for folder in range(6):
+        _tree(root / f"d{folder}", 2)
+        for n in range(5):
+            (root / f"d{folder}" / f"junk{n}.mp4").write_bytes(b"junk")
+    catalog, prober, recording = InMemoryCatalog(), JunkFailingProber(), []
+    queue = await _run(root, catalog, prober, recording, max_errors=3, lanes=2)
+    try:
+        first = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+        (directories,) = recording
+        directories.tasks.clear()
+        prober.probed.clear()
+        again = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+    finally:
+        await queue.close()
+
+    for job in (first, again):  # the same failures kept and counted as when all were sent
+        r = job.result
+        assert (r.failed, r.error_count, r.unchanged + r.added) == (30, 30, 12)
+        assert len(r.errors) == 3
+        assert {e.message for e in r.errors} == {"not a video"}
+    assert prober.probed == []  # remembered failures are not opened again
+    sent = dropped = 0
+    for task, replies in directories.tasks:
+        commits = [reply for reply in replies if isinstance(reply, Committed)]
+        task_sent = sum(len(c.errors) for c in commits)
+        assert task_sent <= max(task.errors_wanted, 0)
+        sent += task_sent
+        dropped += sum(c.errors_dropped for c in commits)
+    assert sent + dropped == 30
+    assert sent <= 2 * 3  # at most what each of the two lanes' jobs could still keep
 
 
 async def test_cancel_during_a_commit_reports_exactly_what_the_catalog_holds(
