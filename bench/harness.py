@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
 import sys
@@ -49,6 +50,34 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by ``pid`` and every process below it."""
+    total, pending = 0.0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        pending += children(current)
+    return total
+
+
+def wait_settled(pid: int, timeout_s: float = 15.0) -> None:
+    """Block until ``pid``'s processes are idle (under 20 ms of CPU in 0.2 s): a server whose
+    workers are up, as a long-running one is when a job comes (the bare loops are timed
+    after their processes are up, too)."""
+    deadline = time.monotonic() + timeout_s
+    used = _tree_cpu_s(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = _tree_cpu_s(pid)
+        if now - used < 0.02:
+            return
+        used = now
+
+
 @dataclass
 class Server:
     """A server process serving ``target``."""
@@ -88,6 +117,7 @@ def server(root: Path, *extra: str) -> Iterator[Server]:
         )  # fmt: skip
         try:
             wait_serving(target)
+            wait_settled(proc.pid)
             yield Server(proc, target, Path(data))
         finally:
             proc.terminate()
