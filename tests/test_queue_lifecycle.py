@@ -114,8 +114,10 @@ async def test_close_ends_watchers_with_the_shutdown_reason(make_queue: QueueFac
 
     await queue.close(grace_s=1.0)
 
-    with pytest.raises(ShuttingDown) as ended:
-        await anext(subscription)
+    with pytest.raises(ShuttingDown) as ended:  # after what was queued before the close
+        async with asyncio.timeout(30):
+            async for _ in subscription:
+                pass
     with pytest.raises(ShuttingDown) as refused:
         await queue.submit(JobSpec("/ok"))
     assert ended.value.reason == refused.value.reason == "SHUTTING_DOWN"
