@@ -317,11 +317,18 @@ class PgJobQueue:
             max_watchers=self._config.max_watchers,
         )
         await self._runner.flush(job_id)  # a current snapshot
+        # The state at the call, read before returning: a job that starts meanwhile must
+        # not hide the state it had when the watcher came.
+        latest = await self._events(job_id, 0, latest_only=True) if after_sequence == 0 else None
         wake = asyncio.Event()
         subscription = Subscription(lambda s: self._unwatch(job_id, s, wake, feeding), self._pace)
+        if latest is not None:
+            subscription.seed(latest)
         self._subscriptions.add(subscription)
         self._wakeups.setdefault(job_id, set()).add(wake)
-        feeding = self._tasks.spawn(self._feed(job_id, after_sequence, subscription, wake), "watch")
+        feeding = self._tasks.spawn(
+            self._feed(job_id, after_sequence, latest, subscription, wake), "watch"
+        )
         return subscription
 
     # -- watching --------------------------------------------------------------------------
@@ -342,14 +349,18 @@ class PgJobQueue:
         feeding.cancel()
 
     async def _feed(
-        self, job_id: str, after: int, subscription: Subscription, wake: asyncio.Event
+        self,
+        job_id: str,
+        after: int,
+        latest: list[JobEvent] | None,
+        subscription: Subscription,
+        wake: asyncio.Event,
     ) -> None:
-        """Copy a job's events from the table into ``subscription`` until the terminal one."""
+        """Copy a job's events from the table into ``subscription`` until the terminal one
+        (after ``latest``, the snapshot it was seeded with, if any)."""
         try:
             last = after
-            if after == 0:
-                latest = await self._events(job_id, 0, latest_only=True)
-                subscription.seed(latest)
+            if latest is not None:
                 if not latest or latest[-1].job.terminal:
                     return
                 last = latest[-1].sequence
