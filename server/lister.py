@@ -1,189 +1,137 @@
-"""Listings made ahead: a scan worker's filesystem thread lists the directories of a task one
-after the other while the worker's event loop reconciles the ones already listed.
+"""Listings on a scan worker's own thread, watched by a thread that answers for a stuck one.
 
-A hand-off between the event loop and a thread costs about as much as listing a small folder
-(a wake-up each way, and the GIL changing hands), so a rescan of unchanged folders, which is
-mostly listing, used to spend a third of its time handing each folder to the thread and back.
-Here the thread takes a whole task at once and keeps a few thousand entries ahead; the loop
-takes each listing without waiting when it is already there. A waiting loop is woken once a
-thousand entries are ready, or the thread has listed all it may, and looks for itself every
-few milliseconds meanwhile: a wake-up for a few folders, not for each.
+A scan worker does one task at a time and its directories one after the other, so its event
+loop has nothing else to do while a directory is listed: the listing runs right there. Listing
+on a thread of its own instead made the loop and that thread take Python's lock from each
+other for every folder: a rescan of unchanged folders (which is mostly listing) took a fifth
+to a quarter more CPU that way.
 
-A filesystem call that never answers leaves the thread stuck: the directory waited for is
-given up on once the thread has made no progress for ``--io-timeout``, and the worker then
-asks to be replaced (no call is made on the thread after that).
+A filesystem call that never answers (a share that is down) leaves the calling thread stuck in
+the kernel, where no signal gets it out. A watchdog thread looks at the listing under way every
+quarter of ``--io-timeout`` while a task runs (it is woken once per task, not per folder): once
+the listing has made no progress (no call answered) for ``--io-timeout``, it gives the listing
+up and answers for the stuck thread (the worker writes the directory's error and asks to be
+replaced, see ``server.scanworker``). Should the call answer after all, the listing is dropped:
+:meth:`Lister.call` raises :class:`~server.errors.IoTimeout`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import logging
-import queue
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from .deadline import no_answer
 from .errors import IoTimeout
-from .walk import Listing, Tree
+from .walk import Tree
 
-__all__ = ["FsThread", "Listings"]
+__all__ = ["Lister"]
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
-# Entries (files, errors, sub-folders) listed ahead of the one being reconciled, at most (one
-# listing more, however large, once this is reached): the memory of a few folders.
-AHEAD_ENTRIES = 4096
-# A loop waiting for a listing is woken once this many entries are ready (or the thread has
-# listed all it may): one wake-up for a few small folders, not one each.
-WAKE_ENTRIES = 1024
-_POLL_S = 0.005
+# The watchdog looks this often per --io-timeout: a stuck call is given up on between one and
+# one and a quarter timeouts after it stopped answering.
+_LOOKS = 4
 
 
-class FsThread:
-    """One long-lived daemon thread for a worker's filesystem calls, started on first use."""
+class _Call:
+    """A watched call under way."""
 
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+    __slots__ = ("given_up", "path", "started", "tree")
 
-    def _serve(self) -> None:
-        while True:
-            self._calls.get()()
-
-    def submit(self, call: Callable[[], None]) -> None:
-        """Run ``call`` on the thread, after the calls before it."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._serve, name="fs-calls", daemon=True)
-            self._thread.start()
-        self._calls.put(call)
+    def __init__(self, tree: Tree, path: bytes) -> None:
+        self.tree = tree
+        self.path = path
+        self.started = time.monotonic()
+        self.given_up = False
 
 
-class Listings:
-    """The listings of ``directories`` (relative to ``tree``'s folder), in order.
+class Lister:
+    """Runs filesystem calls of a :class:`~server.walk.Tree` on the calling thread, watched.
 
-    Call :meth:`start` once, :meth:`next` once per directory, and :meth:`stop` when done
-    (also early: the thread then lists no more).
+    Args:
+        timeout_s: how long a call may go without progress (``--io-timeout``).
+        on_stuck: called on the watchdog's thread with the path of a folder whose call is
+            given up on, while the calling thread is still stuck in it (or waits to return
+            from it: nothing else runs on that thread meanwhile).
     """
 
-    def __init__(self, tree: Tree, directories: Sequence[bytes]) -> None:
-        self._tree = tree
-        self._directories = directories
+    def __init__(self, timeout_s: float, on_stuck: Callable[[bytes], None]) -> None:
+        self._timeout_s = timeout_s
+        self._on_stuck = on_stuck
         self._lock = threading.Condition()
-        self._ready: collections.deque[Listing] = collections.deque()
-        self._held = 0  # entries in ``_ready``
-        self._error: BaseException | None = None
-        self._stopped = False
-        self._producing = True
-        self._waiter: asyncio.Future[None] | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed = False
+        self._current: _Call | None = None
+        self._thread: threading.Thread | None = None
 
-    def start(self, fs: FsThread) -> None:
-        """Begin listing on ``fs``'s thread."""
-        self._loop = asyncio.get_running_loop()
-        fs.submit(self._produce)
-
-    def stop(self) -> None:
-        """List no more (the listing under way, if any, is finished and dropped)."""
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[None]:
+        """Keep the watchdog looking while the block runs (a task)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="fs-watchdog", daemon=True)
+            self._thread.start()
         with self._lock:
-            self._stopped = True
-            self._ready.clear()
+            self._armed = True
             self._lock.notify()
-
-    # -- on the filesystem thread -------------------------------------------------------------
-
-    def _produce(self) -> None:
         try:
-            with self._tree as tree:
-                for directory in self._directories:
-                    if not self._room():
-                        return
-                    self._put(tree.list(directory))
-        except BaseException as exc:  # handed to the waiting task
-            with self._lock:
-                self._error = exc
+            yield
         finally:
             with self._lock:
-                self._producing = False
-            self._wake()
+                self._armed = False
 
-    def _room(self) -> bool:
-        """Wait until there is room ahead; False once stopped."""
-        with self._lock:
-            if not self._stopped and self._ready and self._held >= AHEAD_ENTRIES:
-                self._wake_locked()
-            while not self._stopped and self._ready and self._held >= AHEAD_ENTRIES:
-                self._lock.wait()
-            return not self._stopped
-
-    def _put(self, listing: Listing) -> None:
-        with self._lock:
-            if self._stopped:
-                return
-            self._ready.append(listing)
-            self._held += _entries(listing)
-            if self._held >= WAKE_ENTRIES:
-                self._wake_locked()
-
-    def _wake(self) -> None:
-        with self._lock:
-            self._wake_locked()
-
-    def _wake_locked(self) -> None:
-        waiter, self._waiter = self._waiter, None
-        if waiter is not None and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more
-                self._loop.call_soon_threadsafe(_settle, waiter)
-
-    # -- on the event loop --------------------------------------------------------------------
-
-    def _take(self) -> Listing | None:
-        """The next listing if it is there (raising what the thread raised, if it stopped)."""
-        if self._ready:
-            listing = self._ready.popleft()
-            self._held -= _entries(listing)
-            self._lock.notify()
-            return listing
-        if self._error is not None:
-            raise self._error
-        if not self._producing:
-            raise RuntimeError("more listings asked for than directories given")
-        return None
-
-    async def next(self, timeout_s: float) -> Listing:
-        """The next directory's listing.
+    def call(self, tree: Tree, path: bytes, fn: Callable[[], _T]) -> _T:
+        """``fn()``, a call of ``tree`` about the folder ``path``, on this thread.
 
         Raises:
-            IoTimeout: the thread made no progress for ``timeout_s`` (a call that never
-                answers; a folder of many files on slow storage takes as long as it takes).
+            IoTimeout: the watchdog gave the call up (it answered too late, if at all).
         """
-        loop = asyncio.get_running_loop()
-        seen, check_at = -1, loop.time() + timeout_s
-        while True:
-            with self._lock:
-                listing = self._take()
-                if listing is not None:
-                    return listing
-                waiter = self._waiter = loop.create_future()
-            # Woken when enough is ready, else looked at every _POLL_S: a folder ready
-            # behind a long listing is not left waiting for it.
-            done, _ = await asyncio.wait([waiter], timeout=min(_POLL_S, timeout_s))
-            if done or self._ready:
-                continue
-            now = loop.time()
-            if now < check_at:
-                continue
-            if self._tree.ops == seen:  # no call answered since the last look
-                log.warning("a filesystem call got no answer in %g s", timeout_s)
-                raise IoTimeout(no_answer(timeout_s))
-            seen, check_at = self._tree.ops, now + timeout_s
+        call = self._current = _Call(tree, path)  # set without the lock: one store
+        try:
+            result = fn()
+        except BaseException:
+            self._end(call)
+            raise
+        self._end(call)
+        return result
 
+    def _end(self, call: _Call) -> None:
+        with self._lock:
+            self._current = None
+        if call.given_up:
+            raise IoTimeout(no_answer(self._timeout_s))
 
-def _entries(listing: Listing) -> int:
-    return len(listing.items) + len(listing.folders) + 1
+    # -- on the watchdog's thread -------------------------------------------------------------
 
+    def _watch(self) -> None:
+        seen: tuple[_Call | None, int] = (None, 0)
+        since = 0.0  # when the call seen last made progress
+        with self._lock:
+            while True:
+                while not self._armed:
+                    self._lock.wait()
+                self._lock.wait(self._timeout_s / _LOOKS)
+                call, now = self._current, time.monotonic()
+                if call is None:
+                    continue
+                ops = call.tree.ops
+                if call is not seen[0]:
+                    since = call.started
+                elif ops != seen[1]:
+                    since = now
+                seen = (call, ops)
+                if now - since >= self._timeout_s:
+                    self._give_up(call)
 
-def _settle(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def _give_up(self, call: _Call) -> None:
+        log.warning("a filesystem call got no answer in %g s", self._timeout_s)
+        call.given_up = True
+        self._current = None
+        try:
+            self._on_stuck(call.path)
+        except Exception:  # the watchdog keeps watching whatever its caller does
+            log.exception("answering for a stuck filesystem call failed")

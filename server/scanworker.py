@@ -29,6 +29,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import BinaryIO, TypeVar
 
 from . import logs
@@ -36,7 +37,7 @@ from . import scan_wire as wire
 from .catalog import Catalog, ScanCounts
 from .deadline import no_answer
 from .errors import IoTimeout, StorageFault
-from .lister import FsThread, Listings
+from .lister import Lister
 from .probe import ProbeOutcome, ProbePool, Prober, ProbeTarget
 from .reconcile import DirectoryScan, Reported
 from .roots import RootPolicy
@@ -61,6 +62,9 @@ class DirectoryWork:
         settings: the tunables (``extensions``, ``seen_resolution_ns``, ``chunk``,
             ``probe_batch``).
         probe_times: where the prober appends each file's seconds, reported with commits.
+        on_stuck: given the error of a directory whose listing got no answer within
+            ``--io-timeout``, on another thread, while this one is stuck in that listing: the
+            worker process sends it, and asks to be replaced, from there.
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class DirectoryWork:
         roots: RootPolicy,
         settings: wire.WorkerSettings,
         probe_times: list[float] | None = None,
+        on_stuck: Emit | None = None,
     ) -> None:
         self._catalog = catalog
         self._prober = prober
@@ -77,7 +82,8 @@ class DirectoryWork:
         self._settings = settings
         self._extensions = frozenset(os.fsencode(e.lower()) for e in settings.extensions)
         self._probe_times = probe_times if probe_times is not None else []
-        self._fs = FsThread()
+        self._on_stuck = on_stuck
+        self._lister = Lister(settings.io_timeout_s, self._stuck)
         self._stats = (
             ThreadPoolExecutor(settings.io_concurrency, thread_name_prefix="stat")
             if settings.io_concurrency > 1
@@ -94,21 +100,36 @@ class DirectoryWork:
         stuck in the kernel (the process should be replaced).
         """
         tree = Tree(task.folder, self._extensions, self._roots, stats=self._stats)
-        listings = Listings(tree, task.directories)
-        listings.start(self._fs)
+        first = tree.path_of(task.directories[0]) if task.directories else task.folder.path
+        with self._lister.watching():
+            try:
+                self._lister.call(tree, first, tree.__enter__)
+            except IoTimeout:
+                emit(self._no_answer(first))
+                return False
+            try:
+                return await self._directories(task, tree, emit)
+            finally:
+                tree.__exit__()
+
+    async def _directories(self, task: wire.DirectoryTask, tree: Tree, emit: Emit) -> bool:
         wanted = _Wanted(task.errors_wanted)
-        try:
-            for directory in task.directories:
-                try:
-                    listing = await listings.next(self._settings.io_timeout_s)
-                except IoTimeout:
-                    path = task.folder.path + b"/" + directory if directory else task.folder.path
-                    emit(wire.Listed(0, (), (path, no_answer(self._settings.io_timeout_s))))
-                    return False
-                await self._directory(task, listing, emit, wanted)
-        finally:
-            listings.stop()
+        for directory in task.directories:
+            path = tree.path_of(directory)
+            try:
+                listing = self._lister.call(tree, path, partial(tree.list, directory))
+            except IoTimeout:
+                emit(self._no_answer(path))
+                return False
+            await self._directory(task, listing, emit, wanted)
         return True
+
+    def _no_answer(self, path: bytes) -> wire.Listed:
+        return wire.Listed(0, (), (path, no_answer(self._settings.io_timeout_s)))
+
+    def _stuck(self, path: bytes) -> None:
+        if self._on_stuck is not None:
+            self._on_stuck(self._no_answer(path))
 
     async def _directory(
         self, task: wire.DirectoryTask, listing: Listing, emit: Emit, wanted: _Wanted
@@ -199,20 +220,34 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
 class _Replies:
     """Replies on their way to the server, written together: before the worker waits for a
     probe (the server hands out the sub-folders meanwhile) and at the end of a task, so that
-    a task of unchanged folders costs one write."""
+    a task of unchanged folders costs one write.
+
+    :meth:`answer_for_stuck` writes the last ones from the watchdog's thread while the
+    worker's own thread is stuck in a listing; nothing is written after them.
+    """
 
     def __init__(self, out: BinaryIO) -> None:
         self._out = out
         self._pending: list[bytes] = []
+        self.closed = False
 
     def emit(self, reply: wire.Reply) -> None:
-        self._pending.append(wire.encode(reply))
+        if not self.closed:
+            self._pending.append(wire.encode(reply))
 
     def flush(self) -> None:
-        if self._pending:
+        if self._pending and not self.closed:
             self._out.write(b"".join(self._pending))
             self._out.flush()
             self._pending.clear()
+
+    def answer_for_stuck(self, error: wire.Reply) -> None:
+        """The replies so far, then ``error`` (the stuck directory's) and a request to be
+        replaced: the directories after it go to another worker."""
+        self.emit(error)
+        self.emit(wire.Done(retire=True))
+        self.flush()
+        self.closed = True
 
 
 class _Flushing:
@@ -246,11 +281,12 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
     )
     await probes.start()
     roots = RootPolicy(settings.roots, settings.resolutions)
-    work = DirectoryWork(catalog, _Flushing(probes, replies), roots, settings, times)
+    prober = _Flushing(probes, replies)
+    work = DirectoryWork(catalog, prober, roots, settings, times, replies.answer_for_stuck)
     replies.emit(wire.Ready())
     replies.flush()
     try:
-        while (payload := await _read_frame(reader)) is not None:
+        while not replies.closed and (payload := await _read_frame(reader)) is not None:
             task = wire.decode_task(payload)
             with logs.bound_job(task.job_id):
                 replies.emit(await _run(work, task, replies.emit))

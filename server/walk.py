@@ -180,10 +180,14 @@ class Tree:
         os.close(self._root_fd)
         self._root_fd = -1
 
+    def path_of(self, relative: bytes) -> bytes:
+        """The folder ``relative`` (to the scan folder), as the catalog names its files."""
+        return self._folder.path + b"/" + relative if relative else self._folder.path
+
     def list(self, relative: bytes = b"") -> Listing:
         """List the folder ``relative`` (to the scan folder; ``b""`` for itself)."""
         folder = self._folder
-        path = folder.path + b"/" + relative if relative else folder.path
+        path = self.path_of(relative)
         beneath = (folder.relative + b"/" + relative if folder.relative else relative) or b"."
         listing = Listing(path)
         try:
