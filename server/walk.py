@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -89,7 +89,7 @@ _new = tuple.__new__
 _FORMAT, _REGULAR = 0o170000, stat.S_IFREG  # stat.S_ISREG, without a call per file
 WalkItem = Candidate | WalkError
 _Items = list[WalkItem]
-_InFlight = list[Future[WalkItem | None]] | None  # stats on a pool, once storage is slow
+_Entries = list[os.DirEntry[str] | WalkError]  # a folder's entries with a video name, in order
 
 
 @dataclass(slots=True)
@@ -170,7 +170,6 @@ class Tree:
         self._root_fd = -1
         self._stats = stats
         self.ops = 0  # filesystem calls answered so far: how a watchdog tells slow from stuck
-        self._slow = 0  # slow stats in a row in the folder being listed
 
     def __enter__(self) -> Tree:
         self._root_fd = os.open(self._folder.root, _ROOT_FLAGS)
@@ -206,14 +205,20 @@ class Tree:
         return listing
 
     def _read(self, fd: int, listing: Listing, relative: bytes, beneath: bytes) -> None:
-        items, folders, suffixes = listing.items, listing.folders, self._suffixes
-        prefix = listing.path + b"/"
-        sub = relative + b"/" if relative else b""
+        entries = self._names(fd, listing, relative)
         under = beneath + b"/" if beneath != b"." else b""
+        prefix, items = listing.path + b"/", listing.items
+        done = self._stat_here(entries, fd, prefix, under, items)
+        if done < len(entries):  # slow storage: the rest in flight
+            self._stat_in_flight(entries[done:], fd, prefix, under, items)
+
+    def _names(self, fd: int, listing: Listing, relative: bytes) -> _Entries:
+        """The folder's entries: its sub-folders into ``listing``; those with a video name,
+        and the ones that could not be read, returned, in listing order."""
+        folders, suffixes = listing.folders, self._suffixes
+        found: _Entries = []
+        sub = relative + b"/" if relative else b""
         count = 0
-        in_flight: _InFlight = None
-        here = self._candidate if self._stats is None else None  # local storage: no pool
-        self._slow = 0
         with os.scandir(fd) as entries:  # names are str here: they are encoded back once
             for entry in entries:  # the hot loop: one cheap test per entry, then go on
                 count += 1
@@ -223,52 +228,63 @@ class Tree:
                         folders.append(sub + entry.name.encode(_ENCODING, _ERRORS))
                         continue
                 except OSError as exc:
-                    name = entry.name.encode(_ENCODING, _ERRORS)
-                    items.append(WalkError(prefix + name, f"cannot read: {exc.strerror}"))
+                    name = listing.path + b"/" + entry.name.encode(_ENCODING, _ERRORS)
+                    found.append(WalkError(name, f"cannot read: {exc.strerror}"))
                     continue
-                if not entry.name.lower().endswith(suffixes):
-                    continue
-                if here is None:
-                    in_flight = self._video(entry, fd, prefix, under, items, in_flight)
-                elif (item := here(entry, fd, prefix, under)) is not None:
-                    items.append(item)
-        self._settle(in_flight, items)
+                if entry.name.lower().endswith(suffixes):
+                    found.append(entry)
         listing.entries = count
+        return found
 
-    def _settle(self, in_flight: _InFlight, items: _Items) -> None:
-        """Collect the stats still in flight on the pool, in listing order."""
-        for future in in_flight or ():
-            item = future.result()
+    def _stat_here(
+        self, entries: _Entries, fd: int, prefix: bytes, under: bytes, items: _Items
+    ) -> int:
+        """Stat ``entries`` on this thread, in order, until storage proves slow (with a pool
+        to take the rest); returns how many were done."""
+        timed, slow, perf = self._stats is not None, 0, time.perf_counter
+        root = self._folder.root
+        for done, entry in enumerate(entries):
+            if isinstance(entry, WalkError):
+                items.append(entry)
+                continue
+            started = perf() if timed else 0.0
+            if entry.is_symlink():
+                item = self._candidate(entry, fd, prefix, under)
+            else:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    st = None
+                if st is None or st.st_mode & _FORMAT != _REGULAR:
+                    item = self._candidate(entry, fd, prefix, under)
+                else:
+                    name = entry.name.encode(_ENCODING, _ERRORS)
+                    size, mtime, device, inode = st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
+                    item = _new(Candidate, (prefix + name, size, mtime, device, inode, root,
+                                            under + name))  # fmt: skip
             self.ops += 1
             if item is not None:
                 items.append(item)
+            if timed:
+                slow = slow + 1 if perf() - started > _SLOW_STAT_S else 0
+                if slow >= _SLOW_STATS:
+                    return done + 1
+        return len(entries)
 
-    def _video(
-        self,
-        entry: os.DirEntry[str],
-        fd: int,
-        prefix: bytes,
-        under: bytes,
-        items: _Items,
-        in_flight: _InFlight,
-    ) -> _InFlight:
-        """A file with a video name, stated here, or in flight on the pool once storage
-        proved slow (then the list of those in flight is returned)."""
-        if self._stats is None:
-            item = self._candidate(entry, fd, prefix, under)
-        elif in_flight is not None:
-            in_flight.append(self._stats.submit(self._candidate, entry, fd, prefix, under))
-            return in_flight
-        else:
-            started = time.perf_counter()
-            item = self._candidate(entry, fd, prefix, under)
-            slow = time.perf_counter() - started > _SLOW_STAT_S
-            self._slow = self._slow + 1 if slow else 0
-            if self._slow >= _SLOW_STATS:
-                in_flight = []
-        if item is not None:
-            items.append(item)
-        return in_flight
+    def _stat_in_flight(
+        self, entries: _Entries, fd: int, prefix: bytes, under: bytes, items: _Items
+    ) -> None:
+        """Stat ``entries`` on the pool, all at once (storage proved slow), in listing order."""
+        pool, candidate = self._stats, self._candidate
+        if pool is None:
+            return
+        pending = [e if isinstance(e, WalkError) else pool.submit(candidate, e, fd, prefix, under)
+                   for e in entries]  # fmt: skip
+        for future in pending:
+            item = future if isinstance(future, WalkError) else future.result()
+            self.ops += 1
+            if item is not None:
+                items.append(item)
 
     def _candidate(
         self, entry: os.DirEntry[str], fd: int, prefix: bytes, under: bytes
