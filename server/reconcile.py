@@ -31,6 +31,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from operator import itemgetter
 
 from .catalog import (
     Catalog,
@@ -55,6 +56,8 @@ __all__ = ["DirectoryScan", "Reported"]
 # Committed counts, the per-file errors behind them, the last path covered, and whether the
 # counts were written with rows (False: nothing to write, such as an unchanged folder).
 Reported = Callable[[ScanCounts, Sequence[tuple[bytes, str]], bytes, bool], None]
+# What a listing's digest takes of each file: path, size, mtime, device, inode; and its key.
+_DIGESTED, _PATH = itemgetter(slice(0, 5)), itemgetter(0)
 
 
 @dataclass(slots=True)
@@ -354,7 +357,8 @@ def _unchanged(plan: _Plan, file: Candidate, row: Known, stale_before: int) -> N
 def _digest(files: list[Candidate], errors: list[WalkError]) -> bytes:
     """A digest of a listing: each file's path, size, mtime and identity, and the paths of
     the entries that could not be read, in path order."""
-    entries = [f[:5] for f in sorted(files)], sorted(e.path for e in errors)
+    # Sorted by path: paths are unique in a listing, so this is the order of the whole tuples.
+    entries = list(map(_DIGESTED, sorted(files, key=_PATH))), sorted([e.path for e in errors])
     # marshal's version 2 writes no back-references: equal values, equal bytes
     return hashlib.sha256(marshal.dumps(entries, 2)).digest()
 

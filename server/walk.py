@@ -22,7 +22,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from .catalog import FileStamp
 from .fsopen import open_beneath, real_path
@@ -105,6 +105,7 @@ class Listing:
         device: the device the folder is on (``st_dev``): an empty mount point is on another
             device than the videos catalogued below it.
         entries: how many entries of any kind it holds.
+        unreadable: how many of ``items`` are entries that could not be read.
     """
 
     path: bytes
@@ -113,16 +114,21 @@ class Listing:
     complete: bool = False
     device: int = 0
     entries: int = 0
+    unreadable: int = 0
 
     @property
     def files(self) -> list[Candidate]:
         """Its video files (a new list each time: read it once)."""
+        if not self.unreadable:  # most folders: every item but the folder's error is a file
+            return cast(list[Candidate], self.items[:] if self.complete else self.items[:-1])
         return [i for i in self.items if type(i) is Candidate]
 
     @property
     def errors(self) -> list[WalkError]:
         """Its entries that could not be read, not the folder's own error (a new list each
         time: read it once)."""
+        if not self.unreadable:
+            return []
         return [i for i in self.entry_items() if type(i) is WalkError]
 
     @property
@@ -207,10 +213,10 @@ class Tree:
     def _read(self, fd: int, listing: Listing, relative: bytes, beneath: bytes) -> None:
         entries = self._names(fd, listing, relative)
         under = beneath + b"/" if beneath != b"." else b""
-        prefix, items = listing.path + b"/", listing.items
-        done = self._stat_here(entries, fd, prefix, under, items)
+        prefix = listing.path + b"/"
+        done = self._stat_here(entries, fd, prefix, under, listing)
         if done < len(entries):  # slow storage: the rest in flight
-            self._stat_in_flight(entries[done:], fd, prefix, under, items)
+            self._stat_in_flight(entries[done:], fd, prefix, under, listing)
 
     def _names(self, fd: int, listing: Listing, relative: bytes) -> _Entries:
         """The folder's entries: its sub-folders into ``listing``; those with a video name,
@@ -237,34 +243,28 @@ class Tree:
         return found
 
     def _stat_here(
-        self, entries: _Entries, fd: int, prefix: bytes, under: bytes, items: _Items
+        self, entries: _Entries, fd: int, prefix: bytes, under: bytes, listing: Listing
     ) -> int:
         """Stat ``entries`` on this thread, in order, until storage proves slow (with a pool
         to take the rest); returns how many were done."""
+        items, root = listing.items, self._folder.root
         timed, slow, perf = self._stats is not None, 0, time.perf_counter
-        root = self._folder.root
         for done, entry in enumerate(entries):
-            if isinstance(entry, WalkError):
-                items.append(entry)
-                continue
             started = perf() if timed else 0.0
-            if entry.is_symlink():
-                item = self._candidate(entry, fd, prefix, under)
-            else:
+            st = None
+            if not isinstance(entry, WalkError) and not entry.is_symlink():
                 try:
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
-                    st = None
-                if st is None or st.st_mode & _FORMAT != _REGULAR:
-                    item = self._candidate(entry, fd, prefix, under)
-                else:
-                    name = entry.name.encode(_ENCODING, _ERRORS)
-                    size, mtime, device, inode = st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
-                    item = _new(Candidate, (prefix + name, size, mtime, device, inode, root,
-                                            under + name))  # fmt: skip
+                    st = None  # the error is made by _unusual
+            if st is not None and st.st_mode & _FORMAT == _REGULAR:  # the usual: inline
+                name = entry.name.encode(_ENCODING, _ERRORS)  # type: ignore[union-attr]
+                size, mtime, device, inode = st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
+                items.append(_new(Candidate, (prefix + name, size, mtime, device, inode, root,
+                                              under + name)))  # fmt: skip
+            else:
+                self._add(self._unusual(entry, fd, prefix, under), listing)
             self.ops += 1
-            if item is not None:
-                items.append(item)
             if timed:
                 slow = slow + 1 if perf() - started > _SLOW_STAT_S else 0
                 if slow >= _SLOW_STATS:
@@ -272,19 +272,28 @@ class Tree:
         return len(entries)
 
     def _stat_in_flight(
-        self, entries: _Entries, fd: int, prefix: bytes, under: bytes, items: _Items
+        self, entries: _Entries, fd: int, prefix: bytes, under: bytes, listing: Listing
     ) -> None:
         """Stat ``entries`` on the pool, all at once (storage proved slow), in listing order."""
-        pool, candidate = self._stats, self._candidate
+        pool, unusual = self._stats, self._unusual
         if pool is None:
             return
-        pending = [e if isinstance(e, WalkError) else pool.submit(candidate, e, fd, prefix, under)
-                   for e in entries]  # fmt: skip
+        pending = [pool.submit(unusual, e, fd, prefix, under) for e in entries]
         for future in pending:
-            item = future if isinstance(future, WalkError) else future.result()
+            self._add(future.result(), listing)
             self.ops += 1
-            if item is not None:
-                items.append(item)
+
+    @staticmethod
+    def _add(item: WalkItem | None, listing: Listing) -> None:
+        if item is not None:
+            listing.items.append(item)
+            listing.unreadable += type(item) is WalkError
+
+    def _unusual(
+        self, entry: os.DirEntry[str] | WalkError, fd: int, prefix: bytes, under: bytes
+    ) -> WalkItem | None:
+        """What an entry that is not plainly a regular file is (or already was)."""
+        return entry if isinstance(entry, WalkError) else self._candidate(entry, fd, prefix, under)
 
     def _candidate(
         self, entry: os.DirEntry[str], fd: int, prefix: bytes, under: bytes

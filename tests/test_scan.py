@@ -9,11 +9,13 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from scanjobs.server import fsopen
+from scanjobs.server import walk as walk_module
 from scanjobs.server.catalog import DirectoryChanges, DirectoryRows, FileStamp, ScanCounts
 from scanjobs.server.catalog_memory import InMemoryCatalog
 from scanjobs.server.jobs import JobSpec, JobState, Phase
@@ -23,7 +25,7 @@ from scanjobs.server.roots import RootPolicy
 from scanjobs.server.scan import Candidate, ScanConfig, Scanner, WalkError, walk
 from scanjobs.server.scan_wire import Committed, DirectoryTask, Reply, WorkerSettings
 from scanjobs.server.scanworker import DirectoryWork, LocalDirectories
-from scanjobs.server.walk import Tree
+from scanjobs.server.walk import OUTSIDE_ROOTS, Tree
 
 VIDEO_EXTS = frozenset({b".mp4", b".mkv"})
 INFO = MediaInfo("mov", 1.0, 1000, "h264", 64, 48, None, "", 0, 0, 0)
@@ -204,6 +206,40 @@ def test_walk_reports_unreadable_directories_as_per_file_errors(
     (root / "locked").chmod(0o700)
 
     assert _walk_as_nobody(root) == [("Candidate", b"ok.mp4"), ("WalkError", b"locked")]
+
+
+@pytest.mark.parametrize("storage", ["local", "slow"])
+def test_a_listing_keeps_its_files_and_unreadable_entries_apart_in_listing_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, storage: str
+) -> None:
+    # On "slow" storage every stat is too slow: after two, the rest go in flight on the pool.
+    if storage == "slow":
+        monkeypatch.setattr(walk_module, "_SLOW_STAT_S", -1.0)
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (tmp_path / "outside.mp4").write_bytes(b"x")
+    for n in range(8):
+        (lib / f"v{n}.mp4").write_bytes(b"x" * n)
+    (lib / "away.mp4").symlink_to(tmp_path / "outside.mp4")
+    os.mkfifo(lib / "fifo.mp4")  # not a regular file: skipped
+    policy = RootPolicy([str(lib)])
+    with ThreadPoolExecutor(4) as pool:
+        stats = pool if storage == "slow" else None
+        with Tree(policy.locate(str(lib)), VIDEO_EXTS, policy, stats=stats) as tree:
+            listing = tree.list()
+    listed = [n.encode() for n in os.listdir(lib)]
+
+    assert listing.complete
+    assert listing.unreadable == 1
+    assert [os.path.basename(f.path) for f in listing.files] == [
+        n for n in listed if n.startswith(b"v")
+    ]
+    assert [(os.path.basename(e.path), e.message) for e in listing.errors] == [
+        (b"away.mp4", OUTSIDE_ROOTS)
+    ]
+    assert [os.path.basename(i.path) for i in listing.items] == [
+        n for n in listed if n != b"fifo.mp4"
+    ]
 
 
 # -- the handler -------------------------------------------------------------------------
