@@ -249,8 +249,8 @@ class Tree:
         to take the rest); returns how many were done."""
         items, root = listing.items, self._folder.root
         timed, slow, perf = self._stats is not None, 0, time.perf_counter
+        last = perf() if timed else 0.0
         for done, entry in enumerate(entries):
-            started = perf() if timed else 0.0
             st = None
             if not isinstance(entry, WalkError) and not entry.is_symlink():
                 try:
@@ -265,8 +265,9 @@ class Tree:
             else:
                 self._add(self._unusual(entry, fd, prefix, under), listing)
             self.ops += 1
-            if timed:
-                slow = slow + 1 if perf() - started > _SLOW_STAT_S else 0
+            if timed:  # one clock read per file: the time since the last is this file's
+                now = perf()
+                slow, last = (slow + 1 if now - last > _SLOW_STAT_S else 0), now
                 if slow >= _SLOW_STATS:
                     return done + 1
         return len(entries)
