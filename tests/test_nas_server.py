@@ -231,15 +231,17 @@ def test_sigterm_stops_a_server_within_its_grace_period_while_it_is_stuck_in_a_d
     grace_s = 2.0
     server = ServerProcess(
         "--root", str(dead_share.path), "--data-dir", str(tmp_path / "d"),
-        "--io-timeout", "1", "--shutdown-grace", str(grace_s), "--lame-duck", "0",
+        "--io-timeout", "30", "--shutdown-grace", str(grace_s), "--lame-duck", "0",
     )  # fmt: skip
     try:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ScanServiceStub(channel)
             job = stub.SubmitScan(pb.SubmitScanRequest(path=str(dead_share.path)))
-            dead_share.wait_blocked(1)  # the scan is stuck in `dead`
+            dead_share.wait_blocked(1)  # the scan is stuck in `dead` (given up on in 30 s)
             with pytest.raises(grpc.RpcError) as caught:  # and a root check's thread too
-                stub.SubmitScan(pb.SubmitScanRequest(path=str(dead_share.path / "dead" / "x")))
+                stub.SubmitScan(  # answered before its own deadline
+                    pb.SubmitScanRequest(path=str(dead_share.path / "dead" / "x")), timeout=1.5
+                )
             dead_share.wait_blocked(2)
             assert error_reason(caught.value) == "IO_TIMEOUT"
             assert stub.GetJob(pb.GetJobRequest(job_id=job.id)).state == pb.JOB_STATE_RUNNING
