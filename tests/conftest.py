@@ -226,11 +226,16 @@ def _no_stray_servers() -> Iterator[None]:
 
 
 class ServerProcess:
-    """``python -m scanjobs.server`` on an ephemeral port; log lines are collected as they come."""
+    """``python -m scanjobs.server`` on an ephemeral port; log lines are collected as they come.
+
+    Without ``--lame-duck`` in ``args`` it runs with none: a stop then takes no 2 s pause that
+    only a test of the drain looks at (those pass the flag).
+    """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        lame_duck = () if "--lame-duck" in args else ("--lame-duck", "0")
         self.proc = subprocess.Popen(
-            [*SERVER, "--listen", "127.0.0.1:0", *args],
+            [*SERVER, "--listen", "127.0.0.1:0", *lame_duck, *args],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
