@@ -37,7 +37,13 @@ async def unary(target: str, job_id: str, seconds: float, in_flight: int) -> dic
 
 
 async def fan_out(target: str, job_id: str, watchers: int) -> dict[str, object]:
-    """``watchers`` streams on one job; the delay of every event, creation to arrival."""
+    """``watchers`` streams on one job; the delay of every event, creation to arrival.
+
+    State changes (the job's state differs from the stream's previous event) are never held
+    back, so their delay is the time to deliver them: ``delays``. Progress goes to each
+    stream at its turn under the server's ``--progress-budget``, so its age on arrival
+    (``progress_ages``) includes that wait by design.
+    """
     # A connection each (no shared subchannel), as many clients would have: the server admits
     # a bounded number of streams per connection.
     channels = [
@@ -45,22 +51,25 @@ async def fan_out(target: str, job_id: str, watchers: int) -> dict[str, object]:
         for _ in range(max(1, watchers // 100))
     ]
     delays: list[float] = []
+    ages: list[float] = []
     ready = asyncio.Event()
     connected = 0
 
     async def follow(n: int) -> None:
         nonlocal connected
         stub = pb_grpc.ScanServiceStub(channels[n % len(channels)])
-        first = True
+        state = None
         async for event in stub.WatchJob(pb.WatchJobRequest(job_id=job_id)):
             arrived = time.time()
-            if first:
-                first = False
+            if state is None:
+                state = event.job.state
                 connected += 1
                 if connected == watchers:
                     ready.set()
                 continue  # the snapshot may be old by design; measure live events only
-            delays.append(arrived - event.event_time.ToNanoseconds() / 1e9)
+            delay = arrived - event.event_time.ToNanoseconds() / 1e9
+            (ages if event.job.state == state else delays).append(delay)
+            state = event.job.state
 
     tasks = [asyncio.create_task(follow(n)) for n in range(watchers)]
     await asyncio.wait_for(ready.wait(), 120)
@@ -68,7 +77,7 @@ async def fan_out(target: str, job_id: str, watchers: int) -> dict[str, object]:
     await asyncio.gather(*tasks)
     for channel in channels:
         await channel.close()
-    return {"delays": delays}
+    return {"delays": delays, "progress_ages": ages}
 
 
 def main() -> None:

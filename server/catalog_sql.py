@@ -120,6 +120,7 @@ VIDEO_COLUMNS = (
 )  # fmt: skip
 CHANGE_COLUMNS = "sequence, kind, previous_path, time_ns, " + ", ".join(VIDEO_COLUMNS)
 _FIRST_SEEN = VIDEO_COLUMNS.index("first_seen_ns")
+_LAST_SEEN = VIDEO_COLUMNS.index("last_seen_ns")
 # A probed video's change, written before its upsert: ADDED unless a present video is there.
 _PROBED_LOG = (
     f"INSERT INTO video_changes (kind, previous_path, time_ns, {', '.join(VIDEO_COLUMNS)})"  # noqa: S608 - constant
@@ -187,6 +188,7 @@ class Step(NamedTuple):
 def commit_steps(c: DirectoryChanges) -> list[Step]:
     """The statements of one directory's commit, in order; empty ones left out."""
     now = c.now_ns
+    probed = [video_row(v, c.job_id, now) for v in c.probed]
     steps = [
         Step(
             _MOVED_LOG,
@@ -197,8 +199,8 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
             "logged",
         ),
         *_move_steps(c),
-        Step(_PROBED_LOG, [_probed_log_row(v, c.job_id, now) for v in c.probed], "logged"),
-        Step(VIDEO_UPSERT, [video_row(v, c.job_id, now) for v in c.probed]),
+        Step(_PROBED_LOG, [_probed_log_row(row) for row in probed], "logged"),
+        Step(VIDEO_UPSERT, probed),
         Step("DELETE FROM file_errors WHERE path = ?", [(v.path,) for v in c.probed]),
         Step(
             "UPDATE videos SET last_seen_ns = ?, device = ?, inode = ?"
@@ -293,9 +295,10 @@ def directory_rows(
     )
 
 
-def _probed_log_row(video: Video, job_id: str, now_ns: int) -> tuple[object, ...]:
-    row = video_row(video, job_id, now_ns)
-    return (video.path, now_ns, *row[:_FIRST_SEEN], video.path, *row[_FIRST_SEEN:])
+def _probed_log_row(row: tuple[object, ...]) -> tuple[object, ...]:
+    """The parameters of ``_PROBED_LOG`` for a video's :func:`video_row`."""
+    path, now_ns = row[0], row[_LAST_SEEN]
+    return (path, now_ns, *row[:_FIRST_SEEN], path, *row[_FIRST_SEEN:])
 
 
 def logs_changes(steps: Sequence[Step]) -> bool:

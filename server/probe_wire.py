@@ -17,6 +17,7 @@ Frames are a 4-byte big-endian length, then the payload::
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from fractions import Fraction
@@ -148,12 +149,18 @@ def _media(body: bytes) -> MediaInfo:
         video_codec=video_codec,
         width=width,
         height=height,
-        frame_rate=Fraction(num, den) if den else None,
+        frame_rate=_rate(num, den) if den else None,
         audio_codec=audio_codec,
         audio_streams=audio,
         subtitle_streams=subtitle,
         data_streams=data,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _rate(numerator: int, denominator: int) -> Fraction:
+    """A frame rate: a library has a handful of them, and a Fraction costs a gcd."""
+    return Fraction(numerator, denominator)
 
 
 def _cut(text: str) -> bytes:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
@@ -62,6 +63,10 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+# Identities looked up per statement (two parameters each, far below SQLite's limit).
+_IDENTITIES_PER_QUERY = 250
+_KNOWN_IN_V = ", ".join(f"v.{c.strip()}" for c in KNOWN_COLUMNS.split(","))
 
 
 class DatabaseCorrupt(RuntimeError):
@@ -375,10 +380,17 @@ class SqliteCatalog(SqliteChanges):
 
     async def find_identities(self, identities: Sequence[tuple[int, int]]) -> list[Known]:
         def query(conn: sqlite3.Connection) -> list[Known]:
+            # One indexed join per part, not one statement per file: a first scan of a
+            # folder asks this for every file in it.
             found: list[Known] = []
-            sql = f"SELECT {KNOWN_COLUMNS} FROM videos WHERE device = ? AND inode = ?"  # noqa: S608 - constant
-            for identity in identities:
-                found.extend(Known._make(r) for r in conn.execute(sql, identity))
+            for start in range(0, len(identities), _IDENTITIES_PER_QUERY):
+                part = identities[start : start + _IDENTITIES_PER_QUERY]
+                values = ",".join(["(?,?)"] * len(part))
+                sql = (
+                    f"SELECT {_KNOWN_IN_V} FROM (VALUES {values}) AS w"  # noqa: S608 - constant
+                    " JOIN videos AS v ON v.device = w.column1 AND v.inode = w.column2"
+                )
+                found.extend(Known._make(r) for r in conn.execute(sql, [*chain(*part)]))
             return found
 
         return await self._db.run(query) if identities else []

@@ -30,7 +30,12 @@ EXPECTED: dict[str, tuple[str, ...]] = {
     "realistic": ("scan throughput, realistic files",),
     "rescan": ("rescan of ",),
     "cancel": ("cancel latency p99, between small files", "cancel latency p99, large-file"),
-    "fanout": ("fan-out delay p99", "fan-out extra RSS", "job time with"),
+    "fanout": (
+        "fan-out delay p99",
+        "fan-out progress age p99",
+        "fan-out extra RSS",
+        "job time with",
+    ),
     "rpc": ("GetJob calls/s",),
     "scale": ("walk-only scan", "peak server RSS during that scan", "peak scan worker RSS"),
     "replicas": ("jobs/s", "cancel p99, cancel and watch") if postgres.available() else (),

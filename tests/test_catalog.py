@@ -149,6 +149,14 @@ async def test_a_restore_clears_the_tombstone_without_a_probe(catalog: Catalog) 
     assert (got.missing_ns, got.last_seen_ns, got.job_id, got.device) == (None, 300, "j1", 8)
 
 
+async def test_identities_are_found_among_many_asked_at_once(catalog: Catalog) -> None:
+    await add(catalog, *(video(b"/m/%d.mp4" % i, inode=i) for i in range(1, 701, 2)))
+    asked = [(7, i) for i in range(1, 701)] + [(8, 1)]  # over several statements' worth
+    found = await catalog.find_identities(asked)
+    assert sorted(k.inode for k in found) == list(range(1, 701, 2))
+    assert {k.path for k in found} == {b"/m/%d.mp4" % i for i in range(1, 701, 2)}
+
+
 async def test_a_move_keeps_probe_data_and_first_seen(catalog: Catalog) -> None:
     await add(catalog, video(b"/m/a.mp4", inode=5), now=50)
     assert [k.path for k in await catalog.find_identities([(7, 5), (7, 6)])] == [b"/m/a.mp4"]
