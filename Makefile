@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard protos/scanjobs/v1/*.proto)
 ARGS ?=
 
-.PHONY: setup proto web run demo test test-busy lint buf fmt bench clean
+.PHONY: setup proto web run demo bytecode test test-busy lint buf fmt bench clean
 
 setup: $(VENV)/.synced
 
@@ -17,8 +17,11 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
 
-$(VENV)/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --locked --quiet
+# With bytecode compiled at install: every Python process (the server's workers, the CLI, the
+# many processes of the test suite) would otherwise compile grpc, protobuf, psycopg and the rest
+# again at each start wherever PYTHONDONTWRITEBYTECODE is set.
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock Makefile
+	$(UV) sync --locked --quiet --compile-bytecode
 	touch $@
 
 proto: setup
@@ -44,13 +47,19 @@ demo: setup
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadscope
 
-test: setup
+# The project's own bytecode, written once before a run for the same reason (not recursive
+# where a folder holds other things: bench/.cache, tests/interop).
+bytecode: setup
+	$(PY) -m compileall -q -l server client tests bench
+	$(PY) -m compileall -q gen
+
+test: bytecode
 	$(PY) -m pytest $(XDIST) --cov --cov-report=term $(ARGS)
 
 # The suite on a busy machine: two busy-loop neighbours keep both cores busy while it runs.
 # They are started and stopped here, also when the suite fails or is interrupted.
 BUSY_LOOP := while True: sum(i*i for i in range(10000))
-test-busy: setup
+test-busy: bytecode
 	@$(PYTHON) -c "$(BUSY_LOOP)" & one=$$!; \
 	$(PYTHON) -c "$(BUSY_LOOP)" & two=$$!; \
 	trap 'kill $$one $$two 2>/dev/null; wait $$one $$two 2>/dev/null' EXIT INT TERM; \

@@ -74,27 +74,38 @@ async def serve(tmp_path: Path) -> AsyncIterator[ServeFactory]:
     are Config fields (``data_dir`` and ``roots`` too)."""
     running: list[Running] = []
 
-    async def _serve(
-        root: Path,
-        *,
-        misbehaving: bool = False,
-        clock_ns: Callable[[], int] = time.time_ns,
-        **overrides: Any,
-    ) -> Running:
+    async def _serve(root: Path, **overrides: Any) -> Running:
         data_dir = overrides.pop("data_dir", tmp_path / f"data{len(running)}")
-        config = make_config(root, data_dir, **overrides)
-        command = MISBEHAVING_WORKER if misbehaving else PROBE_COMMAND
-        app = await start(config, probe_command=command, clock_ns=clock_ns)
-        address = f"127.0.0.1:{app.port}"
-        channel = grpc.aio.insecure_channel(address)
-        r = Running(app, pb_grpc.ScanServiceStub(channel), channel, address)
+        r = await start_running(root, data_dir, **overrides)
         running.append(r)
         return r
 
     yield _serve
     for r in running:
-        await r.channel.close()
-        await r.app.stop()
+        await stop_running(r)
+
+
+async def start_running(
+    root: Path,
+    data_dir: Path,
+    *,
+    misbehaving: bool = False,
+    clock_ns: Callable[[], int] = time.time_ns,
+    **overrides: Any,
+) -> Running:
+    """Start a server in this process and connect a client to it (``serve`` does both, and
+    stops it after the test; a fixture of a wider scope calls this and ``stop_running``)."""
+    config = make_config(root, data_dir, **overrides)
+    command = MISBEHAVING_WORKER if misbehaving else PROBE_COMMAND
+    app = await start(config, probe_command=command, clock_ns=clock_ns)
+    address = f"127.0.0.1:{app.port}"
+    channel = grpc.aio.insecure_channel(address)
+    return Running(app, pb_grpc.ScanServiceStub(channel), channel, address)
+
+
+async def stop_running(r: Running) -> None:
+    await r.channel.close()
+    await r.app.stop()
 
 
 @pytest.fixture(params=["openat2", "by components"])
@@ -215,11 +226,16 @@ def _no_stray_servers() -> Iterator[None]:
 
 
 class ServerProcess:
-    """``python -m scanjobs.server`` on an ephemeral port; log lines are collected as they come."""
+    """``python -m scanjobs.server`` on an ephemeral port; log lines are collected as they come.
+
+    Without ``--lame-duck`` in ``args`` it runs with none: a stop then takes no 2 s pause that
+    only a test of the drain looks at (those pass the flag).
+    """
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        lame_duck = () if "--lame-duck" in args else ("--lame-duck", "0")
         self.proc = subprocess.Popen(
-            [*SERVER, "--listen", "127.0.0.1:0", *args],
+            [*SERVER, "--listen", "127.0.0.1:0", *lame_duck, *args],
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},

@@ -116,7 +116,7 @@ async def test_sigterm_drains_then_the_next_start_finishes_the_job(
     big_library: Path, tmp_path: Path
 ) -> None:
     data = tmp_path / "data"
-    server = _start(big_library, data, "--shutdown-grace", "5")
+    server = _start(big_library, data, "--shutdown-grace", "5", "--lame-duck", "2")
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = pb_grpc.ScanServiceStub(channel)
         health = health_pb2_grpc.HealthStub(channel).Watch(

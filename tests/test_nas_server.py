@@ -250,7 +250,8 @@ def test_sigterm_stops_a_server_within_its_grace_period_while_it_is_stuck_in_a_d
         server.proc.send_signal(signal.SIGTERM)
         server.proc.wait(timeout=30)
         elapsed = time.monotonic() - started
-        code, lines = server.wait()  # its abandoned children hold its log pipe: up to 5 s
+        dead_share.release()  # its abandoned children, stuck in the share, hold its log pipe
+        code, lines = server.wait()
     finally:
         if server.proc.poll() is None:
             server.proc.kill()

@@ -15,14 +15,14 @@ import logging
 import os
 import re
 import sys
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import pytest_asyncio
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,7 +35,15 @@ from scanjobs.server.logs import TextFormatter
 from scanjobs.v1 import scanjobs_pb2 as pb
 from scanjobs.v1 import scanjobs_pb2_grpc as pb_grpc
 from tests.certs import Authority
-from tests.conftest import Running, ServeFactory, eventually, gated_library, until_running
+from tests.conftest import (
+    Running,
+    ServeFactory,
+    eventually,
+    gated_library,
+    start_running,
+    stop_running,
+    until_running,
+)
 from tests.media import write_video
 
 TOKEN = "correct-horse-battery-staple"
@@ -50,10 +58,14 @@ class World:
     sentinel: Path
     job_id: str
     s: Running
+    sentinel_read_by_the_scan: bool
 
 
-@pytest.fixture
-async def world(serve: ServeFactory, tmp_path: Path) -> World:
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    """One server for the module's cases: each makes calls that leave the server as it was
+    (or adds jobs no other case counts), so none needs a server of its own."""
+    tmp_path = tmp_path_factory.mktemp("world")
     root, outside = tmp_path / "lib", tmp_path / "lib-outside"
     (root / "sub").mkdir(parents=True)
     outside.mkdir()
@@ -64,12 +76,37 @@ async def world(serve: ServeFactory, tmp_path: Path) -> World:
     (root / "escape-dir").symlink_to(outside, target_is_directory=True)
     (root / "sub" / "up.mp4").symlink_to("../../lib-outside/secret.mp4")
     (tmp_path / "libevil").mkdir()  # shares the root's name as a prefix
-    os.utime(sentinel, (1, time.time()))
-    s = await serve(root, tokens=frozenset({TOKEN, "second-token"}), max_message_bytes=8192)
-    job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)), metadata=GOOD)
-    async for _ in s.stub.WatchJob(pb.WatchJobRequest(job_id=job.id), metadata=GOOD):
-        pass
-    return World(root, outside, sentinel, job.id, s)
+    _age_access_time(sentinel)
+    s = await start_running(
+        root, tmp_path / "data", tokens=frozenset({TOKEN, "second-token"}), max_message_bytes=8192
+    )
+    try:
+        job = await s.stub.SubmitScan(pb.SubmitScanRequest(path=str(root)), metadata=GOOD)
+        async for _ in s.stub.WatchJob(pb.WatchJobRequest(job_id=job.id), metadata=GOOD):
+            pass
+        read = sentinel.stat().st_atime_ns != _FAR_PAST_NS
+        yield World(root, outside, sentinel, job.id, s, read)
+    finally:
+        await stop_running(s)
+
+
+@pytest.fixture
+def world(shared_world: World) -> World:
+    """The shared server, with the sentinel's access time set far in the past again (a read
+    moves it only while it is older than the modification time)."""
+    _age_access_time(shared_world.sentinel)
+    return shared_world
+
+
+_FAR_PAST_NS = 10**9
+
+
+def _age_access_time(path: Path) -> None:
+    os.utime(path, ns=(_FAR_PAST_NS, path.stat().st_mtime_ns))
+
+
+# The tests on the shared server run in its event loop.
+in_world = pytest.mark.asyncio(loop_scope="module")
 
 
 Call = Callable[["pb_grpc.ScanServiceAsyncStub", World], Awaitable[Any]]
@@ -182,6 +219,7 @@ CASES: list[tuple[str, Call, Code]] = [
 
 
 @pytest.mark.parametrize(("name", "call", "code"), CASES, ids=[c[0] for c in CASES])
+@in_world
 async def test_hostile_input(world: World, name: str, call: Call, code: Code) -> None:
     before = world.sentinel.stat().st_atime_ns
     try:
@@ -198,6 +236,7 @@ async def test_hostile_input(world: World, name: str, call: Call, code: Code) ->
     assert world.sentinel.stat().st_atime_ns == before, "a file outside the roots was read"
 
 
+@in_world
 async def test_the_sentinel_would_show_a_read(world: World) -> None:
     """Calibrates the check above: a read of the sentinel does move its access time."""
     before = world.sentinel.stat().st_atime_ns
@@ -205,6 +244,7 @@ async def test_the_sentinel_would_show_a_read(world: World) -> None:
     assert world.sentinel.stat().st_atime_ns != before
 
 
+@in_world
 async def test_a_scan_reports_escaping_links_without_following_them(world: World) -> None:
     job = await world.s.stub.GetJob(pb.GetJobRequest(job_id=world.job_id), metadata=GOOD)
     errors = {Path(e.path).name: e.message for e in job.result.errors}
@@ -213,8 +253,10 @@ async def test_a_scan_reports_escaping_links_without_following_them(world: World
         "up.mp4": "symlink points outside the allowed roots",
     }
     assert job.result.added == 1
+    assert not world.sentinel_read_by_the_scan
 
 
+@in_world
 async def test_health_and_reflection_stay_open_without_a_token(world: World) -> None:
     health = health_pb2_grpc.HealthStub(world.s.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service="scanjobs.v1.ScanService"))
@@ -226,6 +268,7 @@ async def test_health_and_reflection_stay_open_without_a_token(world: World) -> 
     assert "scanjobs.v1.ScanService" in names
 
 
+@in_world
 async def test_tokens_never_reach_the_logs(world: World, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("DEBUG")
     await world.s.stub.ListJobs(pb.ListJobsRequest(), metadata=GOOD)
