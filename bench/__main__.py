@@ -249,11 +249,6 @@ def cancel_latency(sizes: Sizes, small: Path, large: Path) -> list[Row]:
 
 # -- 4: watch fan-out ------------------------------------------------------------------------
 
-# The watchers' client processes. Many watchers are many clients: one process receiving every
-# stream measures its own cost per message (a 1,000-stream burst took it 120-130 ms, against
-# 60-90 ms over four processes on the same two cores).
-FAN_OUT_CLIENTS = 4
-
 
 async def _fan_out_run(target: str, blocker: Path, measured: Path, watchers: int, pid: int):  # type: ignore[no-untyped-def]
     """The measured job waits behind the blocker until ``watchers`` watch it (none: the
@@ -263,15 +258,12 @@ async def _fan_out_run(target: str, blocker: Path, measured: Path, watchers: int
         first = await client.submit(str(blocker))
         job = await client.submit(str(measured))  # waits behind the blocker (--workers 1)
         rss_before = rss_mib(pid)
-        loads = []
-        clients = min(watchers, FAN_OUT_CLIENTS)
-        for n in range(clients):
-            share = watchers // clients + (n < watchers % clients)
-            loads.append(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.load", "--watch", target, job.id, str(share),
+        load = None
+        if watchers:
+            load = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "bench.load", "--watch", target, job.id, str(watchers),
                 stdout=asyncio.subprocess.PIPE,
-            ))  # fmt: skip
-        for load in loads:
+            )  # fmt: skip
             assert load.stdout is not None
             await load.stdout.readline()  # every watcher is connected
         rss_peak = rss_mib(pid)
@@ -285,10 +277,9 @@ async def _fan_out_run(target: str, blocker: Path, measured: Path, watchers: int
             rss_peak = max(rss_peak, rss_mib(pid))
             final = event.job
         delays: dict[str, list[float]] = {"delays": [], "progress_ages": []}
-        for load in loads:
+        if load is not None:
             out, _ = await load.communicate()
-            for k, v in json.loads(out).items():
-                delays[k] += v
+            delays = json.loads(out)
     return final, delays, rss_before, rss_peak, held
 
 
