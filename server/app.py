@@ -36,7 +36,8 @@ from .scan_wire import WorkerSettings
 from .scanpool import ScanWorkers
 from .service import ScanService, ServiceInterceptor
 from .shared_roots import SharedRootStates
-from .store import Database, SqliteCatalog, SqliteJobStore
+from .store import Database, SqliteCatalog
+from .store_jobs import SqliteJobStore
 
 if TYPE_CHECKING:
     from .http_server import HttpServer

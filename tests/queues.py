@@ -22,7 +22,8 @@ from scanjobs.server.pgqueue import ClusterConfig, PgJobQueue
 from scanjobs.server.pgstore import PgDatabase
 from scanjobs.server.queue import AsyncioJobQueue, InMemoryJobStore, QueueConfig
 from scanjobs.server.runner import JobContext
-from scanjobs.server.store import Database, SqliteJobStore
+from scanjobs.server.store import Database
+from scanjobs.server.store_jobs import SqliteJobStore
 from scanjobs.server.watch import Subscription
 
 __all__ = ["PARTIAL", "QueueFactory", "ScriptedHandler", "collect", "make_queue", "until_state"]
