@@ -441,6 +441,9 @@ class PgJobQueue:
             except psycopg.OperationalError:
                 await conn.close()
                 continue
+            except BaseException:  # cancelled by close(): the connection is not ours to leak
+                await conn.close()
+                raise
             return conn
 
     def _dispatch(self, payload: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import psycopg
 import pytest
@@ -117,6 +118,35 @@ async def test_a_watch_that_loses_the_database_ends_with_database_unavailable(
     assert isinstance(ended.value, DatabaseUnavailable)
     assert not isinstance(ended.value, ShuttingDown)
     assert ended.value.reason == "DATABASE_UNAVAILABLE"
+
+
+async def test_a_queue_closed_while_it_listens_again_closes_the_new_connection(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = await PgDatabase.open(postgres_url)
+    queue = PgJobQueue(ScriptedHandler(), db, QueueConfig(), ClusterConfig(poll_s=0.05))
+    await queue.start()
+    listening: list[psycopg.AsyncConnection[Any]] = []
+    stuck = asyncio.Event()
+    real_execute = psycopg.AsyncConnection.execute
+
+    async def execute(self: psycopg.AsyncConnection[Any], query: Any, *args: Any) -> Any:
+        if isinstance(query, str) and query.startswith("LISTEN"):
+            listening.append(self)
+            stuck.set()
+            await asyncio.Event().wait()  # the database never answers the LISTEN
+        return await real_execute(self, query, *args)
+
+    monkeypatch.setattr(psycopg.AsyncConnection, "execute", execute)
+    try:
+        await asyncio.to_thread(_terminate_others, postgres_url)  # the listener is lost
+        async with asyncio.timeout(30):
+            await stuck.wait()
+    finally:
+        await queue.close(grace_s=1.0)
+        await db.close()
+    assert listening
+    assert all(conn.closed for conn in listening)
 
 
 async def _cut_connections_until_cancelled(postgres_url: str) -> None:
