@@ -219,7 +219,9 @@ class DirectoryChanges:
         failures: files that could not be probed.
         missing: catalogued paths in the directory that are gone: videos become tombstones,
             failures are forgotten.
-        gone_dirs: catalogued subdirectories that are gone: everything below them likewise.
+        gone_dirs: catalogued subdirectories that are gone: everything below them likewise,
+            and they (and the directories below them) are no longer catalogued directories:
+            their parent lists as settled again; their tombstones stay until purged.
         counts: added, updated, unchanged and failed as the scan counted them; the catalog
             adds moved, restored and removed as it applied them. They are committed with
             the rows they count; a directory with no row to write commits nothing.
@@ -251,7 +253,7 @@ class DirectoryChanges:
 
     def unsettled(self) -> list[bytes]:
         """The other directories whose rows it writes (the old directories of moves) and
-        the ``gone_dirs``: their digests are cleared (directories below ``gone_dirs`` too)."""
+        the ``gone_dirs``: their digests are cleared (``gone_dirs`` are forgotten)."""
         moved_from = {parent_dir(m.old_path) for m in self.moved}
         return sorted((moved_from | set(self.gone_dirs)) - {self.directory})
 

@@ -132,11 +132,12 @@ class InMemoryCatalog:
         """Clear the digests of the directories ``c`` unsettles; store its own summary if
         its directory's generation is still the one read (``fresh``: catalogued by ``c``)."""
         ranges = [below(d) for d in c.gone_dirs]
-        unsettled = set(c.unsettled())
-        for d in self._gens:
-            if d in unsettled or any(low <= d < high for low, high in ranges):
-                self._gens[d] += 1
-                self._summaries.pop(d, None)
+        for d in [d for d in self._dirs if d in c.gone_dirs or _within(d, ranges)]:
+            del self._dirs[d], self._gens[d]
+            self._summaries.pop(d, None)
+        for d in set(c.unsettled()) & self._gens.keys():
+            self._gens[d] += 1
+            self._summaries.pop(d, None)
         gen, s = self._gens.get(c.directory), c.summary
         if gen is None:
             return
@@ -242,6 +243,11 @@ class InMemoryCatalog:
         ]
         for path in doomed:
             del self._videos[path]
+        if doomed:
+            kept = [*self._videos, *self._failures]
+            for d in [d for d in self._dirs if not any(_within(p, [below(d)]) for p in kept)]:
+                del self._dirs[d], self._gens[d]
+                self._summaries.pop(d, None)
         return len(doomed)
 
     async def purge_outside(self, roots: Sequence[bytes]) -> int:
@@ -263,6 +269,10 @@ class InMemoryCatalog:
 
 
 _Row = TypeVar("_Row")
+
+
+def _within(path: bytes, ranges: Sequence[tuple[bytes, bytes]]) -> bool:
+    return any(low <= path < high for low, high in ranges)
 
 
 def _page_from(

@@ -250,9 +250,9 @@ def commit_steps(c: DirectoryChanges) -> list[Step]:
 
 
 def _settle_steps(c: DirectoryChanges, fresh: int) -> list[Step]:
-    """Clear the summaries of the directories ``c`` unsettles (and of those below its
-    ``gone_dirs``), and store its own if its directory was not written since it was read
-    (``fresh``: the generation of directories ``c`` catalogues)."""
+    """Forget ``c``'s ``gone_dirs`` (and the directories below them), clear the summaries
+    of the directories it unsettles, and store its own if its directory was not written
+    since it was read (``fresh``: the generation of directories ``c`` catalogues)."""
     s = c.summary
     # Typed parameters even where they are not stored (PostgreSQL infers the CASE's type).
     mine: tuple[object, ...] = (-1, b"", -1, 0, c.directory)
@@ -262,11 +262,12 @@ def _settle_steps(c: DirectoryChanges, fresh: int) -> list[Step]:
     rows: dict[bytes, tuple[object, ...]] = {d: (-1, b"", -1, 0, d) for d in c.unsettled()}
     rows[c.directory] = mine
     return [
+        # A gone directory is no longer catalogued (its tombstones stay, under its name): its
+        # parent lists as settled again, and should it come back it is read afresh.
         Step(
-            "UPDATE catalog_dirs SET digest = NULL, seen_ns = NULL, gen = gen + 1"
-            " WHERE path >= ? AND path < ?",
-            [below(d) for d in c.gone_dirs],
+            "DELETE FROM catalog_dirs WHERE path >= ? AND path < ?", [below(d) for d in c.gone_dirs]
         ),
+        Step("DELETE FROM catalog_dirs WHERE path = ?", [(d,) for d in c.gone_dirs]),
         Step(_SETTLE, [rows[d] for d in sorted(rows)]),
     ]
 

@@ -560,7 +560,8 @@ class PgCatalog:
     async def purge_missing(self, before_ns: int) -> int:
         async with self._pool.connection() as conn, conn.transaction():
             cursor = await conn.execute("DELETE FROM videos WHERE missing_ns < %s", (before_ns,))
-            await conn.execute(_PRUNE_DIRS)
+            if cursor.rowcount:  # every job starts here: the prune reads every directory's row
+                await conn.execute(_PRUNE_DIRS)
             await conn.execute("DELETE FROM job_counts WHERE time_ns < %s", (before_ns,))
             return cursor.rowcount
 
@@ -588,7 +589,7 @@ class PgCatalog:
 
 
 _DIRECTORY_READS = tuple(pg(sql) for sql in DIRECTORY_READS)
-# Directories with nothing catalogued below them any more.
+# Directories with nothing catalogued below them any more (after a purge of tombstones).
 _PRUNE_DIRS = """
 DELETE FROM catalog_dirs d WHERE NOT EXISTS (
     SELECT 1 FROM videos v WHERE v.path > d.path || '\\x2f'::bytea

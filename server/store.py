@@ -470,7 +470,8 @@ class SqliteCatalog(SqliteChanges):
                 count = conn.execute(
                     "DELETE FROM videos WHERE missing_ns < ?", (before_ns,)
                 ).rowcount
-                conn.execute(_PRUNE_DIRS)
+                if count:  # every job starts here: the prune reads every directory's row
+                    conn.execute(_PRUNE_DIRS)
                 conn.execute("DELETE FROM job_counts WHERE time_ns < ?", (before_ns,))
             return count
 
@@ -500,7 +501,7 @@ class SqliteCatalog(SqliteChanges):
         """Nothing of its own to close: the :class:`Database` is closed by its owner."""
 
 
-# Directories with nothing catalogued below them any more.
+# Directories with nothing catalogued below them any more (after a purge of tombstones).
 _PRUNE_DIRS = """
 DELETE FROM catalog_dirs WHERE NOT EXISTS (
     SELECT 1 FROM videos WHERE videos.path > CAST(catalog_dirs.path || x'2f' AS BLOB)

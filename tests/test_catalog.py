@@ -140,6 +140,22 @@ async def test_a_gone_directory_tombstones_everything_below_it(catalog: Catalog)
     assert failures == []
 
 
+async def test_a_gone_directory_is_no_longer_catalogued_but_keeps_its_tombstones(
+    catalog: Catalog,
+) -> None:
+    await add(catalog, video(b"/m/s/a.mp4"), video(b"/m/s/t/b.mp4"), video(b"/m/x.mp4"))
+    await add(catalog, video(b"/m/q/c.mp4"))
+    await catalog.commit(changes(b"/m", 200, gone_dirs=[b"/m/s"]))
+    await catalog.commit(changes(b"/m/q", 200, missing=[b"/m/q/c.mp4"]))  # still there, empty
+    gone, below_it = await catalog.read_directory(b"/m/s"), await catalog.read_directory(b"/m/s/t")
+    assert (await catalog.read_directory(b"/m")).subdirs == {b"/m/q"}
+    assert (gone.gen, gone.subdirs, below_it.gen) == (None, frozenset(), None)
+    assert gone.videos[b"/m/s/a.mp4"].missing_ns == 200  # a scan of it, come back, finds it
+    assert await catalog.purge_missing(300) == 3
+    assert await paths(catalog, include_missing=True) == [b"/m/x.mp4"]
+    assert (await catalog.read_directory(b"/m")).subdirs == frozenset()  # nothing left below
+
+
 async def test_a_restore_clears_the_tombstone_without_a_probe(catalog: Catalog) -> None:
     await add(catalog, video(b"/m/a.mp4"))
     await catalog.commit(changes(b"/m", 200, missing=[b"/m/a.mp4"]))

@@ -383,6 +383,28 @@ async def test_a_rescan_of_an_unchanged_tree_reads_no_videos(tmp_path: Path) -> 
     assert (again.result.unchanged, again.result.failed, prober.probed) == (6, 0, [])
 
 
+async def test_a_deleted_folder_leaves_its_parent_settled_once_it_was_found_gone(
+    tmp_path: Path,
+) -> None:
+    root = _tree(tmp_path / "lib", 3)
+    _tree(root / "sub", 2)
+    _tree(root / "sub" / "deeper", 1)
+    catalog = ReadCountingCatalog()
+    queue = await _run(root, catalog, FakeProber())
+    try:
+        await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+        shutil.rmtree(root / "sub")
+        found_gone = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+        catalog.settled.clear()
+        again = await _final(queue, (await queue.submit(JobSpec(str(root)))).id)
+    finally:
+        await queue.close()
+
+    assert (found_gone.result.removed, found_gone.result.unchanged) == (3, 3)
+    assert catalog.settled == [True]  # one read of the root, not a second one for a gone folder
+    assert (again.result.unchanged, again.result.removed) == (3, 0)
+
+
 class JunkFailingProber(FakeProber):
     """Fails every file whose name starts with ``junk``."""
 
