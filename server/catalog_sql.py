@@ -34,6 +34,7 @@ __all__ = [
     "DIRECTORY_READS",
     "FAILURE_COLUMNS",
     "KNOWN_COLUMNS",
+    "SETTLED_READ",
     "SUMMARY_SCHEMA",
     "UNSETTLE_ALL",
     "VIDEO_UPSERT",
@@ -96,6 +97,15 @@ DIRECTORY_READS = (
     f"SELECT {KNOWN_COLUMNS} FROM videos WHERE dir = ?",  # noqa: S608 - constant
     f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?",  # noqa: S608 - constant
     "SELECT path FROM catalog_dirs WHERE parent = ?",
+)
+# A directory read in one statement when it may be settled (SQLite's columns take any type):
+# its summary (tagged 0), failures (1) and catalogued sub-directories (2), not its videos.
+SETTLED_READ = " UNION ALL ".join(
+    (
+        "SELECT 0, gen, digest, seen_ns, NULL, NULL, NULL FROM catalog_dirs WHERE path = ?1",
+        f"SELECT 1, {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?1",  # noqa: S608 - constant
+        "SELECT 2, path, NULL, NULL, NULL, NULL, NULL FROM catalog_dirs WHERE parent = ?1",
+    )
 )
 # Each directory's summary is stored if its generation is the one expected, else cleared;
 # either way the generation moves on. Run for every commit's directory and the directories
@@ -277,6 +287,18 @@ def settled(state: Sequence[Any] | None, digest: bytes, fresh_after_ns: int) -> 
     if state is None or not digest or state[1] is None:
         return False
     return bytes(state[1]) == digest and state[2] >= fresh_after_ns
+
+
+def settled_rows(
+    rows: Sequence[Sequence[Any]], digest: bytes, fresh_after_ns: int
+) -> DirectoryRows | None:
+    """The :class:`DirectoryRows` of a settled directory from the rows of ``SETTLED_READ``;
+    None if it is not settled."""
+    state = next((r[1:4] for r in rows if r[0] == 0), None)
+    if not settled(state, digest, fresh_after_ns):
+        return None
+    failures = [r[1:] for r in rows if r[0] == 1]
+    return directory_rows(state, True, (), failures, [r[1:2] for r in rows if r[0] == 2])
 
 
 def directory_rows(

@@ -41,7 +41,7 @@ from .lister import Lister
 from .probe import ProbeOutcome, ProbePool, Prober, ProbeTarget
 from .reconcile import DirectoryScan, Reported
 from .roots import RootPolicy
-from .walk import Listing, Tree
+from .walk import Tree
 
 __all__ = ["DirectoryWork", "LocalDirectories"]
 
@@ -113,7 +113,13 @@ class DirectoryWork:
                 tree.__exit__()
 
     async def _directories(self, task: wire.DirectoryTask, tree: Tree, emit: Emit) -> bool:
-        wanted = _Wanted(task.errors_wanted)
+        s, offset = self._settings, task.clock_offset_ns
+        scan = DirectoryScan(
+            self._catalog, self._prober, task.job_id, task.since_ns, task.reprobe,
+            task.recursive, self._roots, lambda: time.time_ns() + offset,
+            s.seen_resolution_ns, s.chunk, s.probe_batch,
+            self._reporter(emit, _Wanted(task.errors_wanted)), s.io_timeout_s,
+        )  # fmt: skip
         for directory in task.directories:
             path = tree.path_of(directory)
             try:
@@ -121,7 +127,15 @@ class DirectoryWork:
             except IoTimeout:
                 emit(self._no_answer(path))
                 return False
-            await self._directory(task, listing, emit, wanted)
+            error = listing.error
+            emit(
+                wire.Listed(
+                    len(listing.entry_items()),
+                    tuple(listing.folders) if task.recursive else (),
+                    None if error is None else (error.path, error.message),
+                )
+            )
+            await scan(listing)
         return True
 
     def _no_answer(self, path: bytes) -> wire.Listed:
@@ -130,26 +144,6 @@ class DirectoryWork:
     def _stuck(self, path: bytes) -> None:
         if self._on_stuck is not None:
             self._on_stuck(self._no_answer(path))
-
-    async def _directory(
-        self, task: wire.DirectoryTask, listing: Listing, emit: Emit, wanted: _Wanted
-    ) -> None:
-        error = listing.error
-        emit(
-            wire.Listed(
-                len(listing.entry_items()),
-                tuple(listing.folders) if task.recursive else (),
-                None if error is None else (error.path, error.message),
-            )
-        )
-        s, offset = self._settings, task.clock_offset_ns
-        scan = DirectoryScan(
-            self._catalog, self._prober, task.job_id, task.since_ns, task.reprobe,
-            task.recursive, self._roots, lambda: time.time_ns() + offset,
-            s.seen_resolution_ns, s.chunk, s.probe_batch, self._reporter(emit, wanted),
-            s.io_timeout_s,
-        )  # fmt: skip
-        await scan(listing)
 
     def _reporter(self, emit: Emit, wanted: _Wanted) -> Reported:
         times = self._probe_times

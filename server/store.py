@@ -37,6 +37,7 @@ from .catalog_sql import (
     DIRECTORY_READS,
     FAILURE_COLUMNS,
     KNOWN_COLUMNS,
+    SETTLED_READ,
     SUMMARY_SCHEMA,
     UNSETTLE_ALL,
     commit_steps,
@@ -46,6 +47,7 @@ from .catalog_sql import (
     removal_log,
     row_failure,
     settled,
+    settled_rows,
 )
 from .changes import ChangeFeed
 from .errors import StorageFault, StorageFull, StorageIOError
@@ -185,6 +187,7 @@ class Database:
         self._lock = lock
         self._closed = False
         self._path = path
+        self._fs_path = os.fspath(path)
         self._identity = _identity(path)
 
     @classmethod
@@ -237,7 +240,7 @@ class Database:
 
     def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """``fn`` on the database thread, with SQLite's I/O faults as domain errors."""
-        if _identity(self._path) != self._identity:
+        if _identity(self._fs_path) != self._identity:  # a str: on every call, cheapest
             # SQLite would go on writing to the unlinked file, and lose it all at the next start.
             raise StorageIOError(
                 f"the database file {self._path} was removed or replaced while the server "
@@ -281,9 +284,9 @@ def storage_fault(exc: sqlite3.Error, path: Path) -> StorageFault | None:
     return None
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
+def _identity(path: str | Path) -> tuple[int, int] | None:
     try:
-        info = path.stat()
+        info = os.stat(path)
     except OSError:
         return None
     return info.st_dev, info.st_ino
@@ -360,6 +363,11 @@ class SqliteCatalog(SqliteChanges):
         self, directory: bytes, digest: bytes = b"", fresh_after_ns: int = 0
     ) -> DirectoryRows:
         def query(conn: sqlite3.Connection) -> DirectoryRows:
+            if digest:  # most directories of a rescan: one statement
+                rows = settled_rows(conn.execute(SETTLED_READ, (directory,)).fetchall(), digest,
+                                    fresh_after_ns)  # fmt: skip
+                if rows is not None:
+                    return rows
             state_sql, videos_sql, failures_sql, subdirs_sql = DIRECTORY_READS
             conn.execute("BEGIN")  # one snapshot (and one look at the WAL) for the four reads
             try:
