@@ -50,6 +50,7 @@ _T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 Emit = Callable[[wire.Reply], None]
+_FLUSH_AT = 64  # replies (a rescan's settled folder makes two)
 
 
 class DirectoryWork:
@@ -65,6 +66,8 @@ class DirectoryWork:
         on_stuck: given the error of a directory whose listing got no answer within
             ``--io-timeout``, on another thread, while this one is stuck in that listing: the
             worker process sends it, and asks to be replaced, from there.
+        flush: sends the replies emitted so far; called when a task of one directory found
+            sub-folders (the other lanes may be waiting for them while this one reconciles).
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class DirectoryWork:
         settings: wire.WorkerSettings,
         probe_times: list[float] | None = None,
         on_stuck: Emit | None = None,
+        flush: Callable[[], None] | None = None,
     ) -> None:
         self._catalog = catalog
+        self._flush = flush
         self._prober = prober
         self._roots = roots
         self._settings = settings
@@ -135,6 +140,8 @@ class DirectoryWork:
                     None if error is None else (error.path, error.message),
                 )
             )
+            if listing.folders and len(task.directories) == 1 and self._flush is not None:
+                self._flush()
             await scan(listing)
         return True
 
@@ -213,8 +220,9 @@ async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
 
 class _Replies:
     """Replies on their way to the server, written together: before the worker waits for a
-    probe (the server hands out the sub-folders meanwhile) and at the end of a task, so that
-    a task of unchanged folders costs one write.
+    probe (the server hands out the sub-folders meanwhile), every ``_FLUSH_AT`` replies (the
+    server takes them in while the worker goes on, not all at once after the task) and at
+    the end of a task.
 
     :meth:`answer_for_stuck` writes the last ones from the watchdog's thread while the
     worker's own thread is stuck in a listing; nothing is written after them.
@@ -228,6 +236,8 @@ class _Replies:
     def emit(self, reply: wire.Reply) -> None:
         if not self.closed:
             self._pending.append(wire.encode(reply))
+            if len(self._pending) >= _FLUSH_AT:
+                self.flush()
 
     def flush(self) -> None:
         if self._pending and not self.closed:
@@ -276,7 +286,9 @@ async def _serve(reader: asyncio.StreamReader, out: BinaryIO) -> None:
     await probes.start()
     roots = RootPolicy(settings.roots, settings.resolutions)
     prober = _Flushing(probes, replies)
-    work = DirectoryWork(catalog, prober, roots, settings, times, replies.answer_for_stuck)
+    work = DirectoryWork(
+        catalog, prober, roots, settings, times, replies.answer_for_stuck, replies.flush
+    )
     replies.emit(wire.Ready())
     replies.flush()
     try:

@@ -145,7 +145,8 @@ class Listing:
     @property
     def subdirs(self) -> list[bytes]:
         """Its sub-folders, as the catalog names them."""
-        return [self.path + b"/" + os.path.basename(f) for f in self.folders]
+        prefix = self.path + b"/"
+        return [prefix + f.rpartition(b"/")[2] for f in self.folders]
 
 
 class Tree:
