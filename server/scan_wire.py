@@ -17,6 +17,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import orjson
+
 from .catalog import ScanCounts
 from .roots import Folder
 
@@ -188,7 +190,11 @@ def _raw(text: object) -> bytes:
 
 def encode(message: WorkerSettings | DirectoryTask | Reply) -> bytes:
     """One frame: length, then the message as JSON."""
-    body = json.dumps(_plain(message), separators=(",", ":")).encode()
+    data = _plain(message)
+    try:
+        body = orjson.dumps(data)
+    except orjson.JSONEncodeError:  # a text with a lone surrogate (an OS message): as "?"
+        body = json.dumps(data, ensure_ascii=False).encode("utf-8", "replace")
     return FRAME.pack(len(body)) + body
 
 
@@ -226,7 +232,7 @@ def _plain(message: object) -> dict[str, Any]:
 
 def _load(payload: bytes, expected: str) -> dict[str, Any]:
     try:
-        data = json.loads(payload)
+        data = orjson.loads(payload)
     except ValueError:
         raise BadFrame("a frame is not JSON") from None
     if not isinstance(data, dict) or (expected and data.get("type") != expected):
