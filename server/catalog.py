@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -365,7 +364,7 @@ class Catalog(Protocol):
 
 def parent_dir(path: bytes) -> bytes:
     """The directory a path is directly in (``/a/b.mp4`` -> ``/a``; ``/b.mp4`` -> ``/``)."""
-    return os.path.dirname(path) or b"/"
+    return path[: path.rfind(b"/") + 1].rstrip(b"/") or b"/"  # once per file: not dirname
 
 
 def ancestors(directory: bytes) -> list[tuple[bytes, bytes]]:

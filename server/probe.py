@@ -205,6 +205,8 @@ def _short(exc: BaseException) -> str:
 
 # -- the pool ----------------------------------------------------------------------------
 
+_READ_BYTES = 1 << 16  # of outcomes, per read from a worker's pipe
+
 
 class _Worker:
     """One worker process and its pipes."""
@@ -213,6 +215,7 @@ class _Worker:
         self.proc = proc
         self.stdin = proc.stdin
         self.stdout = proc.stdout
+        self._inbox = bytearray()  # read from the worker, not yet a whole reply
 
     async def send(self, targets: Sequence[ProbeTarget]) -> None:
         self.stdin.write(wire.encode_targets(tuple(targets)))
@@ -220,10 +223,24 @@ class _Worker:
 
     async def receive(self) -> tuple[ProbeOutcome, float]:
         """The next outcome and its probe's seconds; raises wire.BadReply before reading an
-        oversized payload."""
-        (size,) = wire.FRAME.unpack(await self.stdout.readexactly(wire.FRAME.size))
-        wire.check_size(size)
-        return wire.decode_reply(await self.stdout.readexactly(size))
+        oversized payload.
+
+        The worker writes its outcomes several at a time: one read takes them all in, and
+        the ones after the first are then answered without waiting.
+        """
+        inbox, head = self._inbox, wire.FRAME.size
+        while True:
+            if len(inbox) >= head:
+                (size,) = wire.FRAME.unpack_from(inbox)
+                wire.check_size(size)
+                if len(inbox) >= head + size:
+                    payload = bytes(inbox[head : head + size])
+                    del inbox[: head + size]
+                    return wire.decode_reply(payload)
+            chunk = await self.stdout.read(_READ_BYTES)
+            if not chunk:
+                raise asyncio.IncompleteReadError(bytes(inbox), None)
+            inbox += chunk
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):

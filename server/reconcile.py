@@ -243,7 +243,7 @@ class DirectoryScan:
             by_identity.setdefault((row.device, row.inode, *row.stamp), []).append(row)
         listed = {f.path for f in files} | {e.path for e in errors}
         for file in candidates:
-            rows = by_identity.get((file.device, file.inode, *file.stamp), [])
+            rows = by_identity.get((file.device, file.inode, file.size_bytes, file.mtime_ns), [])
             source = await self._moved_from(file, rows, listing, listed)
             if source is not None:
                 plan.changes.moved.append(Move(source, file.path, file.device, file.inode))

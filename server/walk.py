@@ -69,7 +69,7 @@ class Candidate(NamedTuple):
     @property
     def stamp(self) -> FileStamp:
         """Size and mtime, compared with the catalog's."""
-        return FileStamp(self.size_bytes, self.mtime_ns)
+        return _new(FileStamp, (self.size_bytes, self.mtime_ns))
 
     @property
     def target(self) -> ProbeTarget:
