@@ -132,15 +132,15 @@ class DirectoryWork:
             except IoTimeout:
                 emit(self._no_answer(path))
                 return False
-            error = listing.error
+            error, folders = listing.error, tuple(listing.folders) if task.recursive else ()
             emit(
                 wire.Listed(
                     len(listing.entry_items()),
-                    tuple(listing.folders) if task.recursive else (),
+                    folders,
                     None if error is None else (error.path, error.message),
                 )
             )
-            if listing.folders and len(task.directories) == 1 and self._flush is not None:
+            if folders and len(task.directories) == 1 and self._flush is not None:
                 self._flush()
             await scan(listing)
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import select
 import threading
@@ -214,3 +215,42 @@ def test_a_worker_stuck_in_a_listing_sends_its_error_and_asks_to_be_replaced_mea
     assert got[3] == wire.Done(retire=True)
     assert finished == [False]
     assert rest == b""  # nothing once it was answered for: not the late listing, not d02
+
+
+def test_a_lone_folder_sends_its_sub_folders_before_it_is_reconciled(tmp_path: Path) -> None:
+    # The other lanes may be waiting for those sub-folders: a task of one folder sends its
+    # listing at once; a task of several sends its replies together.
+    names = _library(tmp_path / "lib", 2)
+    roots = RootPolicy([str(tmp_path)])
+    settings = wire.WorkerSettings(
+        database="", roots=(str(tmp_path),), resolutions=(str(tmp_path),),
+        extensions=(".txt",), seen_resolution_ns=10**9, chunk=128, probe_batch=16,
+        probe_command=(),
+    )  # fmt: skip
+    emitted: list[wire.Reply] = []
+    flushed: list[list[wire.Reply]] = []
+    work = scanworker.DirectoryWork(
+        InMemoryCatalog(), _NoProbes(), roots, settings, flush=lambda: flushed.append(emitted[:])
+    )
+    folder = roots.locate(str(tmp_path))
+
+    def run(directories: tuple[bytes, ...]) -> None:
+        task = wire.DirectoryTask("job", 0, False, True, folder, directories)
+        asyncio.run(work.run(task, emitted.append))
+
+    run((b"",))
+    assert flushed == [[wire.Listed(0, (b"lib",))]]  # before its commit was reported
+    assert [type(r) for r in emitted] == [wire.Listed, wire.Committed]
+    flushed.clear()
+    run((b"lib", *(b"lib/" + n for n in names)))
+    assert flushed == []
+
+
+def test_a_worker_sends_its_replies_every_64() -> None:
+    out = io.BytesIO()
+    replies = scanworker._Replies(out)
+    for _ in range(63):
+        replies.emit(wire.Done())
+    assert out.getvalue() == b""
+    replies.emit(wire.Done())
+    assert out.getvalue() == wire.encode(wire.Done()) * 64

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from scanjobs.server import probe as probe_module
 from scanjobs.server import probe_wire as wire
 from scanjobs.server.probe import (
     MediaInfo,
@@ -371,6 +372,42 @@ def test_an_oversized_reply_is_refused_before_it_is_read() -> None:
     wire.check_size(wire.MAX_REPLY_BYTES)
     with pytest.raises(wire.BadReply, match="oversized"):
         wire.check_size(wire.MAX_REPLY_BYTES + 1)
+
+
+class _Pipes:
+    """A worker's pipes as the pool holds them, its output fed by the test."""
+
+    def __init__(self) -> None:
+        self.stdin = None
+        self.stdout = asyncio.StreamReader()
+
+
+async def test_outcomes_are_read_whole_however_the_pipe_cuts_them() -> None:
+    pipes = _Pipes()
+    worker = probe_module._Worker(pipes)  # type: ignore[arg-type]
+    sent = [(ProbeFailure(f"bad {n}"), n / 8) for n in range(3)]
+    data = b"".join(wire.encode_outcome(o, s) for o, s in sent)
+    pieces = [data[:3], data[3:40], data[40:41], data[41:]]  # a header cut, then several at once
+
+    async def feed() -> None:
+        for piece in pieces:
+            await asyncio.sleep(0.01)
+            pipes.stdout.feed_data(piece)
+        pipes.stdout.feed_eof()
+
+    feeding = asyncio.create_task(feed())
+    got = [await worker.receive() for _ in sent]
+    await feeding
+    assert got == sent
+    with pytest.raises(asyncio.IncompleteReadError):
+        await worker.receive()
+
+
+async def test_an_oversized_outcome_is_refused_before_its_payload_comes() -> None:
+    pipes = _Pipes()
+    pipes.stdout.feed_data(wire.FRAME.pack(wire.MAX_REPLY_BYTES + 1))  # and nothing more
+    with pytest.raises(wire.BadReply, match="oversized"):
+        await asyncio.wait_for(probe_module._Worker(pipes).receive(), 5)  # type: ignore[arg-type]
 
 
 def test_long_texts_are_cut_to_fit_the_limit() -> None:
