@@ -47,6 +47,7 @@ _SLOW_STAT_S = 0.0005  # a local stat takes microseconds; a network share's, mil
 # Slow stats in a row that make a folder's stats go in flight: on a busy machine one stat now
 # and then waits for the CPU; on a network share every one is slow.
 _SLOW_STATS = 2
+_TIMED_ALONE, _TIMED_GROUP = 8, 16  # files timed one by one at a folder's start; then per group
 
 
 class Candidate(NamedTuple):
@@ -248,13 +249,16 @@ class Tree:
     ) -> int:
         """Stat ``entries`` on this thread, in order, until storage proves slow (with a pool
         to take the rest); returns how many were done."""
-        items, root = listing.items, self._folder.root
-        timed, slow, perf = self._stats is not None, 0, time.perf_counter
-        last = perf() if timed else 0.0
-        for done, entry in enumerate(entries):
+        items, root, ops = listing.items, self._folder.root, self.ops
+        slow, perf = 0, time.perf_counter
+        # The clock is read after each of the first files (each one's own time), then after
+        # each group of them: a local disk is known by then, and a clock read is not free.
+        check = 1 if self._stats is not None else len(entries) + 1
+        last = perf()
+        for done, entry in enumerate(entries, 1):
             st = None
-            if not isinstance(entry, WalkError) and not entry.is_symlink():
-                try:
+            if not isinstance(entry, WalkError):
+                try:  # a symlink is not regular here: _unusual looks where it leads
                     st = entry.stat(follow_symlinks=False)
                 except OSError:
                     st = None  # the error is made by _unusual
@@ -265,12 +269,13 @@ class Tree:
                                               under + name)))  # fmt: skip
             else:
                 self._add(self._unusual(entry, fd, prefix, under), listing)
-            self.ops += 1
-            if timed:  # one clock read per file: the time since the last is this file's
-                now = perf()
-                slow, last = (slow + 1 if now - last > _SLOW_STAT_S else 0), now
+            self.ops = ops + done
+            if done >= check:
+                now, span = perf(), 1 if done <= _TIMED_ALONE else _TIMED_GROUP
+                slow, last = (slow + 1 if now - last > span * _SLOW_STAT_S else 0), now
                 if slow >= _SLOW_STATS:
-                    return done + 1
+                    return done
+                check = done + span
         return len(entries)
 
     def _stat_in_flight(
