@@ -98,13 +98,18 @@ DIRECTORY_READS = (
     f"SELECT {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?",  # noqa: S608 - constant
     "SELECT path FROM catalog_dirs WHERE parent = ?",
 )
-# A directory read in one statement when it may be settled (SQLite's columns take any type):
+# A directory read in one statement when it may be settled (one snapshot, one round trip):
 # its summary (tagged 0), failures (1) and catalogued sub-directories (2), not its videos.
+# NULLs are typed for PostgreSQL's UNION; the directory is given once per part.
+_NONE = {t: f"CAST(NULL AS {t})" for t in ("BIGINT", "BYTEA", "TEXT")}
+_NO_SUMMARY = ", ".join(_NONE[t] for t in ("BIGINT", "BYTEA", "BIGINT"))
+_NO_FAILURE = ", ".join(_NONE[t] for t in ("BIGINT", "BIGINT", "TEXT", "TEXT", "BIGINT"))
+_NO_ROW = f"{_NONE['BYTEA']}, {_NO_FAILURE}"
 SETTLED_READ = " UNION ALL ".join(
     (
-        "SELECT 0, gen, digest, seen_ns, NULL, NULL, NULL FROM catalog_dirs WHERE path = ?1",
-        f"SELECT 1, {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?1",  # noqa: S608 - constant
-        "SELECT 2, path, NULL, NULL, NULL, NULL, NULL FROM catalog_dirs WHERE parent = ?1",
+        f"SELECT 0, gen, digest, seen_ns, {_NO_ROW} FROM catalog_dirs WHERE path = ?",  # noqa: S608 - constant
+        f"SELECT 1, {_NO_SUMMARY}, {FAILURE_COLUMNS} FROM file_errors WHERE dir = ?",  # noqa: S608 - constant
+        f"SELECT 2, {_NO_SUMMARY}, path, {_NO_FAILURE} FROM catalog_dirs WHERE parent = ?",  # noqa: S608 - constant
     )
 )
 # Each directory's summary is stored if its generation is the one expected, else cleared;
@@ -297,8 +302,8 @@ def settled_rows(
     state = next((r[1:4] for r in rows if r[0] == 0), None)
     if not settled(state, digest, fresh_after_ns):
         return None
-    failures = [r[1:] for r in rows if r[0] == 1]
-    return directory_rows(state, True, (), failures, [r[1:2] for r in rows if r[0] == 2])
+    failures = [r[4:] for r in rows if r[0] == 1]
+    return directory_rows(state, True, (), failures, [r[4:5] for r in rows if r[0] == 2])
 
 
 def directory_rows(

@@ -37,6 +37,7 @@ from .catalog_sql import (
     DIRECTORY_READS,
     FAILURE_COLUMNS,
     KNOWN_COLUMNS,
+    SETTLED_READ,
     SUMMARY_SCHEMA,
     UNSETTLE_ALL,
     changes_query,
@@ -52,6 +53,7 @@ from .catalog_sql import (
     row_known,
     row_video,
     settled,
+    settled_rows,
 )
 from .changes import ChangeFeed, VideoChange, check_history
 from .errors import DatabaseUnavailable
@@ -417,14 +419,13 @@ class PgCatalog:
         self, directory: bytes, digest: bytes = b"", fresh_after_ns: int = 0
     ) -> DirectoryRows:
         async with self._pool.connection() as conn:
+            if digest:  # most directories of a rescan: one round trip
+                found = await (await conn.execute(_SETTLED_READ, (directory,) * 3)).fetchall()
+                if (rows := settled_rows(found, digest, fresh_after_ns)) is not None:
+                    return rows
             state = await (await conn.execute(_DIRECTORY_READS[0], (directory,))).fetchone()
-            is_settled = settled(state, digest, fresh_after_ns)
-            found = [
-                await (await conn.execute(sql, (directory,))).fetchall()
-                for sql in _DIRECTORY_READS[2 if is_settled else 1 :]
-            ]
-        videos = [] if is_settled else found.pop(0)
-        return directory_rows(state, is_settled, videos, *found)
+            reads = [await (await conn.execute(sql, (directory,))).fetchall() for sql in _READS]
+        return directory_rows(state, settled(state, digest, fresh_after_ns), *reads)
 
     async def find_identities(self, identities: Sequence[tuple[int, int]]) -> list[Known]:
         if not identities:
@@ -589,12 +590,11 @@ class PgCatalog:
 
 
 _DIRECTORY_READS = tuple(pg(sql) for sql in DIRECTORY_READS)
+_READS, _SETTLED_READ = _DIRECTORY_READS[1:], pg(SETTLED_READ)
 # Directories with nothing catalogued below them any more (after a purge of tombstones).
 _PRUNE_DIRS = """
-DELETE FROM catalog_dirs d WHERE NOT EXISTS (
-    SELECT 1 FROM videos v WHERE v.path > d.path || '\\x2f'::bytea
-    AND v.path < d.path || '\\x30'::bytea)
-AND NOT EXISTS (
-    SELECT 1 FROM file_errors f WHERE f.path > d.path || '\\x2f'::bytea
-    AND f.path < d.path || '\\x30'::bytea)
+DELETE FROM catalog_dirs d WHERE NOT EXISTS (SELECT 1 FROM videos v
+    WHERE v.path > d.path || '\\x2f'::bytea AND v.path < d.path || '\\x30'::bytea)
+AND NOT EXISTS (SELECT 1 FROM file_errors f
+    WHERE f.path > d.path || '\\x2f'::bytea AND f.path < d.path || '\\x30'::bytea)
 """

@@ -364,8 +364,8 @@ class SqliteCatalog(SqliteChanges):
     ) -> DirectoryRows:
         def query(conn: sqlite3.Connection) -> DirectoryRows:
             if digest:  # most directories of a rescan: one statement
-                rows = settled_rows(conn.execute(SETTLED_READ, (directory,)).fetchall(), digest,
-                                    fresh_after_ns)  # fmt: skip
+                found = conn.execute(SETTLED_READ, (directory,) * 3).fetchall()
+                rows = settled_rows(found, digest, fresh_after_ns)
                 if rows is not None:
                     return rows
             state_sql, videos_sql, failures_sql, subdirs_sql = DIRECTORY_READS

@@ -386,10 +386,13 @@ async def test_a_stored_summary_settles_its_directory_while_its_rows_are_fresh(
     catalog: Catalog,
 ) -> None:
     await add(catalog, video(b"/m/a.mp4"), video(b"/m/sub/b.mp4"))
+    bad = Failure(b"/m/bad.mp4", FileStamp(3, 4), "corrupt", "j1", 100)
+    await catalog.commit(changes(b"/m", failures=[bad]))
     assert not await is_settled(catalog, b"/m")
     await settle(catalog, b"/m", now=200)
     rows = await catalog.read_directory(b"/m", DIGEST, 200)
     assert (rows.settled, rows.videos, rows.subdirs) == (True, {}, {b"/m/sub"})
+    assert rows.failures == {b"/m/bad.mp4": bad}
     assert not (await catalog.read_directory(b"/m", b"e" * 32, 200)).settled
     assert not await is_settled(catalog, b"/m", fresh_after=201)  # a row would be stale
     assert list((await catalog.read_directory(b"/m")).videos) == [b"/m/a.mp4"]
