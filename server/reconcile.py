@@ -49,7 +49,7 @@ from .catalog import (
 from .fsopen import open_beneath
 from .probe import ProbeFailure, Prober
 from .roots import RootPolicy
-from .walk import Candidate, Listing, WalkError
+from .walk import Candidate, Listing, Stamp, WalkError
 
 __all__ = ["DirectoryScan", "Reported"]
 
@@ -57,7 +57,7 @@ __all__ = ["DirectoryScan", "Reported"]
 # counts were written with rows (False: nothing to write, such as an unchanged folder).
 Reported = Callable[[ScanCounts, Sequence[tuple[bytes, str]], bytes, bool], None]
 # What a listing's digest takes of each file: path, size, mtime, device, inode; and its key.
-_DIGESTED, _PATH = itemgetter(slice(0, 5)), itemgetter(0)
+_PATH = itemgetter(0)
 
 
 @dataclass(slots=True)
@@ -117,14 +117,15 @@ class DirectoryScan:
 
     async def __call__(self, listing: Listing) -> None:
         """Reconcile one directory."""
-        files, unreadable = listing.files, listing.errors
-        digest = _digest(files, unreadable) if listing.complete else b""
+        stamps, unreadable = listing.stamps(), listing.errors
+        digest = _digest(stamps, unreadable) if listing.complete else b""
         fresh_after = self.clock_ns() - self.seen_resolution_ns
         trusted = b"" if self.reprobe else digest
         rows = await self.catalog.read_directory(listing.path, trusted, fresh_after)
         if rows.settled and not self._gone_dirs(listing, rows):
-            self._report_settled(listing.path, files, unreadable, rows)
+            self._report_settled(listing.path, stamps, unreadable, rows)
             return
+        files = listing.files
         if rows.settled:  # a catalogued sub-directory is gone: reconcile it all
             rows = await self.catalog.read_directory(listing.path)
         plan = self._compare(listing.path, files, unreadable, rows)
@@ -155,17 +156,16 @@ class DirectoryScan:
         return sorted(rows.subdirs - set(listing.subdirs)) if self.recursive else []
 
     def _report_settled(
-        self, directory: bytes, files: list[Candidate], errors: list[WalkError],
-        rows: DirectoryRows,
-    ) -> None:  # fmt: skip
+        self, directory: bytes, stamps: list[Stamp], errors: list[WalkError], rows: DirectoryRows
+    ) -> None:
         """Report a directory whose rows agree with its listing: what a comparison would
         count, with nothing to write."""
         found = [(e.path, e.message) for e in errors]
         failures = rows.failures
         if failures:  # remembered failures of files still there are failed again
-            found += [(f.path, failures[f.path].message) for f in files if f.path in failures]
+            found += [(s[0], failures[s[0]].message) for s in stamps if s[0] in failures]
         remembered = len(found) - len(errors)
-        counts = ScanCounts(unchanged=len(files) - remembered, failed=len(found))
+        counts = ScanCounts(unchanged=len(stamps) - remembered, failed=len(found))
         self.report(counts, found, directory, False)
 
     def _changes(self, directory: bytes) -> DirectoryChanges:
@@ -354,11 +354,11 @@ def _unchanged(plan: _Plan, file: Candidate, row: Known, stale_before: int) -> N
         plan.oldest_seen_ns = min(plan.oldest_seen_ns, row.last_seen_ns)
 
 
-def _digest(files: list[Candidate], errors: list[WalkError]) -> bytes:
+def _digest(stamps: list[Stamp], errors: list[WalkError]) -> bytes:
     """A digest of a listing: each file's path, size, mtime and identity, and the paths of
     the entries that could not be read, in path order."""
     # Sorted by path: paths are unique in a listing, so this is the order of the whole tuples.
-    entries = list(map(_DIGESTED, sorted(files, key=_PATH))), sorted([e.path for e in errors])
+    entries = sorted(stamps, key=_PATH), sorted([e.path for e in errors])
     # marshal's version 2 writes no back-references: equal values, equal bytes
     return hashlib.sha256(marshal.dumps(entries, 2)).digest()
 

@@ -33,6 +33,7 @@ __all__ = [
     "OUTSIDE_ROOTS",
     "Candidate",
     "Listing",
+    "Stamp",
     "Tree",
     "WalkError",
     "WalkItem",
@@ -89,7 +90,10 @@ class WalkError:
 _new = tuple.__new__
 _FORMAT, _REGULAR = 0o170000, stat.S_IFREG  # stat.S_ISREG, without a call per file
 WalkItem = Candidate | WalkError
-_Items = list[WalkItem]
+Stamp = tuple[bytes, int, int, int, int]
+"""A regular file as its folder's listing keeps it: path, size, mtime, device and inode. Its
+:class:`Candidate` is made only when the folder is compared; a settled folder needs none."""
+_Listed = Candidate | WalkError | Stamp
 _Entries = list[os.DirEntry[str] | WalkError]  # a folder's entries with a video name, in order
 
 
@@ -99,7 +103,8 @@ class Listing:
 
     Attributes:
         path: the folder, as the catalog names its files.
-        items: its video files and per-entry errors, in listing order.
+        items: its video files (a :data:`Stamp`, or a :class:`Candidate` for a followed
+            symlink) and per-entry errors, in listing order.
         folders: its sub-folders, relative to the walk's folder.
         complete: True only if the folder was opened and read to its end; what is missing
             from an incomplete listing may still exist.
@@ -107,22 +112,46 @@ class Listing:
             device than the videos catalogued below it.
         entries: how many entries of any kind it holds.
         unreadable: how many of ``items`` are entries that could not be read.
+        followed: how many of ``items`` are followed symlinks.
+        root, under: where its files lie beneath an allowed root (``under`` ends with a
+            slash, or is empty for the root itself).
     """
 
     path: bytes
-    items: list[WalkItem] = field(default_factory=list)
+    items: list[_Listed] = field(default_factory=list)
     folders: list[bytes] = field(default_factory=list)
     complete: bool = False
     device: int = 0
     entries: int = 0
     unreadable: int = 0
+    followed: int = 0
+    root: bytes = b""
+    under: bytes = b""
 
     @property
     def files(self) -> list[Candidate]:
         """Its video files (a new list each time: read it once)."""
-        if not self.unreadable:  # most folders: every item but the folder's error is a file
-            return cast(list[Candidate], self.items[:] if self.complete else self.items[:-1])
-        return [i for i in self.items if type(i) is Candidate]
+        make = self._candidate
+        return [make(i) for i in self.entry_items() if not isinstance(i, WalkError)]
+
+    def stamps(self) -> list[Stamp]:
+        """Its video files as stamps, in listing order (a new list each time): what a digest
+        of the folder covers, without a :class:`Candidate` made."""
+        items = self.entry_items()
+        if not self.unreadable and not self.followed:  # most folders: only stamps
+            return cast(list[Stamp], items[:])
+        return [i[:5] for i in items if not isinstance(i, WalkError)]
+
+    def walk_items(self) -> list[WalkItem]:
+        """Its items, every file as a :class:`Candidate`, and the folder's own error last."""
+        make = self._candidate
+        return [i if isinstance(i, WalkError) else make(i) for i in self.items]
+
+    def _candidate(self, item: Candidate | Stamp) -> Candidate:
+        if type(item) is Candidate:
+            return item
+        name = item[0][len(self.path) + 1 :]
+        return _new(Candidate, (*item, self.root, self.under + name))
 
     @property
     def errors(self) -> list[WalkError]:
@@ -139,7 +168,7 @@ class Listing:
         last = self.items[-1] if self.items and not self.complete else None
         return last if isinstance(last, WalkError) else None
 
-    def entry_items(self) -> list[WalkItem]:
+    def entry_items(self) -> list[_Listed]:
         """Its items without the folder's own error."""
         return self.items if self.complete else self.items[:-1]
 
@@ -196,7 +225,7 @@ class Tree:
         folder = self._folder
         path = self.path_of(relative)
         beneath = (folder.relative + b"/" + relative if folder.relative else relative) or b"."
-        listing = Listing(path)
+        listing = Listing(path, root=folder.root)
         try:
             fd = open_beneath(self._root_fd, beneath, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as exc:
@@ -214,7 +243,7 @@ class Tree:
 
     def _read(self, fd: int, listing: Listing, relative: bytes, beneath: bytes) -> None:
         entries = self._names(fd, listing, relative)
-        under = beneath + b"/" if beneath != b"." else b""
+        under = listing.under = beneath + b"/" if beneath != b"." else b""
         prefix = listing.path + b"/"
         done = self._stat_here(entries, fd, prefix, under, listing)
         if done < len(entries):  # slow storage: the rest in flight
@@ -249,7 +278,7 @@ class Tree:
     ) -> int:
         """Stat ``entries`` on this thread, in order, until storage proves slow (with a pool
         to take the rest); returns how many were done."""
-        items, root, ops = listing.items, self._folder.root, self.ops
+        items, ops = listing.items, self.ops
         slow, perf = 0, time.perf_counter
         # The clock is read after each of the first files (each one's own time), then after
         # each group of them: a local disk is known by then, and a clock read is not free.
@@ -264,9 +293,7 @@ class Tree:
                     st = None  # the error is made by _unusual
             if st is not None and st.st_mode & _FORMAT == _REGULAR:  # the usual: inline
                 name = entry.name.encode(_ENCODING, _ERRORS)  # type: ignore[union-attr]
-                size, mtime, device, inode = st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino
-                items.append(_new(Candidate, (prefix + name, size, mtime, device, inode, root,
-                                              under + name)))  # fmt: skip
+                items.append((prefix + name, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
             else:
                 self._add(self._unusual(entry, fd, prefix, under), listing)
             self.ops = ops + done
@@ -295,6 +322,7 @@ class Tree:
         if item is not None:
             listing.items.append(item)
             listing.unreadable += type(item) is WalkError
+            listing.followed += type(item) is Candidate
 
     def _unusual(
         self, entry: os.DirEntry[str] | WalkError, fd: int, prefix: bytes, under: bytes
@@ -405,4 +433,4 @@ def walk(
     for listing in listings(
         folder, recursive=recursive, extensions=extensions, roots=roots, stop=stop
     ):
-        yield from listing.items
+        yield from listing.walk_items()

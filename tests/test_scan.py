@@ -148,12 +148,16 @@ def test_a_listing_holds_one_folder_and_says_whether_it_is_complete(tmp_path: Pa
         (tmp_path / "gone").rmdir()
         (tmp_path / "gone").symlink_to(tmp_path / "sub", target_is_directory=True)
         swapped = tree.list(b"gone")
-    assert (top.complete, sorted(top.folders), _names(top.items)) == (
+    assert (top.complete, sorted(top.folders), _names(top.walk_items())) == (
         True, [b"gone", b"sub"], {b"top.mp4"},
     )  # fmt: skip
-    assert (sub.complete, sub.folders, _names(sub.items)) == (True, [b"sub/deeper"], {b"a.mkv"})
+    assert (sub.complete, sub.folders, _names(sub.walk_items())) == (
+        True,
+        [b"sub/deeper"],
+        {b"a.mkv"},
+    )
     assert not swapped.complete
-    assert [type(i) for i in swapped.items] == [WalkError]
+    assert [type(i) for i in swapped.walk_items()] == [WalkError]
 
 
 def test_walk_keeps_non_utf8_names_exactly(tmp_path: Path) -> None:
@@ -237,7 +241,7 @@ def test_a_listing_keeps_its_files_and_unreadable_entries_apart_in_listing_order
     assert [(os.path.basename(e.path), e.message) for e in listing.errors] == [
         (b"away.mp4", OUTSIDE_ROOTS)
     ]
-    assert [os.path.basename(i.path) for i in listing.items] == [
+    assert [os.path.basename(i.path) for i in listing.walk_items()] == [
         n for n in listed if n != b"fifo.mp4"
     ]
 
