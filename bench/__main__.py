@@ -307,26 +307,33 @@ def fan_out(sizes: Sizes, blocker: Path, measured: Path) -> list[Row]:
     """The measured job waits behind a slow blocker (large files) until every watcher is on."""
     # The baseline takes the same steps without watchers: the blocker's cancel replaces the
     # scan workers, and their start-up is part of both job times. The files are read into the
-    # page cache first (else the first run pays for the disk), and the baseline is measured
-    # before and after the watched run: the faster of the two counts.
+    # page cache first (else the first run pays for the disk). Each side runs twice,
+    # alternating, and the faster run of each counts: one run against the better of two would
+    # count the machine's noise against the watched side. Both watched runs' delays count.
     baselines.read_all(baselines.video_files(measured))
-    first = _fan_out_alone(sizes, blocker, measured)
-    final, delays, before, peak = _fan_out_watched(sizes, blocker, measured)
-    alone_s = min(first, _fan_out_alone(sizes, blocker, measured))
-    state, ages = delays["delays"], delays["progress_ages"]
+    alone_s, watched_s, extra = math.inf, math.inf, 0.0
+    state: list[float] = []
+    ages: list[float] = []
+    for _ in range(2):
+        alone_s = min(alone_s, _fan_out_alone(sizes, blocker, measured))
+        final, delays, before, peak = _fan_out_watched(sizes, blocker, measured)
+        watched_s, extra = min(watched_s, _seconds(final)), max(extra, peak - before)
+        state += delays["delays"]
+        ages += delays["progress_ages"]
     p50, p99 = percentile(state, 50) * 1000, percentile(state, 99) * 1000
     age50, age99 = percentile(ages, 50) * 1000, percentile(ages, 99) * 1000
     pace_ms = 1000 * sizes.watchers / QueueConfig().progress_budget_per_s  # the default budget
-    slowdown = _seconds(final) / alone_s
+    slowdown = watched_s / alone_s
     return [
         Row(f"fan-out delay p99, {sizes.watchers} watchers", p99, 100.0, "target", "ms", p99 / 100,
             f"p99 <= 100 ms (p50 {p50:.1f} ms, {len(state)} state changes)", p99 <= 100),
         Row("fan-out progress age p99", age99, pace_ms, "a watcher's turn, every", "ms",
             age99 / pace_ms, f"(context) p50 {age50:.1f} ms, {len(ages)} deliveries", None),
-        Row("fan-out extra RSS", peak - before, 50.0, "target", "MiB", (peak - before) / 50,
-            f"<= 50 MiB (before {before:.0f} MiB)", peak - before <= 50),
-        Row(f"job time with {sizes.watchers} watchers vs none", _seconds(final), alone_s,
-            "same steps, no watchers (best of 2)", "s", slowdown, "<= 1.25x", slowdown <= 1.25),
+        Row("fan-out extra RSS", extra, 50.0, "target", "MiB", extra / 50,
+            f"<= 50 MiB (before {before:.0f} MiB)", extra <= 50),
+        Row(f"job time with {sizes.watchers} watchers vs none", watched_s, alone_s,
+            "same steps, no watchers (best of 2 each)", "s", slowdown, "<= 1.25x",
+            slowdown <= 1.25),
     ]  # fmt: skip
 
 
