@@ -133,8 +133,7 @@ class InMemoryCatalog:
         its directory's generation is still the one read (``fresh``: catalogued by ``c``)."""
         ranges = [below(d) for d in c.gone_dirs]
         for d in [d for d in self._dirs if d in c.gone_dirs or _within(d, ranges)]:
-            del self._dirs[d], self._gens[d]
-            self._summaries.pop(d, None)
+            self._forget(d)
         for d in set(c.unsettled()) & self._gens.keys():
             self._gens[d] += 1
             self._summaries.pop(d, None)
@@ -145,6 +144,10 @@ class InMemoryCatalog:
         self._summaries.pop(c.directory, None)
         if s is not None and gen == (fresh if s.gen is None else s.gen):
             self._summaries[c.directory] = (s.digest, s.seen_ns)
+
+    def _forget(self, directory: bytes) -> None:
+        del self._dirs[directory], self._gens[directory]
+        self._summaries.pop(directory, None)
 
     def _see(self, sightings: Iterable[Sighting], now_ns: int, *, restore: bool) -> int:
         applied = 0
@@ -243,11 +246,10 @@ class InMemoryCatalog:
         ]
         for path in doomed:
             del self._videos[path]
-        if doomed:
+        if doomed:  # directories with nothing left below them are no longer catalogued
             kept = [*self._videos, *self._failures]
-            for d in [d for d in self._dirs if not any(_within(p, [below(d)]) for p in kept)]:
-                del self._dirs[d], self._gens[d]
-                self._summaries.pop(d, None)
+            for d in [d for d in self._dirs if not _any_below(d, kept)]:
+                self._forget(d)
         return len(doomed)
 
     async def purge_outside(self, roots: Sequence[bytes]) -> int:
@@ -273,6 +275,11 @@ _Row = TypeVar("_Row")
 
 def _within(path: bytes, ranges: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(low <= path < high for low, high in ranges)
+
+
+def _any_below(directory: bytes, paths: Iterable[bytes]) -> bool:
+    low, high = below(directory)
+    return any(low <= p < high for p in paths)
 
 
 def _page_from(

@@ -103,8 +103,9 @@ class Listing:
 
     Attributes:
         path: the folder, as the catalog names its files.
-        items: its video files (a :data:`Stamp`, or a :class:`Candidate` for a followed
-            symlink) and per-entry errors, in listing order.
+        items: its video files (a :data:`Stamp`; a :class:`Candidate` for a followed
+            symlink, or for a file stated in flight on slow storage) and per-entry errors, in
+            listing order.
         folders: its sub-folders, relative to the walk's folder.
         complete: True only if the folder was opened and read to its end; what is missing
             from an incomplete listing may still exist.
@@ -112,7 +113,7 @@ class Listing:
             device than the videos catalogued below it.
         entries: how many entries of any kind it holds.
         unreadable: how many of ``items`` are entries that could not be read.
-        followed: how many of ``items`` are followed symlinks.
+        candidates: how many of ``items`` are already a :class:`Candidate`.
         root, under: where its files lie beneath an allowed root (``under`` ends with a
             slash, or is empty for the root itself).
     """
@@ -124,7 +125,7 @@ class Listing:
     device: int = 0
     entries: int = 0
     unreadable: int = 0
-    followed: int = 0
+    candidates: int = 0
     root: bytes = b""
     under: bytes = b""
 
@@ -138,7 +139,7 @@ class Listing:
         """Its video files as stamps, in listing order (a new list each time): what a digest
         of the folder covers, without a :class:`Candidate` made."""
         items = self.entry_items()
-        if not self.unreadable and not self.followed:  # most folders: only stamps
+        if not self.unreadable and not self.candidates:  # most folders: only stamps
             return cast(list[Stamp], items[:])
         return [i[:5] for i in items if not isinstance(i, WalkError)]
 
@@ -322,7 +323,7 @@ class Tree:
         if item is not None:
             listing.items.append(item)
             listing.unreadable += type(item) is WalkError
-            listing.followed += type(item) is Candidate
+            listing.candidates += type(item) is Candidate
 
     def _unusual(
         self, entry: os.DirEntry[str] | WalkError, fd: int, prefix: bytes, under: bytes
