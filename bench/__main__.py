@@ -60,7 +60,7 @@ class Sizes:
     ffprobe_sample: int = 200
     trials: int = 100
     watchers: int = 1000
-    fan_out_files: int = 6000
+    fan_out_files: int = 12_000
     walk_files: int = 1_000_000
     rpc_seconds: float = 3.0
     processes: int = 2
