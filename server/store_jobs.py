@@ -60,7 +60,7 @@ class SqliteJobStore:
                     "INSERT OR IGNORE INTO job_events VALUES (?, ?, ?, ?, ?)", event_rows
                 )
 
-        await self._db.run(write)
+        await self._db.write(write)
 
     async def events_after(self, job_id: str, after_sequence: int) -> list[JobEvent]:
         def query(conn: sqlite3.Connection) -> list[JobEvent]:
