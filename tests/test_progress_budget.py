@@ -28,6 +28,7 @@ from scanjobs.server.jobs import (
 )
 from scanjobs.server.runner import JobContext
 from scanjobs.server.watch import ProgressPace, Subscription
+from tests.conftest import eventually
 from tests.queues import QueueFactory, collect
 
 # -- the pace of one subscription -------------------------------------------------------------
@@ -159,7 +160,12 @@ async def _watch_until_cancelled(
     await published.enough.wait()
     await queue.cancel(job_id)
     streams = await asyncio.gather(*readers)
-    return streams, loop.time() - started
+    seconds = loop.time() - started
+    # A queue tells its listeners once the commit is done; PostgreSQL's watchers, woken by
+    # the commit's notification, may have read the terminal event from the table first.
+    terminal = streams[0][-1].sequence
+    await eventually(lambda: terminal in published.changes, "the listener saw the end")
+    return streams, seconds
 
 
 async def test_many_watchers_share_the_budget_and_each_is_sent_every_state_change(
