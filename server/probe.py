@@ -86,8 +86,8 @@ _FORMAT_BY_SUFFIX = {
 # video's size and frame rate, the duration. For them FFmpeg is let open no decoder
 # (``codec_whitelist`` naming none), so its stream-info pass takes what the header says
 # instead of decoding frames (up to seven of H.264 and one of AAC, whose decoder alone builds
-# its transforms for every file). The description is the same (``tests/test_probe.py`` checks
-# it against the decoding probe); the probe of a small file costs about half, that of a
+# its transforms for every file). The description is the same (``tests/test_probe_header.py``
+# checks it against the decoding probe); the probe of a small file costs about half, that of a
 # 640x360 H.264 file about a thirtieth, and a hostile file meets no decoder. A header that
 # leaves a field out (MPEG-4 Part 2 in MP4 keeps its size in the bitstream) is probed again
 # with decoders. MPEG-TS, MPEG-PS and FLV state sizes and durations only in their packets.

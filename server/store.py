@@ -69,7 +69,9 @@ _KNOWN_IN_V = ", ".join(f"v.{c.strip()}" for c in KNOWN_COLUMNS.split(","))
 
 
 _BUSY_TIMEOUT_MS = 5000  # how long a statement waits for another process's write lock
-_BUSY_STEP_S = 0.0005  # between the tries of Database.write
+# Between the tries of Database.write: short while a commit may be ending, longer once the
+# lock has been held for a while (a long transaction, not a commit's last milliseconds).
+_BUSY_STEP_S, _BUSY_LONG_STEP_S, _BUSY_LONG_AFTER_S = 0.0005, 0.005, 0.05
 # The commit that takes the write-ahead log past this many pages copies it into the database
 # and syncs it to disk, within the commit: 5 to 20 ms on the project's machine. The scan
 # workers' connections keep SQLite's 1,000 pages, so during scans (nearly all writing) they do
@@ -239,7 +241,8 @@ class Database:
 
     async def write(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
         """Run ``fn``, one transaction that may run again, as :meth:`run` does; while another
-        process holds the write lock, try again every half millisecond.
+        process holds the write lock, try again every half millisecond (every 5 ms once it
+        was held for 50 ms).
 
         SQLite's own wait sleeps 1, 2, 5, 10, 15 ms... between its tries: a scan worker's
         commit that ends (or a worker killed mid-commit that dies) 3 ms into the wait is
@@ -332,19 +335,20 @@ def _lock(path: Path) -> BinaryIO:
 
 
 def _promptly(fn: Callable[[sqlite3.Connection], _T], conn: sqlite3.Connection) -> _T:
-    """``fn(conn)``, tried again every ``_BUSY_STEP_S`` while the database is locked, for up
-    to the connection's usual busy timeout (see :meth:`Database.write`)."""
+    """``fn(conn)``, tried again while the database is locked, every ``_BUSY_STEP_S`` at first,
+    for up to the connection's usual busy timeout (see :meth:`Database.write`)."""
     conn.execute("PRAGMA busy_timeout = 0")
     try:
-        deadline = time.monotonic() + _BUSY_TIMEOUT_MS / 1000
+        started = time.monotonic()
         while True:
             try:
                 return fn(conn)
             except sqlite3.OperationalError as exc:
                 busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
-                if not busy or time.monotonic() >= deadline:
+                waited = time.monotonic() - started
+                if not busy or waited >= _BUSY_TIMEOUT_MS / 1000:
                     raise
-            time.sleep(_BUSY_STEP_S)
+            time.sleep(_BUSY_STEP_S if waited < _BUSY_LONG_AFTER_S else _BUSY_LONG_STEP_S)
     finally:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
 
