@@ -33,6 +33,7 @@ from bench.corpus import (
 )
 from bench.harness import children, percentile, rss_mib, scan_once, server, timed_scan
 from scanjobs.client import InvalidRequest, ScanClient, is_terminal
+from scanjobs.server.probe import NO_DECODER
 from scanjobs.server.queue import QueueConfig
 from scanjobs.v1 import scanjobs_pb2 as pb
 
@@ -114,7 +115,7 @@ def throughput(sizes: Sizes, corpus: Path, skip_ffprobe: bool) -> list[Row]:
         cold_s, warm = _scan_and_rescan(sizes, corpus, len(files))
         ours, warm_s = max(ours, len(files) / cold_s), min(warm_s, warm)
         bare = max(bare, baselines.bare_pyav_rate(files, sizes.processes))
-        same = max(same, baselines.bare_pyav_rate(files, sizes.processes, baselines.NO_DECODER))
+        same = max(same, baselines.bare_pyav_rate(files, sizes.processes, NO_DECODER))
     floor = baselines.io_floor_rate(corpus)
     stat_s = min(baselines.walk_stat_seconds(corpus) for _ in range(3))
     rows = [
@@ -156,7 +157,7 @@ def realistic_throughput(sizes: Sizes, corpus: Path) -> list[Row]:
     for _ in range(2):
         ours = max(ours, _cold_scan_rate(sizes, corpus, len(files)))
         bare = max(bare, baselines.bare_pyav_rate(files, sizes.processes))
-        same = max(same, baselines.bare_pyav_rate(files, sizes.processes, baselines.NO_DECODER))
+        same = max(same, baselines.bare_pyav_rate(files, sizes.processes, NO_DECODER))
     return [
         Row("scan throughput, realistic files", ours, bare,
             f"bare PyAV loop, {sizes.processes} procs", "files/s", ours / bare,

@@ -63,11 +63,6 @@ def ffprobe_rate(ffprobe: str, files: list[bytes], sample: int) -> float:
     return len(chosen) / (time.perf_counter() - started)
 
 
-# What the service's probe tells FFmpeg for a format whose header says it all: open no
-# decoder (``server.probe._NO_DECODER``). The bare loop with it is the floor of our probes.
-NO_DECODER = {"codec_whitelist": "none"}
-
-
 def probe_one(path: bytes, options: dict[str, str] | None = None) -> bool:
     """What the bare PyAV loops do per file: open it, read its streams; False if it fails."""
     import av

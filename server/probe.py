@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_PROBE_MEMORY_MIB",
     "MEMORY_VARIABLE",
     "MIN_PROBE_MEMORY_MIB",
+    "NO_DECODER",
     "PROBE_COMMAND",
     "THREADS_VARIABLE",
     "MediaInfo",
@@ -92,7 +93,7 @@ _FORMAT_BY_SUFFIX = {
 # leaves a field out (MPEG-4 Part 2 in MP4 keeps its size in the bitstream) is probed again
 # with decoders. MPEG-TS, MPEG-PS and FLV state sizes and durations only in their packets.
 _HEADER_FORMATS = frozenset({_MOV, _MKV, "avi", "asf"})
-_NO_DECODER = {"codec_whitelist": "none"}
+NO_DECODER = {"codec_whitelist": "none"}  # the bench's bare loop takes it too
 
 
 _CRASHED = ProbeFailure("the file crashed the probe worker")
@@ -140,7 +141,7 @@ def _probe_fd(fd: int, expected: str | None) -> MediaInfo:
         name = expected.split(",")[0]
         try:
             if expected in _HEADER_FORMATS:
-                with av.open(url, format=name, options=_NO_DECODER) as container:
+                with av.open(url, format=name, options=NO_DECODER) as container:
                     info = _describe(container, expected)
                 if _stated_in_full(info):
                     return info

@@ -284,7 +284,7 @@ class Tree:
         # The clock is read after each of the first files (each one's own time), then after
         # each group of them: a local disk is known by then, and a clock read is not free.
         check = 1 if self._stats is not None else len(entries) + 1
-        last = perf()
+        last, counted = perf(), 0
         for done, entry in enumerate(entries, 1):
             st = None
             if not isinstance(entry, WalkError):
@@ -298,12 +298,13 @@ class Tree:
             else:
                 self._add(self._unusual(entry, fd, prefix, under), listing)
             self.ops = ops + done
-            if done >= check:
-                now, span = perf(), 1 if done <= _TIMED_ALONE else _TIMED_GROUP
-                slow, last = (slow + 1 if now - last > span * _SLOW_STAT_S else 0), now
+            if done >= check:  # judged by the files stated since the last clock read
+                now = perf()
+                slow = slow + 1 if now - last > (done - counted) * _SLOW_STAT_S else 0
+                last, counted = now, done
                 if slow >= _SLOW_STATS:
                     return done
-                check = done + span
+                check = done + (1 if done < _TIMED_ALONE else _TIMED_GROUP)
         return len(entries)
 
     def _stat_in_flight(

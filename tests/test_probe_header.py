@@ -62,7 +62,7 @@ def test_a_header_format_is_described_without_decoding_as_with_it(
     path = write_video(tmp_path / name, **args)
     info = probe_file(target(path))
     assert isinstance(info, MediaInfo)
-    assert opens == [probe_module._NO_DECODER]  # one open, and no decoder let in
+    assert opens == [probe_module.NO_DECODER]  # one open, and no decoder let in
     assert info == decoded(path)
     assert info.width > 0 and info.height > 0 and info.frame_rate and info.duration_s
 
@@ -73,7 +73,7 @@ def test_a_header_that_leaves_the_size_out_is_probed_again_with_decoders(
     # MPEG-4 Part 2 in MP4: the size is in the bitstream's header, which only a decoder reads.
     path = write_video(tmp_path / "divx.m4v", container="mp4", codec="mpeg4")
     info = probe_file(target(path))
-    assert opens == [probe_module._NO_DECODER, {}]
+    assert opens == [probe_module.NO_DECODER, {}]
     assert isinstance(info, MediaInfo)
     assert (info.width, info.height) == (64, 48)
     assert info == decoded(path)
